@@ -1,0 +1,42 @@
+"""Options every command shares, defined once so they read and behave the same everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+Output = Annotated[str, typer.Option("--output", "-o", help="Output path, or '-' for stdout.")]
+JsonSummary = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout "
+                                           "(on stderr when data goes to stdout).")]
+OnError = Annotated[str, typer.Option("--on-error", help="What to do with malformed input: 'fail' stops at the "
+                                      "first bad line (file:line); 'skip' counts it, writes it to --errors and "
+                                      "goes on.")]
+ErrorsPath = Annotated[str | None, typer.Option("--errors", help="Where skipped bad input is written (JSONL). "
+                                                "Default: OUTPUT.errors.jsonl, or glm-errors.jsonl when "
+                                                "writing to stdout.")]
+Workers = Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed, same outputs.")]
+Shard = Annotated[str | None, typer.Option("--shard", help="Process only shard I of N of the inputs (I/N, "
+                                           "0-based); concatenated shard outputs equal one full run.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
+Inputs = Annotated[list[str], typer.Argument(help="Files, directories, globs, or '-' for stdin.")]
+
+
+def errors_path_for(output: str, errors: str | None) -> str:
+    if errors:
+        return errors
+    if output == "-":
+        return "glm-errors.jsonl"
+    return output + ".errors.jsonl"
+
+
+def emit_summary(summary: dict, as_json: bool, data_on_stdout: bool) -> None:
+    """The --json summary goes to stdout, unless stdout already carries data."""
+    if not as_json:
+        return
+    stream = sys.stderr if data_on_stdout else sys.stdout
+    stream.write(json.dumps(summary, indent=2, default=str) + "\n")
+    stream.flush()

@@ -1,0 +1,1 @@
+"""Shared logic of glm: data formats, model, training engine, sampling, quantization. No CLI code here."""

@@ -1,0 +1,3 @@
+from glm_cli.app import main
+
+main()

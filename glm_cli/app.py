@@ -1,0 +1,94 @@
+"""The `glm` command: a typer app whose subcommands live in `glm_cli.commands`, one module each.
+
+This is the CLI boundary: errors raised by core code (`glm_cli.core.errors`) become one line on stderr
+and an exit status (2 for bad usage, 1 for failures); a closed stdout pipe (`glm ... | head`) ends the
+command quietly, as coreutils do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from glm_cli import __version__
+
+# (name, module, one-line help). A module exposes either `command` (a function) or `app` (a typer group).
+COMMANDS = [
+    ("clean", "clean", "Normalize, filter and redact raw text into clean documents."),
+    ("dedup", "dedup", "Remove exact and near-duplicate documents, repeated lines and eval contamination."),
+    ("tokenize", "tokenize", "Train a BPE tokenizer, encode corpora to token shards, decode, stats."),
+    ("pretrain", "pretrain", "Pretrain a Transformer on token shards (CPU, GPU, torchrun)."),
+    ("finetune", "finetune", "Supervised fine-tuning: full, LoRA, adapters or prompt tuning."),
+    ("align", "align", "Preference alignment: DPO, reward models, PPO."),
+    ("quantize", "quantize", "Quantize a checkpoint to int8/int4 (safetensors or GGUF)."),
+    ("generate", "generate", "Generate text from a checkpoint."),
+    ("eval", "evaluate", "Evaluate checkpoints: perplexity, multiple choice, generation tasks."),
+]
+
+app = typer.Typer(
+    name="glm",
+    help="glm: raw text to a trained, aligned, quantized and evaluated language model, one command at a time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"glm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """glm: raw text to a trained, aligned, quantized and evaluated language model."""
+
+
+def _register() -> None:
+    for name, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(f"glm_cli.commands.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"glm_cli.commands.{module_name}":
+                continue  # not built yet
+            raise
+        if hasattr(module, "app"):
+            app.add_typer(module.app, name=name, help=help_text)
+        else:
+            app.command(name, help=help_text, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True))(
+                module.command)
+
+
+_register()
+
+
+def main() -> None:
+    from glm_cli.core.errors import GlmError
+
+    try:
+        app()
+    except GlmError as e:
+        from rich.markup import escape
+
+        from glm_cli.core.console import console
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`glm clean ... | head`): stop quietly, like coreutils under SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

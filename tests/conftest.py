@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny corpora generated on the spot (tests never touch the network)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GLM_ATTENTION", "auto")
+ROOT = Path(__file__).resolve().parent.parent
+
+cuda_only = pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device"
+)
+
+
+def run_glm(*args, input: bytes | str | None = None, cwd=None, env=None, check=False):
+    """Run the installed `glm` command as a user would; returns CompletedProcess (bytes stdout)."""
+    if isinstance(input, str):
+        input = input.encode()
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "glm_cli", *map(str, args)], input=input,
+                          capture_output=True, cwd=cwd, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"glm {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stderr.decode()}")
+    return proc
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path_or_bytes) -> list[dict]:
+    data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
