@@ -181,6 +181,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         verify_manifest(directory)
     config = ModelConfig.load(directory)
     state = load_tensors(directory / WEIGHTS)
+    quant_config = json.loads((directory / CONFIG).read_text()).get("quantization_config")
+    if quant_config is not None:  # a `glm quantize` checkpoint: packed weights become QuantLinear modules
+        from glm_cli.core.quant import load_quantized_model
+
+        return load_quantized_model(directory, config, quant_config, state, device=device, dtype=dtype)
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)

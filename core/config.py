@@ -164,3 +164,18 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# Training settings that go with each preset (TrainConfig fields, plus the pretraining data options
+# `sampling`, `eval_tokens`, `curriculum_start`, `curriculum_steps`); the command line overrides them.
+TRAINING_PRESETS: dict[str, dict] = {
+    "tiny": dict(lr=3e-3, micro_batch_size=8, warmup_steps=10, max_steps=200, eval_every=50),
+    "cpu": dict(lr=6e-3, micro_batch_size=32, warmup_steps=50, max_steps=1500, eval_every=250,
+                weight_decay=0.1, eval_tokens=65536),
+    "124m": dict(lr=6e-4, micro_batch_size=16, batch_tokens=524288, warmup_steps=700, max_steps=19000,
+                 eval_every=500, eval_tokens=1 << 20),
+    "350m": dict(lr=3e-4, micro_batch_size=8, batch_tokens=524288, warmup_steps=1000, max_steps=40000,
+                 eval_every=1000, eval_tokens=1 << 20),
+    "1b": dict(lr=3e-4, micro_batch_size=4, batch_tokens=1 << 20, warmup_steps=2000, max_steps=50000,
+               eval_every=1000, eval_tokens=1 << 20, activation_checkpointing=True),
+}

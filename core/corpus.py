@@ -128,12 +128,59 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+class CorruptInput(Exception):
+    """A compressed stream that is truncated or not zstd at all (raised while reading)."""
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Decompresses zstd frames one after another and, unlike `stream_reader`, notices a stream that ends
+    mid-frame (a truncated download) or is not zstd: it raises `CorruptInput` instead of a silent EOF."""
+
+    def __init__(self, binary):
+        self._binary = binary
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._binary.read(1 << 16)
+            if not chunk:
+                if self._started and not self._obj.eof:
+                    raise CorruptInput("compressed stream is truncated (ends in the middle of a zstd frame)")
+                return 0
+            while chunk:
+                if self._obj.eof:  # a new frame follows the previous one
+                    self._obj = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    self._pending += self._obj.decompress(chunk)
+                except zstandard.ZstdError as e:
+                    raise CorruptInput(f"not a valid zstd stream ({e})") from None
+                self._started = True
+                chunk = self._obj.unused_data if self._obj.eof else b""
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._binary.close()
+        super().close()
+
+
 def _open_binary(source: str) -> io.BufferedIOBase:
     """A binary stream for a source, transparently decompressing zstd (by suffix or magic bytes)."""
-    raw = sys.stdin.buffer if source == STDIN else open(source, "rb")
+    try:
+        raw = sys.stdin.buffer if source == STDIN else open(source, "rb")
+    except OSError as e:
+        raise DataError(source, 0, f"cannot read: {e.strerror or e}") from None
     peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
     if source.endswith(".zst") or peekable.peek(4)[:4] == ZSTD_MAGIC:
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(peekable, closefd=True))
+        return io.BufferedReader(_ZstdRaw(peekable), buffer_size=1 << 16)
     return peekable
 
 
@@ -145,7 +192,11 @@ def _doc_id(source: str, line: int | None = None) -> str:
 
 def _read_one_document(source: str) -> Iterator[Document | BadRecord]:
     with _open_binary(source) as f:
-        data = f.read()
+        try:
+            data = f.read()
+        except CorruptInput as e:
+            yield BadRecord(source, 0, str(e), "")
+            return
     if not data:
         yield BadRecord(source, 0, "empty file", "")
         return
@@ -188,7 +239,16 @@ def _parse_json_line(source: str, number: int, raw: bytes) -> Document | BadReco
 def _read_jsonl(source: str) -> Iterator[Document | BadRecord]:
     with _open_binary(source) as f:
         number = 0
-        for number, raw in enumerate(f, start=1):
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                break
+            except CorruptInput as e:  # nothing after this point can be read: report it and stop
+                yield BadRecord(source, number + 1, str(e), "")
+                return
+            number += 1
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
                 if raw.endswith(b"\r"):
@@ -251,7 +311,16 @@ def read_documents(specs: Iterable[str], policy: ErrorPolicy | None = None,
 def read_records(path: str) -> Iterator[dict]:
     """Plain JSONL records (any fields, not necessarily `text`) for task and instruction files."""
     with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
+        lines = iter(f)
+        number = 0
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except CorruptInput as e:
+                raise DataError(path, number + 1, str(e)) from None
+            number += 1
             if not raw.strip():
                 continue
             try:

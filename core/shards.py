@@ -8,6 +8,10 @@ A shard directory holds
     train-000000.offsets.npy int64 start offset of every document in that shard (for packing/eval)
     val-000000.bin ...
 
+N runs of `glm tokenize encode --shard I/N` may write into one directory: run I names its files
+`train-I-of-N-000000.bin` and so on and writes its own `index-I-of-N.json` instead of `index.json`;
+`ShardIndex.load` merges those fragments (in shard order) when all N are present and agree.
+
 `bytes` (the UTF-8 size of the text the tokens came from) lets evaluation turn a loss in nats per
 token into bits per byte, which compares models with different tokenizers. The tokenizer's sha256 lets a
 later command refuse shards made with another tokenizer.
@@ -16,6 +20,7 @@ later command refuse shards made with another tokenizer.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +31,12 @@ from glm_cli.core.errors import GlmError, UsageError
 
 FORMAT = "glm-shards-v1"
 INDEX = "index.json"
+_FRAGMENT = re.compile(r"^index-(\d+)-of-(\d+)\.json$")
+
+
+def fragment_name(index: int, count: int) -> str:
+    """The index file of `glm tokenize encode --shard index/count`."""
+    return f"index-{index:05d}-of-{count:05d}.json"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -65,17 +76,55 @@ class ShardIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> ShardIndex:
-        path = Path(directory) / INDEX
+        directory = Path(directory)
+        path = directory / INDEX
+        fragments = sorted(p for p in directory.glob("index-*-of-*.json") if _FRAGMENT.match(p.name)) \
+            if directory.is_dir() else []
+        if path.exists() and fragments:
+            raise GlmError(f"{directory}: holds both {INDEX} and per-shard index files "
+                           f"({fragments[0].name}, ...); keep the output of one encode run per directory")
         if not path.exists():
+            if fragments:
+                return cls._merge(directory, fragments)
             raise GlmError(f"{directory}: no {INDEX}; make token shards with `glm tokenize encode`")
+        return cls._read(path)
+
+    @classmethod
+    def _read(cls, path: Path) -> ShardIndex:
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
                 raise GlmError(f"{path}: unknown shard format {raw.get('format')!r}")
             shards = [ShardInfo(**s) for s in raw.pop("shards")]
             return cls(**raw, shards=shards)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
             raise GlmError(f"{path}: corrupted shard index ({e})") from None
+
+    @classmethod
+    def _merge(cls, directory: Path, fragments: list[Path]) -> ShardIndex:
+        """One index from the fragments of `encode --shard I/N` runs: all N present, same tokenizer."""
+        found = {}
+        for p in fragments:
+            i, n = (int(x) for x in _FRAGMENT.match(p.name).groups())
+            found[(i, n)] = p
+        counts = {n for _, n in found}
+        if len(counts) > 1:
+            raise GlmError(f"{directory}: index fragments of different shard counts {sorted(counts)}; "
+                           "remove the stale ones")
+        total = counts.pop()
+        missing = [i for i in range(total) if (i, total) not in found]
+        if missing:
+            raise GlmError(f"{directory}: incomplete: no index for shard(s) "
+                           f"{', '.join(f'{i}/{total}' for i in missing)} (run `glm tokenize encode --shard I/N`)")
+        parts = [cls._read(found[(i, total)]) for i in range(total)]
+        first = parts[0]
+        for i, part in enumerate(parts[1:], start=1):
+            if (part.dtype, part.vocab_size, part.eot_token_id, part.tokenizer_sha256) != (
+                    first.dtype, first.vocab_size, first.eot_token_id, first.tokenizer_sha256):
+                raise GlmError(f"{directory}: shard {i}/{total} was encoded with another tokenizer or dtype "
+                               f"than shard 0/{total}; re-encode it")
+        return cls(dtype=first.dtype, vocab_size=first.vocab_size, eot_token_id=first.eot_token_id,
+                   tokenizer_sha256=first.tokenizer_sha256, shards=[s for part in parts for s in part.shards])
 
 
 def write_shard(directory: Path, name: str, split: str, tokens: np.ndarray, doc_offsets: np.ndarray,

@@ -1,0 +1,342 @@
+"""`glm dedup`: exact and near-duplicate documents, boilerplate lines, evaluation contamination.
+
+`glm dedup INPUTS -o OUT` runs everything in one process (it is `glm dedup run`). For corpora spread over
+machines the same work runs in three steps, each with `--shard I/N` where it reads the corpus:
+
+    glm dedup signatures CORPUS --shard I/N -o sigs/I.npz     # on every machine
+    glm dedup cluster sigs/*.npz -o plan.json                 # once
+    glm dedup filter CORPUS --plan plan.json --shard I/N -o out/I.jsonl   # on every machine
+
+and the concatenated `out/*.jsonl` equal the single run's output.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from glm_cli.commands._common import (
+    ErrorsPath,
+    Inputs,
+    JsonSummary,
+    OnError,
+    Output,
+    Quiet,
+    Seed,
+    Shard,
+    Workers,
+    emit_summary,
+    errors_path_for,
+)
+
+
+class _RunByDefault(TyperGroup):
+    """`glm dedup ARGS` means `glm dedup run ARGS` unless ARGS starts with a step name or --help."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_RunByDefault, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Remove exact and near-duplicate documents, repeated lines and eval contamination. "
+                  "`glm dedup INPUTS -o OUT` is `glm dedup run`; signatures/cluster/filter split the same "
+                  "work over machines.",
+                  epilog="Example: glm dedup clean.jsonl -o dedup.jsonl --clusters clusters.jsonl  "
+                  "(multi-machine: glm dedup signatures|cluster|filter; see `glm dedup run --help`)")
+
+# ------------------------------------------------------------------------------------------- options
+
+Exact = Annotated[bool, typer.Option("--exact/--no-exact", help="Drop documents whose normalized text "
+                                     "(NFKC, lowercase, whitespace collapsed) equals an earlier one's.")]
+Near = Annotated[bool, typer.Option("--near/--no-near", help="Drop near duplicates (MinHash LSH).")]
+Threshold = Annotated[float, typer.Option("--threshold", help="Jaccard similarity of shingle sets at which two "
+                                          "documents are near duplicates; sets LSH bands and rows.")]
+NumPerm = Annotated[int, typer.Option("--num-perm", help="MinHash permutations.")]
+Ngram = Annotated[int, typer.Option("--ngram", help="Shingle length, in --shingle units.")]
+ShingleUnit = Annotated[str, typer.Option("--shingle", help="Shingle unit: word or char.")]
+Bands = Annotated[int, typer.Option("--bands", help="LSH bands (with --rows); 0 = derived from --threshold.")]
+Rows = Annotated[int, typer.Option("--rows", help="LSH rows per band (with --bands); 0 = derived.")]
+Lines = Annotated[bool, typer.Option("--lines/--no-lines", help="Remove lines repeated across many kept "
+                                     "documents (boilerplate).")]
+LineUnit = Annotated[str, typer.Option("--line-unit", help="What --lines compares: line or paragraph.")]
+LineMinDocs = Annotated[int, typer.Option("--line-min-docs", help="A line found in at least this many kept "
+                                          "documents is removed from all of them.")]
+LineMinChars = Annotated[int, typer.Option("--line-min-chars", help="Lines shorter than this (normalized) "
+                                           "are never removed.")]
+Against = Annotated[list[str] | None, typer.Option("--against", help="Evaluation JSONL (any fields; all "
+                                                   "strings are checked) to decontaminate against. Repeatable.")]
+ContamNgram = Annotated[int, typer.Option("--contamination-ngram", help="Word n-gram length that, shared "
+                                          "with evaluation data, makes a document contaminated.")]
+ContamAction = Annotated[str, typer.Option("--contamination", help="drop contaminated documents, or only "
+                                           "report them (--contaminated PATH, summary).")]
+Clusters = Annotated[str | None, typer.Option("--clusters", help="Write JSONL: each dropped duplicate, the "
+                                              "document kept for it, the reason and estimated similarity.")]
+Contaminated = Annotated[str | None, typer.Option("--contaminated", help="Write JSONL: each contaminated "
+                                                  "document, the first evaluation record it overlaps, how "
+                                                  "many n-grams.")]
+
+
+def _config(**kw):
+    from glm_cli.core.dedup import DedupConfig
+
+    kw["against"] = tuple(kw.get("against") or ())
+    return DedupConfig(**kw).resolved()
+
+
+def _policy(on_error: str, output: str, errors: str | None):
+    from glm_cli.core.corpus import ErrorPolicy
+
+    return ErrorPolicy(on_error, errors_path_for(output, errors))
+
+
+def _write_jsonl(path: str | None, records: list[dict]) -> None:
+    if path:
+        from glm_cli.core.corpus import write_records
+
+        write_records(path, records)
+
+
+def _log_result(stats: dict, counts: dict | None, seconds: float) -> None:
+    from glm_cli.core.console import log
+
+    parts = [f"{stats['documents']} documents in"]
+    if stats.get("contaminated"):
+        parts.append(f"{stats['contaminated']} contaminated ({stats['contaminated_dropped']} dropped)")
+    parts.append(f"{stats['exact_duplicates']} exact duplicates")
+    parts.append(f"{stats['near_duplicates']} near duplicates")
+    parts.append(f"{stats['boilerplate_keys']} boilerplate lines")
+    line = "dedup: " + ", ".join(parts)
+    if counts is not None:
+        line += (f"; {counts['lines_removed']} line occurrences removed, {counts['emptied']} documents emptied; "
+                 f"{counts['kept']} kept ({counts['bytes_out']:,} of {counts['bytes_in']:,} bytes)")
+    log(line + f" in {seconds:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@app.command("run", no_args_is_help=True)
+def run(
+    inputs: Inputs,
+    output: Output = "-",
+    exact: Exact = True,
+    near: Near = True,
+    threshold: Threshold = 0.8,
+    num_perm: NumPerm = 128,
+    ngram: Ngram = 5,
+    shingle: ShingleUnit = "word",
+    bands: Bands = 0,
+    rows: Rows = 0,
+    lines: Lines = True,
+    line_unit: LineUnit = "line",
+    line_min_docs: LineMinDocs = 10,
+    line_min_chars: LineMinChars = 20,
+    against: Against = None,
+    contamination_ngram: ContamNgram = 13,
+    contamination: ContamAction = "drop",
+    clusters: Clusters = None,
+    contaminated: Contaminated = None,
+    on_error: OnError = "fail",
+    errors: ErrorsPath = None,
+    workers: Workers = 1,
+    shard: Shard = None,
+    seed: Seed = 0,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+) -> None:
+    """Deduplicate a corpus in one process: decontaminate, exact, near, then boilerplate lines.
+
+    Documents are kept in input order; of each group of duplicates the first one is kept.
+    `glm dedup INPUTS ...` is short for `glm dedup run INPUTS ...`.
+
+    Example:
+
+        glm dedup runs/demo/clean.jsonl -o runs/demo/dedup.jsonl --clusters runs/demo/clusters.jsonl
+
+        glm clean data/raw -o - | glm dedup - -o - --against evals.jsonl | glm tokenize encode - ...
+    """
+    import tempfile
+
+    from glm_cli.core.console import set_quiet
+    from glm_cli.core.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
+    from glm_cli.core.dedup import apply_plan, cluster, compute_signatures
+
+    set_quiet(quiet)
+    config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
+                     unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,
+                     line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
+                     contamination_ngram=contamination_ngram, contamination_action=contamination)
+    shard_spec = parse_shard(shard)
+    policy = _policy(on_error, output, errors)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
+        # stdin can be read once: keep a copy of the parsed documents for the second pass
+        spool = RecordWriter(f"{tmp}/spool.jsonl") if "-" in inputs else None
+        try:
+            sigs = compute_signatures(read_documents(inputs, policy, shard_spec), config, workers, spool=spool)
+        finally:
+            if spool is not None:
+                spool.close()
+        sigs.bad_records = policy.count
+        plan, cluster_records, contamination_records = cluster([sigs])
+        second = [f"{tmp}/spool.jsonl"] if spool is not None else inputs
+        second_shard = None if spool is not None else shard_spec
+        with RecordWriter(output) as writer:
+            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard), plan, 0, writer)
+    policy.close()
+    _write_jsonl(clusters, cluster_records)
+    _write_jsonl(contaminated, contamination_records)
+    seconds = time.perf_counter() - start
+    _log_result(plan.stats, counts, seconds)
+    emit_summary({"stage": "run", **plan.stats, **counts, "lsh": {"bands": config.bands, "rows": config.rows},
+                  "errors": policy.summary(), "seconds": round(seconds, 3)}, json_summary, output == "-")
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+@app.command("signatures", no_args_is_help=True)
+def signatures(
+    inputs: Inputs,
+    output: Annotated[str, typer.Option("--output", "-o", help="Signature file to write (.npz).")] = "",
+    exact: Exact = True,
+    near: Near = True,
+    threshold: Threshold = 0.8,
+    num_perm: NumPerm = 128,
+    ngram: Ngram = 5,
+    shingle: ShingleUnit = "word",
+    bands: Bands = 0,
+    rows: Rows = 0,
+    lines: Lines = True,
+    line_unit: LineUnit = "line",
+    line_min_docs: LineMinDocs = 10,
+    line_min_chars: LineMinChars = 20,
+    against: Against = None,
+    contamination_ngram: ContamNgram = 13,
+    contamination: ContamAction = "drop",
+    on_error: OnError = "fail",
+    errors: ErrorsPath = None,
+    workers: Workers = 1,
+    shard: Shard = None,
+    seed: Seed = 0,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+) -> None:
+    """Step 1 of 3: compute the signatures of one shard of the corpus (all settings are fixed here).
+
+    Example:
+
+        glm dedup signatures data/clean/ --shard 0/4 -o sigs/0.npz
+    """
+    from glm_cli.core.console import log, set_quiet
+    from glm_cli.core.corpus import parse_shard, read_documents
+    from glm_cli.core.dedup import compute_signatures
+    from glm_cli.core.errors import UsageError
+
+    set_quiet(quiet)
+    if not output or output == "-":
+        raise UsageError("-o/--output: give the signature file to write (e.g. sigs/0.npz)")
+    config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
+                     unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,
+                     line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
+                     contamination_ngram=contamination_ngram, contamination_action=contamination)
+    shard_spec = parse_shard(shard)
+    policy = _policy(on_error, output, errors)
+    start = time.perf_counter()
+    sigs = compute_signatures(read_documents(inputs, policy, shard_spec), config, workers, shard=shard_spec)
+    sigs.bad_records = policy.count
+    sigs.save(output)
+    policy.close()
+    seconds = time.perf_counter() - start
+    log(f"dedup signatures: {len(sigs)} documents ({int(sigs.nbytes.sum()):,} bytes) -> {output} "
+        f"in {seconds:.1f}s")
+    emit_summary({"stage": "signatures", "documents": len(sigs), "bytes": int(sigs.nbytes.sum()),
+                  "shard": shard, "output": output, "errors": policy.summary(), "seconds": round(seconds, 3)},
+                 json_summary, False)
+
+
+@app.command("cluster", no_args_is_help=True)
+def cluster_step(
+    signature_files: Annotated[list[str], typer.Argument(help="The signature files of all shards (any order).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Plan file to write (JSON).")] = "",
+    clusters: Clusters = None,
+    contaminated: Contaminated = None,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+) -> None:
+    """Step 2 of 3: cluster the signatures of all shards into one plan of what to drop.
+
+    Example:
+
+        glm dedup cluster sigs/*.npz -o plan.json --clusters clusters.jsonl
+    """
+    from glm_cli.core.console import set_quiet
+    from glm_cli.core.corpus import expand_inputs
+    from glm_cli.core.dedup import Signatures, cluster
+    from glm_cli.core.errors import UsageError
+
+    set_quiet(quiet)
+    if not output or output == "-":
+        raise UsageError("-o/--output: give the plan file to write (e.g. plan.json)")
+    start = time.perf_counter()
+    files = []
+    for spec in signature_files:
+        files.extend(expand_inputs([spec]) if any(c in spec for c in "*?[") else [spec])
+    plan, cluster_records, contamination_records = cluster([Signatures.load(f) for f in files])
+    plan.save(output)
+    _write_jsonl(clusters, cluster_records)
+    _write_jsonl(contaminated, contamination_records)
+    seconds = time.perf_counter() - start
+    _log_result(plan.stats, None, seconds)
+    emit_summary({"stage": "cluster", **plan.stats, "shards": plan.shards, "output": output,
+                  "seconds": round(seconds, 3)}, json_summary, False)
+
+
+@app.command("filter", no_args_is_help=True)
+def filter_step(
+    inputs: Inputs,
+    plan: Annotated[str, typer.Option("--plan", help="Plan written by `glm dedup cluster`.")] = "",
+    output: Output = "-",
+    on_error: OnError = "fail",
+    errors: ErrorsPath = None,
+    shard: Shard = None,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+) -> None:
+    """Step 3 of 3: write what the plan keeps of one shard (same inputs and --shard as step 1).
+
+    Example:
+
+        glm dedup filter data/clean/ --plan plan.json --shard 0/4 -o dedup/0.jsonl
+    """
+    from glm_cli.core.console import log, set_quiet
+    from glm_cli.core.corpus import RecordWriter, parse_shard, read_documents
+    from glm_cli.core.dedup import DropPlan, apply_plan
+    from glm_cli.core.errors import UsageError
+
+    set_quiet(quiet)
+    if not plan:
+        raise UsageError("--plan: give the plan file written by `glm dedup cluster`")
+    loaded = DropPlan.load(plan)
+    shard_spec = parse_shard(shard)
+    count = shard_spec[1] if shard_spec else 1
+    if count != loaded.shards:
+        raise UsageError(f"--shard {shard or '(none)'}: the plan was made from {loaded.shards} shard(s)")
+    policy = _policy(on_error, output, errors)
+    start = time.perf_counter()
+    with RecordWriter(output) as writer:
+        counts = apply_plan(read_documents(inputs, policy, shard_spec), loaded, shard_spec[0] if shard_spec else 0,
+                            writer)
+    policy.close()
+    seconds = time.perf_counter() - start
+    log(f"dedup filter: {counts['documents']} documents in, dropped {counts['dropped']}, "
+        f"{counts['lines_removed']} lines removed, {counts['emptied']} emptied; {counts['kept']} kept "
+        f"in {seconds:.1f}s")
+    emit_summary({"stage": "filter", "shard": shard, **counts, "errors": policy.summary(),
+                  "seconds": round(seconds, 3)}, json_summary, output == "-")

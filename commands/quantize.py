@@ -1,0 +1,212 @@
+"""`glm quantize`: int8 / int4 (RTN or GPTQ) checkpoints in safetensors, or a GGUF file for llama.cpp."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
+
+Bits = Annotated[int, typer.Option("--bits", help="8: int8 per output channel (symmetric absmax). "
+                                   "4: int4 per group (asymmetric).")]
+Method = Annotated[str, typer.Option("--method", help="rtn: round to nearest. gptq: second-order error "
+                                     "compensation on --calibration data (safetensors format only).")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="INT4 group length along the input dimension "
+                                        "(halved per layer until it divides the layer's width).")]
+Calibration = Annotated[list[str] | None, typer.Option(
+    "--calibration", help="GPTQ calibration data: a token-shard directory (its train split is used) or text/"
+    "JSONL corpus files, encoded with the checkpoint's tokenizer. Repeatable.")]
+CalibrationSamples = Annotated[int, typer.Option("--calibration-samples", min=1,
+                                                 help="Random windows drawn from the calibration data.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per calibration/evaluation window; "
+                                     "0 = the model's max_seq_len (at most 512).")]
+EvalData = Annotated[list[str] | None, typer.Option(
+    "--eval-data", help="Held-out data for the perplexity report (shard dir: its val split; or corpus files). "
+    "Default: the val split of --calibration when that is a shard dir; otherwise no perplexity report.")]
+EvalTokens = Annotated[int, typer.Option("--eval-tokens", min=0, help="Tokens of --eval-data to evaluate on.")]
+Format = Annotated[str, typer.Option("--format", help="safetensors: a glm checkpoint directory that glm "
+                                     "generate/eval load. gguf: one .gguf file for llama.cpp.")]
+GgufType = Annotated[str, typer.Option("--gguf-type", help="GGUF tensor type: q8_0, q4_0, f16 or f32 "
+                                       "(done by the gguf package; --bits/--method do not apply).")]
+KeepEmbeddings = Annotated[bool, typer.Option("--keep-embeddings/--no-keep-embeddings",
+                                              help="Keep the token embedding and output head in full "
+                                              "precision (F16 in GGUF).")]
+
+
+def command(
+    checkpoint: Annotated[str, typer.Argument(help="Full-precision glm checkpoint directory.")],
+    output: Output = "",
+    bits: Bits = 8,
+    method: Method = "rtn",
+    group_size: GroupSize = 128,
+    calibration: Calibration = None,
+    calibration_samples: CalibrationSamples = 128,
+    seq_len: SeqLen = 0,
+    eval_data: EvalData = None,
+    eval_tokens: EvalTokens = 32768,
+    format: Format = "safetensors",
+    gguf_type: GgufType = "q8_0",
+    keep_embeddings: KeepEmbeddings = True,
+    seed: Seed = 0,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize a checkpoint's weights to int8 or int4 and report size and perplexity change.
+
+    Example:
+
+        glm quantize runs/demo/aligned -o runs/demo/quantized-int4 --bits 4 --method gptq \\
+            --calibration runs/demo/shards
+
+        glm quantize runs/demo/aligned -o runs/demo/model-q8_0.gguf --format gguf --gguf-type q8_0
+    """
+    from glm_cli.core.console import set_quiet
+    from glm_cli.core.errors import UsageError
+
+    set_quiet(quiet)
+    problems = []
+    if not output:
+        problems.append("-o/--output is required")
+    if format not in ("safetensors", "gguf"):
+        problems.append(f"--format must be safetensors or gguf, not {format!r}")
+    if format == "gguf" and method == "gptq":
+        problems.append("GGUF tensors are quantized by the gguf package (round to nearest); "
+                        "use --method gptq with --format safetensors")
+    if method == "gptq" and not calibration:
+        problems.append("--method gptq needs --calibration DATA (a token-shard dir or corpus files)")
+    if calibration and eval_data and sorted(calibration) == sorted(eval_data) and not _is_shard_dir(eval_data):
+        problems.append("--eval-data must be held out from --calibration (same files given to both)")
+    if output and output == checkpoint:
+        problems.append("-o/--output must differ from the input checkpoint")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+    from glm_cli.core.checkpoint import check_checkpoint_dir
+
+    check_checkpoint_dir(checkpoint)
+    start = time.perf_counter()
+    if format == "gguf":
+        if eval_data is None and calibration and _is_shard_dir(calibration):
+            eval_data = calibration  # its val split
+        summary = _gguf(checkpoint, output, gguf_type, keep_embeddings, eval_data, eval_tokens, seq_len)
+    else:
+        summary = _safetensors(checkpoint, output, bits, method, group_size, calibration, calibration_samples,
+                               seq_len, eval_data, eval_tokens, keep_embeddings, seed)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    _print_report(summary)
+    emit_summary(summary, json_summary, data_on_stdout=False)
+
+
+def _is_shard_dir(specs: list[str]) -> bool:
+    from glm_cli.core.quant_data import is_shard_dir
+
+    return len(specs) == 1 and is_shard_dir(specs[0])
+
+
+def _gguf(checkpoint: str, output: str, gguf_type: str, keep_embeddings: bool, eval_data, eval_tokens: int,
+          seq_len: int) -> dict:
+    from glm_cli.core.checkpoint import WEIGHTS, load_model
+    from glm_cli.core.gguf_export import export_gguf, load_gguf_model
+    from glm_cli.core.quant_data import perplexity
+
+    summary = export_gguf(checkpoint, output, gguf_type, keep_embeddings)
+    source = (Path(checkpoint) / WEIGHTS).stat().st_size
+    summary.update(checkpoint=checkpoint, source_bytes=source, output_bytes=summary.pop("bytes"))
+    summary["compression"] = round(source / summary["output_bytes"], 3)
+    model = load_model(checkpoint)
+    held_out = _held_out(eval_data, checkpoint, eval_tokens)
+    if held_out is not None:
+        window = seq_len or min(model.config.max_seq_len, 512)
+        base = perplexity(model, held_out, window)
+        quant = perplexity(load_gguf_model(output, like=model), held_out, window)  # the weights llama.cpp reads
+        _add_perplexity(summary, base, quant)
+    return summary
+
+
+def _held_out(eval_data, checkpoint: str, eval_tokens: int):
+    """Held-out tokens (the val split of a shard dir, or corpus files), or None with a warning."""
+    from glm_cli.core.console import warn
+    from glm_cli.core.errors import GlmError
+    from glm_cli.core.quant_data import token_stream
+
+    if not eval_data or not eval_tokens:
+        return None
+    tokenizer_dir = checkpoint if (Path(checkpoint) / "tokenizer.json").exists() else None
+    try:
+        return token_stream(eval_data, tokenizer_dir, "val", eval_tokens)
+    except GlmError as e:  # e.g. a shard dir without a val split: drop the report, keep the job
+        warn(f"no perplexity report: {e}")
+        return None
+
+
+def _add_perplexity(summary: dict, base: dict, quant: dict) -> None:
+    summary["eval_tokens"] = base["tokens"]
+    summary["perplexity_fp32"] = round(base["perplexity"], 4)
+    summary["perplexity_quantized"] = round(quant["perplexity"], 4)
+    summary["perplexity_change_pct"] = round(100 * (quant["perplexity"] / base["perplexity"] - 1), 3)
+
+
+def _safetensors(checkpoint, output, bits, method, group_size, calibration, calibration_samples, seq_len,
+                 eval_data, eval_tokens, keep_embeddings, seed) -> dict:
+    import torch
+
+    from glm_cli.core.checkpoint import WEIGHTS, load_model
+    from glm_cli.core.console import log
+    from glm_cli.core.quant import QuantScheme, quantize_model_rtn, save_quantized
+    from glm_cli.core.quant_data import calibration_batches, perplexity, token_stream
+
+    torch.manual_seed(seed)
+    scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings)
+    model = load_model(checkpoint)
+    if getattr(model, "quant_scheme", None) is not None:
+        from glm_cli.core.errors import UsageError
+
+        raise UsageError(f"{checkpoint}: already quantized; quantize the full-precision checkpoint")
+    window = seq_len or min(model.config.max_seq_len, 512)
+    tokenizer_dir = checkpoint if (Path(checkpoint) / "tokenizer.json").exists() else None
+
+    if eval_data is None and calibration and _is_shard_dir(calibration):
+        eval_data = calibration  # its val split: never seen by calibration, which reads train
+    held_out = _held_out(eval_data, checkpoint, eval_tokens)
+    summary: dict = {"checkpoint": checkpoint, "output": output, "format": "safetensors",
+                     **scheme.as_config()}
+    if held_out is not None:
+        base = perplexity(model, held_out, window)
+        log(f"fp32 perplexity {base['perplexity']:.3f} on {base['tokens']} held-out tokens")
+
+    if method == "gptq":
+        from glm_cli.core.gptq import quantize_model_gptq
+
+        calib = token_stream(calibration, tokenizer_dir, "train", calibration_samples * window * 4)
+        batches = calibration_batches(calib, calibration_samples, window, seed=seed)
+        summary["calibration_tokens"] = sum(b.numel() for b in batches)
+        log(f"gptq: {calibration_samples} calibration windows of {batches[0].shape[1]} tokens")
+        quantize_model_gptq(model, scheme, batches)
+    else:
+        quantize_model_rtn(model, scheme)
+    summary.update(model.quant_scheme.as_config())
+
+    if held_out is not None:
+        _add_perplexity(summary, base, perplexity(model, held_out, window))
+    save_quantized(output, model, tokenizer_dir=tokenizer_dir)
+    source = (Path(checkpoint) / WEIGHTS).stat().st_size
+    written = (Path(output) / WEIGHTS).stat().st_size
+    summary.update(source_bytes=source, output_bytes=written, compression=round(source / written, 3))
+    return summary
+
+
+def _print_report(summary: dict) -> None:
+    from glm_cli.core.console import log
+
+    what = (f"gguf {summary['gguf_type']}" if summary["format"] == "gguf"
+            else f"int{summary['bits']} {summary['method']}"
+            + (f" group {summary['group_size']}" if summary["bits"] == 4 else " per-channel"))
+    log(f"quantized {summary['checkpoint']} -> {summary['output']} ({what})")
+    log(f"  size: {summary['source_bytes'] / 1e6:.2f} MB -> {summary['output_bytes'] / 1e6:.2f} MB "
+        f"({summary['compression']:.2f}x smaller)")
+    if "perplexity_quantized" in summary:
+        log(f"  held-out perplexity: {summary['perplexity_fp32']:.3f} -> {summary['perplexity_quantized']:.3f} "
+            f"({summary['perplexity_change_pct']:+.2f}%) on {summary['eval_tokens']} tokens")

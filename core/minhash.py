@@ -1,0 +1,322 @@
+"""MinHash signatures and LSH banding, vectorized with numpy (no Python loop per shingle).
+
+Shingles. A text is normalized (lowercased, every run of non-word characters becomes one space) and
+viewed as an array of Unicode code points. A shingle is a span of that array: `n` consecutive words
+(`unit="word"`) or `n` consecutive characters (`unit="char"`); a text shorter than one shingle is one
+shingle as a whole. Every span is hashed at once from prefix sums of a polynomial hash modulo 2**64
+(`sum c[j] * B**j`, re-based with the inverse power of B, which exists because B is odd), then mixed with
+the splitmix64 finalizer so all 64 bits are usable.
+
+Permutations. Each of the `num_perm` hash functions is `h_i(x) = (a_i * x + b_i) mod 2**32` on the
+32-bit shingle hash x, with random odd a_i. Computed as one (num_perm, shingles) uint32 array for a whole
+batch of documents and reduced with `np.minimum.reduceat` per document. Working modulo 2**32 instead of
+a 61-bit prime halves the memory traffic and avoids numpy's slow integer `%`; the shingle hashes are
+already uniformly mixed, and `bench/dedup.py` checks that the Jaccard estimates match the exact values.
+
+Storage. A document keeps its band hashes (`bands` x uint64) for LSH and the low 16 bits of each
+signature value (`num_perm` x uint16, "b-bit minwise hashing") to verify candidate pairs: two different
+minima agree in their low 16 bits with probability 2**-16, so the fraction of agreeing positions still
+estimates the Jaccard similarity. With 128 permutations and the default bands that is about 330 bytes a
+document.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_NON_WORD = re.compile(r"[\W_]+")
+_BASE = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
+_MASK64 = (1 << 64) - 1
+_BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))
+_U64 = np.uint64
+
+# Powers of the polynomial base and of its inverse, grown on demand and shared by all calls.
+_powers = np.ones(1, dtype=np.uint64)
+_inv_powers = np.ones(1, dtype=np.uint64)
+
+
+def _ensure_powers(length: int) -> None:
+    global _powers, _inv_powers
+    if _powers.size >= length:
+        return
+    size = max(length, 2 * _powers.size, 1 << 16)
+    one = np.ones(1, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # cumprod wraps modulo 2**64, which is the arithmetic we want
+        _powers = np.concatenate([one, np.cumprod(np.full(size - 1, _BASE, dtype=np.uint64))])
+        _inv_powers = np.concatenate([one, np.cumprod(np.full(size - 1, _BASE_INV, dtype=np.uint64))])
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> _U64(30)
+        x *= _U64(0xBF58476D1CE4E5B9)
+        x ^= x >> _U64(27)
+        x *= _U64(0x94D049BB133111EB)
+        x ^= x >> _U64(31)
+    return x
+
+
+_word_table: np.ndarray | None = None
+
+
+def _word_chars() -> np.ndarray:
+    """Boolean table over the Basic Multilingual Plane: is this code point a word character?"""
+    global _word_table
+    if _word_table is None:
+        _word_table = np.fromiter((chr(c).isalnum() for c in range(0x10000)), dtype=bool, count=0x10000)
+    return _word_table
+
+
+def normalize(text: str) -> str:
+    """The text shingles see: lowercased, every run of non-word characters one space, no outer spaces."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def _code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lowercased texts as one code-point array (joined by NUL), a word-character mask, doc starts."""
+    lowered = [t.lower() for t in texts]
+    cps = np.frombuffer(("\x00".join(lowered) + "\x00").encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    lengths = np.fromiter(map(len, lowered), dtype=np.int64, count=len(lowered))
+    doc_start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+    table = _word_chars()
+    is_word = np.ones(cps.size, dtype=bool)
+    bmp = cps < 0x10000
+    is_word[bmp] = table[cps[bmp]]
+    return cps, is_word, doc_start
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """prefix[k] = sum_{j<k} values[j] * B**j  (mod 2**64)."""
+    _ensure_powers(values.size + 1)
+    prefix = np.zeros(values.size + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.cumsum(values.astype(np.uint64) * _powers[: values.size], out=prefix[1:])
+    return prefix
+
+
+def _spans(prefix: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Position-independent hash of values[start:stop] for every (start, stop)."""
+    with np.errstate(over="ignore"):
+        return mix64((prefix[stop] - prefix[start]) * _inv_powers[start])
+
+
+def _ngrams(unit_hash_prefix: np.ndarray, unit_doc: np.ndarray, n_docs: int, n: int,
+            whole_if_short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of all runs of n consecutive units within one document (whole document if shorter)."""
+    units_per_doc = np.bincount(unit_doc, minlength=n_docs).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(units_per_doc)[:-1]]).astype(np.int64)
+    idx = np.arange(unit_doc.size, dtype=np.int64)
+    end = first[unit_doc] + units_per_doc[unit_doc]  # one past the doc's last unit
+    full = idx + n <= end
+    take = full
+    if whole_if_short:
+        take = full | ((idx == first[unit_doc]) & (units_per_doc[unit_doc] < n))
+    begin = idx[take]
+    stop = np.minimum(begin + n, end[take])
+    counts = np.bincount(unit_doc[begin], minlength=n_docs).astype(np.int64)
+    return _spans(unit_hash_prefix, begin, stop), counts
+
+
+def span_hashes(texts: list[str], n: int, unit: str = "word",
+                whole_if_short: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of all n-gram shingles of each text, for a batch of texts.
+
+    Returns `(hashes, counts)`: the shingle hashes of all texts concatenated in order (uint64, not
+    deduplicated) and how many belong to each text. Word n-grams hash each word, then each run of n word
+    hashes, so punctuation and spacing between words do not matter. A text with fewer than `n` units is
+    one shingle (none if `whole_if_short` is False); a text with no word characters has none.
+    """
+    if unit not in ("word", "char"):
+        raise ValueError(f"unit must be 'word' or 'char', not {unit!r}")
+    if n < 1:
+        raise ValueError("n-gram size must be >= 1")
+    if not texts:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    cps, is_word, doc_start = _code_points(texts)
+    prev_word = np.concatenate([[False], is_word[:-1]])
+    next_word = np.concatenate([is_word[1:], [False]])
+    if unit == "word":
+        starts = np.flatnonzero(is_word & ~prev_word)
+        ends = np.flatnonzero(is_word & ~next_word) + 1
+        word_hashes = _spans(_prefix(cps), starts, ends)
+        unit_doc = np.searchsorted(doc_start, starts, side="right") - 1
+        return _ngrams(_prefix(word_hashes), unit_doc, len(texts), n, whole_if_short)
+    # char: word characters, and one space for each non-word run that lies between two words of a doc
+    positions = np.flatnonzero(is_word | prev_word)
+    doc = np.searchsorted(doc_start, positions, side="right") - 1
+    word_pos = np.flatnonzero(is_word)
+    nxt = np.searchsorted(word_pos, positions)  # next word character at or after each position
+    has_next = nxt < word_pos.size
+    same_doc = np.zeros(positions.size, dtype=bool)
+    same_doc[has_next] = (np.searchsorted(doc_start, word_pos[nxt[has_next]], side="right") - 1) == doc[has_next]
+    keep = is_word[positions] | same_doc
+    positions, doc = positions[keep], doc[keep]
+    values = np.where(is_word[positions], cps[positions], np.uint32(32))
+    return _ngrams(_prefix(values), doc, len(texts), n, whole_if_short)
+
+
+def optimal_lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5,
+                       fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimizing the weighted false positive/negative area.
+
+    A pair with Jaccard s becomes a candidate with probability 1 - (1 - s**rows)**bands. The false
+    positive area integrates that over [0, threshold], the false negative area its complement over
+    [threshold, 1]; both by the trapezoid rule on a fine grid.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError("threshold must be in (0, 1)")
+    lo = np.linspace(0.0, threshold, 201)
+    hi = np.linspace(threshold, 1.0, 201)
+    best, best_err = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = np.trapezoid(1 - (1 - lo ** rows) ** bands, lo)
+            fn = np.trapezoid((1 - hi ** rows) ** bands, hi)
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err - 1e-15:
+                best, best_err = (bands, rows), err
+    return best
+
+
+@dataclass(frozen=True)
+class MinHasher:
+    """`num_perm` hash functions from one seed; `signatures` turns texts into minima (uint32)."""
+
+    num_perm: int = 128
+    ngram: int = 5
+    unit: str = "word"
+    seed: int = 0
+    block: int = 1 << 14  # shingles per (num_perm, block) work array: ~8 MB at 128 permutations
+
+    def _params(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 0x6D696E68])
+        a = rng.integers(0, 1 << 32, self.num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+        b = rng.integers(0, 1 << 32, self.num_perm, dtype=np.uint64).astype(np.uint32)
+        return a, b
+
+    def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(n, num_perm) uint32 minima and a bool mask of texts that had at least one shingle.
+
+        Texts without shingles get all-0xFFFFFFFF rows; callers leave them out of near-dedup.
+        """
+        hashes, counts = span_hashes(texts, self.ngram, self.unit)
+        return self.signatures_from_hashes(hashes, counts)
+
+    def signatures_from_hashes(self, hashes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self._params()
+        x = (hashes >> np.uint64(32)).astype(np.uint32)
+        n = counts.size
+        sig = np.full((n, self.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+        nonempty = counts > 0
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        work = np.empty((self.num_perm, self.block), dtype=np.uint32)
+        doc = 0
+        while doc < n:
+            # take whole documents until the block is full (one long document may exceed it: split it)
+            start = bounds[doc]
+            last = int(np.searchsorted(bounds, start + self.block, side="right")) - 1
+            last = max(last, doc + 1)
+            last = min(last, n)
+            docs = np.arange(doc, last)
+            docs = docs[nonempty[docs]]
+            stop = bounds[last]
+            if docs.size:
+                for lo in range(int(start), int(stop), self.block):
+                    hi = min(lo + self.block, int(stop))
+                    chunk = x[lo:hi]
+                    w = work[:, : hi - lo]
+                    np.multiply(a[:, None], chunk[None, :], out=w)
+                    w += b[:, None]
+                    # which documents intersect this chunk, and where their runs begin inside it
+                    seg_docs = docs[(bounds[docs] < hi) & (bounds[docs + 1] > lo)]
+                    seg_starts = np.maximum(bounds[seg_docs], lo) - lo
+                    mins = np.minimum.reduceat(w, seg_starts, axis=1)  # (num_perm, len(seg_docs))
+                    sig[seg_docs] = np.minimum(sig[seg_docs], mins.T)
+            doc = last
+        return sig, nonempty
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: each band's `rows` signature values hashed to one number."""
+    n = sig.shape[0]
+    out = np.zeros((n, bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            cols = sig[:, np.arange(bands) * rows + r]
+            out = mix64(out * _BASE + cols.astype(np.uint64))
+    return out
+
+
+def low16(sig: np.ndarray) -> np.ndarray:
+    return (sig & np.uint32(0xFFFF)).astype(np.uint16)
+
+
+def estimated_jaccard(sig16: np.ndarray, left: np.ndarray, right: np.ndarray, batch: int = 65536) -> np.ndarray:
+    """Fraction of agreeing 16-bit signature values for each pair (left[k], right[k])."""
+    out = np.empty(left.size, dtype=np.float64)
+    for lo in range(0, left.size, batch):
+        hi = min(lo + batch, left.size)
+        out[lo:hi] = (sig16[left[lo:hi]] == sig16[right[lo:hi]]).mean(axis=1)
+    return out
+
+
+def candidate_pairs(bands: np.ndarray, rows_index: np.ndarray | None = None, small_bucket: int = 8) -> np.ndarray:
+    """Pairs (i < j) of rows that share a hash in at least one band; (k, 2) int64, sorted, unique.
+
+    In every bucket each member is paired with the bucket's first member and with its predecessor;
+    buckets of at most `small_bucket` members give all their pairs. That is enough for the union-find
+    that follows, and bounded (linear) in the size of large buckets.
+    """
+    n = bands.shape[0]
+    index = np.arange(n) if rows_index is None else rows_index
+    found = []
+    for band in range(bands.shape[1]):
+        h = bands[:, band]
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        same = hs[1:] == hs[:-1]
+        if not same.any():
+            continue
+        run_start = np.concatenate([[True], ~same])
+        head = np.maximum.accumulate(np.where(run_start, np.arange(n), 0))
+        members = np.flatnonzero(~run_start)
+        found.append(np.stack([order[head[members]], order[members]], axis=1))
+        found.append(np.stack([order[members - 1], order[members]], axis=1))
+        starts = np.flatnonzero(run_start)
+        sizes = np.diff(np.concatenate([starts, [n]]))
+        for s, size in zip(starts[(sizes > 2) & (sizes <= small_bucket)], sizes[(sizes > 2) & (sizes <= small_bucket)],
+                           strict=True):
+            ii, jj = np.triu_indices(int(size), 1)
+            found.append(np.stack([order[s + ii], order[s + jj]], axis=1))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = index[np.concatenate(found)]
+    pairs = np.sort(pairs, axis=1)
+    return np.unique(pairs, axis=0).astype(np.int64)
+
+
+def union_find_representatives(n: int, pairs: np.ndarray) -> np.ndarray:
+    """For each of n items, the smallest index connected to it through `pairs`."""
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    for i, j in pairs.tolist():
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            if ri < rj:
+                parent[rj] = ri
+            else:
+                parent[ri] = rj
+    return np.fromiter((find(i) for i in range(n)), dtype=np.int64, count=n)

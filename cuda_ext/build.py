@@ -1,0 +1,239 @@
+"""Build glm's fused attention extension, and compile-check its sources where it cannot be built.
+
+`build()` compiles `binding.cpp` + `flash_attn.cu` with `torch.utils.cpp_extension.load` into a cache
+directory (`$GLM_CUDA_EXT_DIR`, else `$XDG_CACHE_HOME/glm/cuda_ext/<torch>-<cuda>-<python>`); torch
+rebuilds only when a source or flag changes. `python -m glm_cli.cuda_ext.build` (what `make cuda_ext`
+runs) builds ahead of time; `--check` only runs nvcc/c++ over the sources, which needs no GPU and no
+CUDA build of torch.
+
+`compile_check(arch)` runs `nvcc -c` on the kernel translation unit for one architecture (sm_80, sm_90)
+with the flags torch would use; `check_binding()` runs the host compiler over the binding against the
+installed torch headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KERNEL_SOURCE = HERE / "flash_attn.cu"
+BINDING_SOURCE = HERE / "binding.cpp"
+EXTENSION_NAME = "glm_flash_attn"
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+
+# The flags torch.utils.cpp_extension adds to every nvcc call (no implicit half conversions): checking
+# with them keeps the compile check faithful to the real build.
+TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
+EXTRA_CFLAGS = ["-O3"]
+
+
+@dataclass
+class CompileCheck:
+    """The outcome of one compiler run; true when it succeeded."""
+
+    ok: bool
+    command: list[str]
+    output: str
+    seconds: float
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME/$CUDA_PATH, then PATH, then /usr/local/cuda; None when absent."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def _cuda_include(nvcc: str) -> Path | None:
+    """The toolkit's include dir (nvcc may be a wrapper script elsewhere on PATH)."""
+    candidates = [Path(nvcc).resolve().parent.parent / "include"]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for c in candidates:
+        if (c / "cuda_runtime.h").is_file():
+            return c
+    return None
+
+
+def torch_include_dirs() -> list[Path]:
+    import torch
+
+    root = Path(torch.__file__).resolve().parent / "include"
+    return [root, root / "torch" / "csrc" / "api" / "include"]
+
+
+def _arch_number(arch: str) -> str:
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)([a-z]?)", arch.strip())
+    if not m:
+        raise ValueError(f"arch {arch!r}: expected e.g. sm_80, sm_90 or 90")
+    return m.group(1) + m.group(2)
+
+
+def _run(cmd: list[str], timeout: float) -> CompileCheck:
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CompileCheck(False, cmd, str(exc), time.monotonic() - start)
+    return CompileCheck(proc.returncode == 0, cmd, proc.stdout + proc.stderr, time.monotonic() - start)
+
+
+def compile_check(arch: str = "sm_90", *, source: Path = KERNEL_SOURCE, verbose_ptxas: bool = False,
+                  timeout: float = 600.0) -> CompileCheck:
+    """Compile the kernel translation unit to an object for one architecture; true on success.
+
+    Uses the flags of the real build and puts the installed torch's headers on the include path.
+    `verbose_ptxas` adds ptxas' register and spill report to the output.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return CompileCheck(False, [], "nvcc not found (set CUDA_HOME or put nvcc on PATH)", 0.0)
+    num = _arch_number(arch)
+    with tempfile.TemporaryDirectory(prefix="glm-nvcc-") as tmp:
+        cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "flash_attn.o"), "-std=c++17",
+               f"-gencode=arch=compute_{num},code=sm_{num}", *EXTRA_CUDA_CFLAGS, *TORCH_NVCC_FLAGS,
+               f"-I{HERE}"]
+        cmd += [f"-I{d}" for d in torch_include_dirs()]
+        if verbose_ptxas:
+            cmd.append("-Xptxas=-v")
+        return _run(cmd, timeout)
+
+
+def check_binding(timeout: float = 600.0) -> CompileCheck:
+    """Syntax-check binding.cpp with the host compiler against the installed torch headers.
+
+    A CPU build of torch ships the CUDA headers of c10 but not the one cmake generates for them
+    (c10/cuda/impl/cuda_cmake_macros.h); a stand-in is put on the include path only in that case.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    nvcc = find_nvcc()
+    cuda_inc = _cuda_include(nvcc) if nvcc else None
+    if cxx is None or cuda_inc is None:
+        return CompileCheck(False, [], "need a C++ compiler and the CUDA toolkit headers", 0.0)
+    includes = torch_include_dirs()
+    with tempfile.TemporaryDirectory(prefix="glm-cxx-") as tmp:
+        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-unused-parameter",
+               f"-DTORCH_EXTENSION_NAME={EXTENSION_NAME}", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{HERE}"]
+        cmd += [f"-isystem{d}" for d in includes]
+        cmd += [f"-isystem{cuda_inc}", f"-isystem{sysconfig.get_paths()['include']}"]
+        if not (includes[0] / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
+            shim = Path(tmp) / "c10" / "cuda" / "impl"
+            shim.mkdir(parents=True)
+            (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+            cmd.append(f"-isystem{tmp}")
+        cmd.append(str(BINDING_SOURCE))
+        return _run(cmd, timeout)
+
+
+def build_dir() -> Path:
+    """Where the compiled extension is cached, keyed by torch, CUDA and Python versions."""
+    env = os.environ.get("GLM_CUDA_EXT_DIR")
+    if env:
+        return Path(env)
+    import torch
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda or 'none'}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache / "glm" / "cuda_ext" / tag
+
+
+def build(verbose: bool = False):
+    """Compile (or reuse the cached build of) the extension and import it. Raises on any failure."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch is a CPU-only build (torch.version.cuda is None)")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No device to take the architecture from: build for Ampere and Hopper.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(BINDING_SOURCE), str(KERNEL_SOURCE)],
+        extra_cflags=EXTRA_CFLAGS,
+        extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+        extra_include_paths=[str(HERE)],
+        build_directory=str(directory),
+        with_cuda=True,
+        verbose=verbose,
+    )
+
+
+def _report(label: str, result: CompileCheck) -> None:
+    status = "ok" if result.ok else "FAILED"
+    print(f"{label}: {status} ({result.seconds:.1f} s)", file=sys.stderr)
+    if not result.ok or os.environ.get("GLM_VERBOSE"):
+        print(result.output.strip(), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m glm_cli.cuda_ext.build",
+        description="Build glm's fused attention CUDA extension ahead of time (cached; the first use "
+                    "would otherwise build it just in time), or only compile-check its sources.",
+        epilog="example: python -m glm_cli.cuda_ext.build --check sm_80 sm_90",
+    )
+    parser.add_argument("--check", nargs="*", metavar="ARCH", default=None,
+                        help="only compile-check: nvcc on the kernel for each ARCH (default: sm_80 sm_90) "
+                             "and the host compiler on the binding; needs no GPU")
+    parser.add_argument("--verbose", action="store_true", help="show compiler commands and output")
+    args = parser.parse_args(argv)
+
+    if args.check is not None:
+        ok = True
+        for arch in args.check or DEFAULT_ARCHS:
+            result = compile_check(arch, verbose_ptxas=args.verbose)
+            _report(f"nvcc flash_attn.cu {arch}", result)
+            ok &= result.ok
+        result = check_binding()
+        _report("c++ binding.cpp", result)
+        return 0 if ok and result.ok else 1
+
+    import torch
+
+    if torch.version.cuda is None:
+        print("error: this torch is a CPU-only build, so the fused attention extension cannot be built "
+              "here (glm uses SDPA instead). `python -m glm_cli.cuda_ext.build --check` compile-checks "
+              "the sources without a GPU.", file=sys.stderr)
+        return 1
+    try:
+        module = build(verbose=args.verbose)
+    except Exception as exc:  # the compiler's own output has been printed above when verbose
+        print(f"error: building the fused attention extension failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"built {EXTENSION_NAME}: {module.__file__}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
