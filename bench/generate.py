@@ -12,6 +12,12 @@ after a warm-up, alternating the two implementations so machine load affects bot
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/ holds scripts named like stdlib modules (tokenize.py): keep this directory off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import tempfile

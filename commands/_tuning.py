@@ -161,8 +161,6 @@ def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict
                     "trainable_params": trainable, "total_params": total, "elapsed_s": round(result.elapsed, 2),
                     "tokens_per_s": round(result.tokens_per_second, 1), **{k: v for k, v in result.metrics.items()}})
     if peft is not None and not (merge and peft.method == "lora") and result.final_dir is not None:
-        from glm_cli.core.peft import base_of
-
         save_adapter(out / "adapter", model, peft, base=str(base))
         summary["adapter"] = str(out / "adapter")
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))

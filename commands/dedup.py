@@ -77,6 +77,9 @@ ContamAction = Annotated[str, typer.Option("--contamination", help="drop contami
                                            "report them (--contaminated PATH, summary).")]
 Clusters = Annotated[str | None, typer.Option("--clusters", help="Write JSONL: each dropped duplicate, the "
                                               "document kept for it, the reason and estimated similarity.")]
+LocalShard = Annotated[str | None, typer.Option("--shard", help="Deduplicate only shard I of N of the inputs "
+                                                "(I/N, 0-based), within itself. For one dedup across all "
+                                                "shards use signatures/cluster/filter.")]
 Contaminated = Annotated[str | None, typer.Option("--contaminated", help="Write JSONL: each contaminated "
                                                   "document, the first evaluation record it overlaps, how "
                                                   "many n-grams.")]
@@ -145,7 +148,7 @@ def run(
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     workers: Workers = 1,
-    shard: Shard = None,
+    shard: LocalShard = None,
     seed: Seed = 0,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,

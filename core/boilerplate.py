@@ -49,7 +49,9 @@ def strip_gutenberg(text: str) -> tuple[str, int]:
     removed = 0
     start = None
     # The header ends at the *last* start marker near the top (old e-texts have several).
-    for match in _GUTENBERG_START.finditer(text, 0, max(len(text) // 2, 1)):
+    for match in _GUTENBERG_START.finditer(text):
+        if match.start() > len(text) // 2:
+            break
         start = match
     if start is not None:
         text = text[start.end():]

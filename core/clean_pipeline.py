@@ -8,9 +8,10 @@ Per document, in this order (each step can be switched off in `CleanConfig`):
 3. Project Gutenberg header/footer/notices, then repeated navigation-like lines (`boilerplate`);
 4. C4 line rules (javascript / policy / over-long-word lines, citation markers);
 5. documents left empty are dropped (`empty`);
-6. C4 document rules, Gopher quality rules, Gopher repetition rules;
-7. language identification: every kept document gets `lang` and `lang_score`; with `languages` set,
-   the others are dropped;
+6. language identification: every document gets `lang` and `lang_score`; with `languages` set, the
+   others are dropped. It comes before the quality rules because Gopher's stop-word rule is English:
+   it applies only to documents identified as English (or when identification is off);
+7. Gopher quality rules, C4 document rules, Gopher repetition rules (cheapest and most common first);
 8. PII redaction, on kept documents only.
 
 A dropped document stops at the first rule it fails and carries that rule's reason (as in datatrove), so
@@ -58,9 +59,9 @@ class CleanConfig:
     def steps(self) -> list[str]:
         """Names of the steps that are on, in order (for reports)."""
         names = [("html", self.html != "never"), ("normalize", self.normalize), ("gutenberg", self.gutenberg),
-                 ("navigation_lines", self.navigation), ("c4_lines", self.c4_lines), ("c4", self.c4),
-                 ("gopher_quality", self.gopher_quality), ("gopher_repetition", self.gopher_repetition),
-                 ("language", self.language), ("pii", self.pii)]
+                 ("navigation_lines", self.navigation), ("c4_lines", self.c4_lines), ("language", self.language),
+                 ("gopher_quality", self.gopher_quality), ("c4", self.c4),
+                 ("gopher_repetition", self.gopher_repetition), ("pii", self.pii)]
         return [name for name, on in names if on]
 
 
@@ -101,27 +102,35 @@ def clean_document(config: CleanConfig, doc: Document) -> CleanResult:
         text, removed = strip_gutenberg(text)
         if removed:
             changes["gutenberg.removed"] += removed
+    lines_removed = 0
     if config.navigation is not None:
         text, removed = config.navigation(text)
         if removed:
             changes["navigation_lines.removed"] += removed
+            lines_removed += removed
     if config.c4_lines is not None:
         text, counts = config.c4_lines(text)
         changes.update(counts)
-    if config.normalize is not None and config.normalize.collapse_whitespace and text is not doc.text:
-        text = squeeze_blank_lines(text, config.normalize.max_blank_lines)  # lines removed above left gaps
+        lines_removed += sum(n for rule, n in counts.items() if rule.endswith("_lines"))
+    if lines_removed and config.normalize is not None and config.normalize.collapse_whitespace:
+        text = squeeze_blank_lines(text, config.normalize.max_blank_lines)  # removed lines left gaps
     if not text.strip():
         return dropped("empty")
-    for rule in (config.c4, config.gopher_quality, config.gopher_repetition):
-        if rule is not None:
-            keep = rule(text)
-            if keep is not True:
-                return dropped(keep[1])
+    lang = None
     if config.language is not None:
         keep, lang, score = config.language(text)
         doc.meta = {**doc.meta, "lang": lang, "lang_score": round(score, 4)}
         if keep is not True:
             return dropped(keep[1])
+    if config.gopher_quality is not None:
+        keep = config.gopher_quality(text, lang)
+        if keep is not True:
+            return dropped(keep[1])
+    for rule in (config.c4, config.gopher_repetition):
+        if rule is not None:
+            keep = rule(text)
+            if keep is not True:
+                return dropped(keep[1])
     if config.pii is not None:
         text, counts = config.pii(text)
         changes.update({f"pii.{kind}": n for kind, n in counts.items()})

@@ -11,6 +11,7 @@ workers, so sharded and single runs agree.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glm_cli.core.atomic import write_text_atomic
 from glm_cli.core.corpus import Document
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.parallel import map_ordered
@@ -154,9 +156,6 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
                        tokenizer_sha256=tokenizer_sha256(tok_file),
                        shards=[i for s in SPLITS for i in writers[s].infos])
     if shard:
-        from glm_cli.core.atomic import write_text_atomic
-        import json
-
         write_text_atomic(directory / fragment_name(*shard), json.dumps(index.as_dict(), indent=1) + "\n")
     else:
         index.save(directory)

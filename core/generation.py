@@ -108,6 +108,17 @@ class TextTracker:
         return delta
 
 
+def eos_ids_for(model_config, tokenizer=None) -> list[int]:
+    """Ids that end a completion: the config's eos_token_id, `<|endoftext|>` and the end-of-turn `<|end|>`
+    (a chat model's answer ends there)."""
+    from glm_cli.core.tokenizer import END_OF_TURN, ENDOFTEXT
+
+    ids = [model_config.eos_token_id] if model_config.eos_token_id is not None else []
+    if tokenizer is not None:
+        ids += [tokenizer.token_to_id(t) for t in (ENDOFTEXT, END_OF_TURN)]
+    return sorted({i for i in ids if i is not None})
+
+
 def _decoder(tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -171,11 +171,9 @@ class PromptTuned(nn.Module):
         prefill = cache is None or cache.length == 0
         if P == 0:
             return self.base.hidden_states(x, positions, mask, cache)
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T) + (0 if start else P)
-            if start == 0:
-                positions = positions.clone()
+        if positions is None:  # after prefill the cache length already counts the prompt
+            start = cache.length if cache is not None and not prefill else P
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         else:
             positions = positions + P
         if mask is not None:
@@ -280,7 +278,13 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     model = base_of(model)
     skip = set(adapter_state(model))
     state = {}
-    for name, tensor in model.state_dict().items():
+    if getattr(model, "quant_scheme", None) is not None:  # QLoRA: the quantized base as `glm quantize` saves it
+        from glm_cli.core.quant import quantized_state_dict
+
+        full = quantized_state_dict(model)
+    else:
+        full = model.state_dict()
+    for name, tensor in full.items():
         if name in skip or name.endswith("inv_freq"):
             continue
         name = name.replace(".base.", ".").replace(".inner.", ".")

@@ -166,7 +166,7 @@ class ScalarHead(nn.Module):
         self.trunk = trunk
         self.config = trunk.config
         self.value_head = nn.Linear(trunk.config.dim, 1, device=trunk.lm_head.weight.device)
-        nn.init.normal_(self.value_head.weight, 0.0, init_std) if init_std else nn.init.zeros_(self.value_head.weight)
+        nn.init.normal_(self.value_head.weight, 0.0, init_std)  # init_std 0: a zero head, every score 0 at first
         nn.init.zeros_(self.value_head.bias)
 
     def values(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,

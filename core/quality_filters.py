@@ -76,7 +76,9 @@ class GopherQuality:
 
     name = "gopher_quality"
 
-    def __call__(self, text: str) -> Keep:
+    def __call__(self, text: str, lang: str | None = None) -> Keep:
+        """`lang`: the document's language if known; the stop-word rule (English words) applies only to
+        English or unidentified documents, so a French page is not dropped for lacking 'the'."""
         tokens, words = _tokens_and_words(text)
         n = len(words)
         if n < self.min_words or n > self.max_words:
@@ -98,6 +100,8 @@ class GopherQuality:
         alpha = len(tokens) - len(_NO_LETTER_TOKEN.findall(text))
         if alpha / max(len(tokens), 1) < self.min_alpha_words_ratio:
             return False, f"{self.name}.alpha_words"
+        if lang not in (None, "en"):
+            return True
         stop = 0
         for word in words:
             if word.lower() in GOPHER_STOP_WORDS:

@@ -7,8 +7,9 @@ runs) builds ahead of time; `--check` only runs nvcc/c++ over the sources, which
 CUDA build of torch.
 
 `compile_check(arch)` runs `nvcc -c` on the kernel translation unit for one architecture (sm_80, sm_90)
-with the flags torch would use; `check_binding()` runs the host compiler over the binding against the
-installed torch headers.
+or several, with the flags torch would use; `check_binding()` runs the host compiler over the binding
+against the installed torch headers; `build_emulator()` compiles the kernels for the CPU under
+flash_emulate.h, so that tests can execute them without a GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +108,10 @@ def _run(cmd: list[str], timeout: float) -> CompileCheck:
     return CompileCheck(proc.returncode == 0, cmd, proc.stdout + proc.stderr, time.monotonic() - start)
 
 
-def compile_check(arch: str = "sm_90", *, source: Path = KERNEL_SOURCE, verbose_ptxas: bool = False,
-                  timeout: float = 600.0) -> CompileCheck:
-    """Compile the kernel translation unit to an object for one architecture; true on success.
+def compile_check(arch: str | Sequence[str] = "sm_90", *, source: Path = KERNEL_SOURCE,
+                  verbose_ptxas: bool = False, timeout: float = 600.0) -> CompileCheck:
+    """Compile the kernel translation unit to an object for one architecture (or several in one nvcc
+    run, which shares the host-side compile); true on success.
 
     Uses the flags of the real build and puts the installed torch's headers on the include path.
     `verbose_ptxas` adds ptxas' register and spill report to the output.
@@ -116,11 +119,11 @@ def compile_check(arch: str = "sm_90", *, source: Path = KERNEL_SOURCE, verbose_
     nvcc = find_nvcc()
     if nvcc is None:
         return CompileCheck(False, [], "nvcc not found (set CUDA_HOME or put nvcc on PATH)", 0.0)
-    num = _arch_number(arch)
+    archs = [arch] if isinstance(arch, str) else list(arch)
+    gencodes = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in map(_arch_number, archs)]
     with tempfile.TemporaryDirectory(prefix="glm-nvcc-") as tmp:
-        cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "flash_attn.o"), "-std=c++17",
-               f"-gencode=arch=compute_{num},code=sm_{num}", *EXTRA_CUDA_CFLAGS, *TORCH_NVCC_FLAGS,
-               f"-I{HERE}"]
+        cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "flash_attn.o"), "-std=c++17", *gencodes,
+               *EXTRA_CUDA_CFLAGS, *TORCH_NVCC_FLAGS, f"-I{HERE}"]
         cmd += [f"-I{d}" for d in torch_include_dirs()]
         if verbose_ptxas:
             cmd.append("-Xptxas=-v")
@@ -151,6 +154,36 @@ def check_binding(timeout: float = 600.0) -> CompileCheck:
             cmd.append(f"-isystem{tmp}")
         cmd.append(str(BINDING_SOURCE))
         return _run(cmd, timeout)
+
+
+EMULATOR_SOURCES = (KERNEL_SOURCE, HERE / "emulate_api.cpp")
+
+
+def build_emulator(out_dir: Path, timeout: float = 600.0) -> Path:
+    """Compile the kernels for the CPU under flash_emulate.h (fibers for threads, PTX semantics for
+    mma/ldmatrix) into a shared library for ctypes; returns its path. Used by the tests to execute
+    the kernel source without a GPU. Raises RuntimeError with the compiler output on failure."""
+    import hashlib
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++/g++) found")
+    digest = hashlib.sha256()
+    for src in (*EMULATOR_SOURCES, HERE / "flash_attn.h", HERE / "flash_emulate.h"):
+        digest.update(src.read_bytes())
+    out = Path(out_dir) / f"libglm_flash_emu-{digest.hexdigest()[:12]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+           "-DGLM_FLASH_EMULATE", f"-I{HERE}", "-x", "c++", str(KERNEL_SOURCE), "-x", "none",
+           str(HERE / "emulate_api.cpp"), "-o", str(tmp)]
+    result = _run(cmd, timeout)
+    if not result.ok:
+        raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{result.output}")
+    os.replace(tmp, out)
+    return out
 
 
 def build_dir() -> Path:
@@ -210,11 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.check is not None:
-        ok = True
-        for arch in args.check or DEFAULT_ARCHS:
-            result = compile_check(arch, verbose_ptxas=args.verbose)
-            _report(f"nvcc flash_attn.cu {arch}", result)
-            ok &= result.ok
+        archs = args.check or list(DEFAULT_ARCHS)
+        result = compile_check(archs, verbose_ptxas=args.verbose)
+        _report(f"nvcc flash_attn.cu {' '.join(archs)}", result)
+        ok = result.ok
         result = check_binding()
         _report("c++ binding.cpp", result)
         return 0 if ok and result.ok else 1

@@ -15,8 +15,18 @@
 
 #include "flash_attn.h"
 
+#ifdef GLM_FLASH_EMULATE
+// Host emulation of the CUDA built-ins and PTX instructions used below (tests run the kernels on the
+// CPU through it; see flash_emulate.h). Not part of any real build.
+#include "flash_emulate.h"
+#define GLM_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#define GLM_LAUNCH(kernel, grid, block, smem, stream, params) emu::launch(kernel, grid, block, smem, params)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#define GLM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define GLM_LAUNCH(kernel, grid, block, smem, stream, params) kernel<<<grid, block, smem, stream>>>(params)
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -46,11 +56,15 @@ struct Elem<__half> {
   // d += a * b
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
+#ifdef GLM_FLASH_EMULATE
+    emu::mma_m16n8k16(d, a, b0, b1, emu::kFloat16);
+#else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -66,11 +80,15 @@ struct Elem<__nv_bfloat16> {
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
+#ifdef GLM_FLASH_EMULATE
+    emu::mma_m16n8k16(d, a, b0, b1, emu::kBFloat16);
+#else
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -79,6 +97,7 @@ struct Elem<__nv_bfloat16> {
 // "memory" so that the compiler never moves ordinary shared-memory accesses across it; mma (registers
 // only, above) is left free to be scheduled.
 
+#ifndef GLM_FLASH_EMULATE
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -111,6 +130,7 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
                : "r"(smem_u32(p))
                : "memory");
 }
+#endif  // GLM_FLASH_EMULATE
 
 // ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i, and register i of every lane
 // receives matrix i's fragment: (row lane/4, cols 2(lane%4), +1), or with .trans the transpose,
@@ -192,7 +212,7 @@ template <typename T, int D, int NWARPS, int BC>
 __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams p) {
   constexpr int BR = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8;
   static_assert(D % 32 == 0 && BC % 16 == 0, "tile shape");
-  extern __shared__ __align__(16) unsigned char smem[];
+  GLM_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // (BR, LDS); reused to stage O at the end
   T* sK = sQ + BR * LDS;                // (BC, LDS)
   T* sV = sK + BC * LDS;                // (BC, LDS)
@@ -390,7 +410,7 @@ template <typename T, int D, int NWARPS, int BR>
 __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams p) {
   constexpr int BC = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8, LDSS = BR + 8;
   static_assert(D % 32 == 0 && BR % 16 == 0, "tile shape");
-  extern __shared__ __align__(16) unsigned char smem[];
+  GLM_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);  // (BC, LDS)
   T* sV = sK + BC * LDS;                // (BC, LDS)
   T* sQ = sV + BC * LDS;                // (BR, LDS)
@@ -587,7 +607,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seq_q + BR - 1) / BR, p.heads, p.batch);
-  kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
+  GLM_LAUNCH(kernel, grid, NWARPS * 32, smem, stream, p);
   return cudaGetLastError();
 }
 
@@ -597,7 +617,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seq_q;
   cudaError_t err = cudaSuccess;
   if (rows > 0) {
-    flash_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+    auto delta_kernel = flash_bwd_delta_kernel<T, D>;
+    GLM_LAUNCH(delta_kernel, static_cast<unsigned>((rows + 7) / 8), 256, 0, stream, p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -607,7 +628,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seq_k + BC - 1) / BC, p.kv_heads, p.batch);
-  kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
+  GLM_LAUNCH(kernel, grid, NWARPS * 32, smem, stream, p);
   return cudaGetLastError();
 }
 

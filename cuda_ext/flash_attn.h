@@ -4,7 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#ifdef GLM_FLASH_EMULATE
+#include "flash_emulate.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 namespace glm_flash {
 

@@ -1,5 +1,6 @@
 """Alignment: DPO, reward model and PPO math against hand computation, and short runs through the engine."""
 
+import json
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from glm_cli.core.config import preset
 from glm_cli.core.model import Transformer
-from glm_cli.core.ppo import answer_mask, gae, ppo_objective, sample
+from glm_cli.core.ppo import gae, ppo_objective, rewards_with_kl, rollout_batch
 from glm_cli.core.preference import (ScalarHead, collate_full, collate_sequences, dpo_loss, reward_loss,
                                      sequence_logps)
 
@@ -99,11 +100,114 @@ def test_clipped_ppo_objective_matches_hand_computation():
     assert m["clip_frac"].item() == pytest.approx(2 / 3)
 
 
-def test_sampling_stops_and_masks():
+def test_rollout_batch_layout_and_kl_rewards():
+    batch = rollout_batch([[7, 8, 9], [7]], [[10, 5], [11, 12, 5]], pad_id=1)
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 10, 5], [1, 1, 7, 11, 12]]
+    assert batch["positions"][1].tolist()[2:] == [0, 1, 2]
+    start = int(batch["start"])
+    assert batch["targets"][:, start:].tolist() == [[10, 5, -100], [11, 12, 5]]
+    assert batch["answer_mask"].tolist() == [[True, True, False], [True, True, True]]
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -2.0, -0.5]])
+    rewards, kl = rewards_with_kl(torch.tensor([3.0, -1.0]), logp, ref, batch["answer_mask"], kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.0, 1.0, -0.5]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 3.0, 0.0], [0.0, -0.1, 0.05 - 1.0]]))
+
+
+# ------------------------------------------------------------------------------------ through the engine
+
+TARGET = 7
+
+
+def toy_reward(prompts, answers):
+    """Reward the share of answer tokens that are TARGET."""
+    return torch.tensor([sum(t == TARGET for t in a) / len(a) for a in answers])
+
+
+def _ppo_task(config, peft_cfg=None):
+    from glm_cli.core.align import PPOTask
+    from glm_cli.core.peft import apply_peft
+
     torch.manual_seed(0)
-    model = Transformer(preset("tiny")).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts, answers = sample(model, [[7, 8, 9], [7]], 6, stop_id=5, pad_id=1, generator=g)
-    assert prompts.shape == (2, 3) and prompts[1, 0] == 1 and answers.shape[0] == 2
-    mask = answer_mask(torch.tensor([[3, 5, 1, 1], [3, 4, 4, 4]]), 5)
-    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    model = Transformer(preset("tiny", vocab_size=32, n_layers=1, dim=32, n_heads=2, n_kv_heads=1, pad_token_id=1))
+    if peft_cfg is not None:
+        model = apply_peft(model, peft_cfg)
+    prompts = [[3, 10 + i % 8, 11, 4] for i in range(32)]
+    return PPOTask(model.train(), prompts, prompts[:8], toy_reward, config=config, stop_id=5, pad_id=1, seed=0,
+                   peft=peft_cfg)
+
+
+def test_ppo_raises_a_toy_reward_with_bounded_kl(tmp_path):
+    from glm_cli.core.engine import TrainConfig, Trainer
+    from glm_cli.core.ppo import PPOConfig
+
+    task = _ppo_task(PPOConfig(rollout_size=32, minibatch_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.05))
+    before = task.evaluate(task.model)
+    assert before["val_kl"] == pytest.approx(0.0, abs=1e-5)
+    config = TrainConfig(lr=5e-3, max_steps=24, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                         eval_every=0, peak_flops=1.0, log_every=0)
+    result = Trainer(task, config, tmp_path / "ppo").fit()
+    after = result.metrics
+    assert after["val_reward"] > before["val_reward"] + 0.08, (before, after)
+    assert 0.0 < after["val_kl"] < 5.0  # nats per answer: it moved, but stayed near the reference
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "clip_frac" in r]
+    assert {"reward", "kl", "clip_frac", "approx_kl", "value_loss"} <= set(train[-1])
+    assert train[-1]["reward"] > train[0]["reward"]
+
+
+def test_ppo_resumes_exactly_mid_rollout(tmp_path):
+    from glm_cli.core.checkpoint import load_tensors
+    from glm_cli.core.engine import TrainConfig, Trainer
+    from glm_cli.core.peft import PeftConfig
+    from glm_cli.core.ppo import PPOConfig
+
+    ppo = PPOConfig(rollout_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6)  # 4 steps a rollout
+    lora = PeftConfig(method="lora", rank=2, targets=["all-linear"])
+    config = TrainConfig(lr=1e-2, max_steps=6, warmup_steps=0, checkpoint_every=3, eval_every=0,
+                         peak_flops=1.0, log_every=0)
+    a = Trainer(_ppo_task(ppo, lora), config, tmp_path / "a").fit()
+    b = Trainer(_ppo_task(ppo, lora), config, tmp_path / "b",
+                resume=tmp_path / "a" / "checkpoints" / "step-000003").fit()
+    ta, tb = load_tensors(a.final_dir / "adapter.safetensors"), load_tensors(b.final_dir / "adapter.safetensors")
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert a.metrics == b.metrics
+
+
+def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
+    from tuning_fixtures import make_base
+
+    from glm_cli.core.align import DPOTask
+    from glm_cli.core.chat import ChatEncoder
+    from glm_cli.core.checkpoint import load_model, load_tensors
+    from glm_cli.core.engine import TrainConfig, Trainer
+    from glm_cli.core.peft import PeftConfig, apply_peft
+    from glm_cli.core.preference import load_pairs
+    from glm_cli.core.tokenizer import load_tokenizer
+
+    base = make_base(tmp_path / "data")
+    encoder = ChatEncoder(load_tokenizer(base))
+    prefs = tmp_path / "prefs.jsonl"  # one answer is always preferred: learnable in a few steps
+    prefs.write_text("".join(json.dumps({"prompt": f"Who speaks? {i}", "chosen": "Hamlet", "rejected": "Othello"})
+                             + "\n" for i in range(16)))
+    pairs, _ = load_pairs(str(prefs), encoder, 64)
+
+    def task():
+        torch.manual_seed(0)
+        model = apply_peft(load_model(base), PeftConfig(method="lora", rank=4, targets=["all-linear"])).train()
+        return DPOTask(model, pairs, pairs[:8], beta=0.5, pad_id=1, micro_batch_size=4, seed=0,
+                       tokenizer_dir=base, peft=PeftConfig(method="lora", rank=4, targets=["all-linear"]),
+                       merge=True, base=str(base))
+
+    config = TrainConfig(lr=1e-2, max_steps=8, warmup_steps=0, checkpoint_every=4, eval_every=0,
+                         peak_flops=1.0, log_every=0)
+    first = task()
+    before = first.evaluate(first.model)
+    assert before["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the start
+    a = Trainer(first, config, tmp_path / "a").fit()
+    assert a.metrics["val_loss"] < before["val_loss"] - 0.1 and a.metrics["val_reward_accuracy"] == 1.0
+    b = Trainer(task(), config, tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "step-000004").fit()
+    wa, wb = load_tensors(a.final_dir / "model.safetensors"), load_tensors(b.final_dir / "model.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

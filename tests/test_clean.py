@@ -44,6 +44,14 @@ def prose(n_sentences: int = 8, seed: int = 0) -> str:
     return " ".join(picked[:4]) + "\n\n" + " ".join(picked[4:])
 
 
+FRENCH = ("Il était une fois une petite fille qui vivait dans un village au bord de la forêt avec sa mère. "
+          "Chaque matin, elle portait du pain et du lait à sa grand-mère, qui habitait seule de l'autre côté "
+          "du bois. Un jour d'hiver, la neige tomba si fort que le chemin disparut sous les arbres. Le meunier "
+          "lui prêta une lanterne et lui conseilla de suivre la rivière jusqu'au pont de pierre. Elle marcha "
+          "longtemps, écoutant les corbeaux et le vent dans les branches nues. Quand elle arriva enfin, la "
+          "vieille femme l'attendait près du feu avec une soupe chaude et des histoires du temps passé.")
+
+
 def keep(result):
     return result is True
 
@@ -155,8 +163,9 @@ def test_navigation_lines_go_but_speaker_lines_stay():
     (" ".join(["the", "and"] * 5 + ["incomprehensibilities"] * 60), "mean_word_length"),
     (prose() + " #tag" * 30, "symbol_word_ratio"),
     ("\n".join(f"• item number {i} of the list and more" for i in range(30)), "bullet_lines"),
-    ("\n".join(f"the story continues with part {i} and then..." for i in range(30)), "ellipsis_lines"),
-    ("the and " + " ".join(str(i) for i in range(80)), "alpha_words"),
+    ("\n".join(f"the story of the long voyage continues with part {i} of the tale and then..."
+               for i in range(30)), "ellipsis_lines"),
+    ("the and " + " ".join(str(12345 + i) for i in range(80)), "alpha_words"),
     (" ".join(f"word{i}x" for i in range(80)), "stop_words"),
 ])
 def test_gopher_quality_rules(text, reason):
@@ -165,6 +174,8 @@ def test_gopher_quality_rules(text, reason):
 
 def test_gopher_quality_keeps_prose_and_thresholds_are_settable():
     assert keep(GopherQuality()(prose()))
+    no_stop_words = " ".join(f"word{i}x" for i in range(80))
+    assert keep(GopherQuality()(no_stop_words, lang="fr"))  # the stop-word rule is for English only
     assert GopherQuality(max_words=20)(prose()) == (False, "gopher_quality.word_count")
 
 
@@ -289,15 +300,15 @@ def test_pipeline_order_tags_and_reasons():
         "gopher_quality.word_count"
 
 
-def _square(x):
-    return x * x
-
-
 def test_map_ordered_keeps_order_and_streams():
-    assert list(map_ordered(_square, range(50), workers=1)) == [x * x for x in range(50)]
-    assert list(map_ordered(_square, iter(range(50)), workers=2, chunk_size=3)) == [x * x for x in range(50)]
+    # a builtin keeps the spawned workers from importing this test module (and hypothesis) again
+    items = [-x for x in range(50)]
+    assert list(map_ordered(abs, items, workers=1)) == list(range(50))
+    assert list(map_ordered(abs, iter(items), workers=2, chunk_size=3)) == list(range(50))
     with pytest.raises(ValueError):
-        list(map_ordered(_square, [1], workers=0))
+        list(map_ordered(abs, [1], workers=0))
+    with pytest.raises(TypeError):  # a worker's exception reaches the caller
+        list(map_ordered(abs, [1, "x", 2], workers=2, chunk_size=1))
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -308,11 +319,10 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     docs = [{"id": f"good{i}", "text": prose(10, i), "url": f"u{i}"} for i in range(4)]
     docs += [
-        {"id": "short", "text": "Buy now."},
+        {"id": "short", "text": "This is the end of the story."},
         {"id": "lorem", "text": prose(10, 9) + " Lorem ipsum dolor sit amet."},
         {"id": "pii", "text": prose(10, 7) + " Contact: ann@example.com or 415-555-2671."},
-        {"id": "french", "text": "Il était une fois une petite fille qui vivait dans un village au bord de la "
-                                 "forêt avec sa mère. " * 8},
+        {"id": "french", "text": FRENCH},
     ]
     write_jsonl(root / "a.jsonl", docs[:5])
     write_jsonl(root / "b.jsonl", docs[5:])
@@ -353,8 +363,8 @@ def test_cli_workers_and_shards_give_identical_output(corpus, tmp_path):
 
 
 def test_cli_switches_turn_filters_off(corpus, tmp_path):
-    proc = run_glm("clean", corpus / "a.jsonl", "-o", "-", "-q", "--no-gopher-quality", "--no-langid",
-                   check=True)
+    proc = run_glm("clean", corpus / "a.jsonl", "-o", "-", "-q", "--no-gopher-quality", "--no-c4",
+                   "--no-langid", check=True)
     assert [r["id"] for r in read_jsonl(proc.stdout)] == ["good0", "good1", "good2", "good3", "short"]
     assert "lang" not in read_jsonl(proc.stdout)[0]
 

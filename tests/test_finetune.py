@@ -250,3 +250,32 @@ def test_finetune_command_lora_merge_and_prompt(base_dir, tmp_path):
     assert r.returncode == 1 and f"{bad}:2:" in r.stderr.decode()
     r = run_glm("finetune", base_dir, "--data", bad, "-o", tmp_path / "x", "--method", "adapter", "--merge")
     assert r.returncode == 2 and "--merge" in r.stderr.decode()
+
+
+def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
+    from glm_cli.core.checkpoint import save_checkpoint
+    from glm_cli.core.peft import load_base, load_with_adapter
+    from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
+    from glm_cli.core.sft import peft_export
+
+    torch.manual_seed(0)
+    save_quantized(tmp_path / "q8", quantize_model_rtn(Transformer(preset("tiny")), QuantScheme(bits=8)))
+    cfg = PeftConfig(method="lora", rank=4, targets=["all-linear"])
+    model = apply_peft(load_base(tmp_path / "q8"), cfg).train()
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, QuantLinear)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(6, 500, (2, 16))
+    losses = []
+    for _ in range(5):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    expected = model(idx)
+    save_checkpoint(tmp_path / "out", **peft_export(model, cfg, merge=False, tokenizer_dir=None, base=None))
+    loaded = load_with_adapter(tmp_path / "out")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj.base, QuantLinear)
+    torch.testing.assert_close(loaded(idx), expected)

@@ -65,7 +65,7 @@ def test_trained_tokenizer_layout_and_loaders(corpus, tmp_path):
     path, _, tok_dir = corpus
     assert (tok_dir / "tokenizer.json").exists() and (tok_dir / "tokenizer_config.json").exists()
     tok = load_tokenizer(tok_dir)
-    assert tok.get_vocab_size() == 400
+    assert 262 < tok.get_vocab_size() <= 400  # a tiny corpus runs out of merges before 400
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(6))
 
     from transformers import AutoTokenizer
