@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -111,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gqa", type=int, default=1, help="query heads per kv head (default: 1)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per case (default: 5)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per case, median (default: 20)")
+    parser.add_argument("--tiles", choices=["auto", "sm80", "sm90"], default="auto",
+                        help="the kernel's tile configuration: by GPU (auto, default), or forced to "
+                             "Ampere's or Hopper's (sets GLM_FLASH_TILES)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.tiles != "auto":
+        os.environ["GLM_FLASH_TILES"] = args.tiles
 
     import torch
 
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     peak = _peak(device)
     print(f"# {device}, torch {torch.__version__}, CUDA {torch.version.cuda}, {args.dtype}, "
-          f"tokens/case {args.tokens}, width {args.width}, gqa {args.gqa}"
+          f"tokens/case {args.tokens}, width {args.width}, gqa {args.gqa}, tiles {args.tiles}"
           + (f", dense peak {peak:.0f} TFLOP/s" if peak else ""))
     header = (f"{'seq':>6} {'D':>4} {'causal':>6} | {'fwd glm':>7} {'fwd sdpa':>8} {'ratio':>5} | "
               f"{'f+b glm':>7} {'f+b sdpa':>8} {'ratio':>5}" + (" | f+b glm %peak" if peak else ""))

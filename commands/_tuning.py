@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from glm_cli.core.errors import UsageError
 
 Method = Annotated[str, typer.Option("--method", help="Which parameters to train: full (all), lora, adapter "
@@ -150,12 +149,15 @@ def prepare_model(model, peft, init_ids=None, merge: bool = False):
     return apply_peft(model, peft, init_ids).train()
 
 
-def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict) -> dict:
-    """Write RUN/adapter for unmerged PEFT runs; return the summary dict."""
+def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict, trained=None) -> dict:
+    """Write RUN/adapter for unmerged PEFT runs; return the summary dict.
+
+    `model` is the (adapted) Transformer; `trained` the task's module when it adds heads (value heads).
+    """
     from glm_cli.core.console import log
     from glm_cli.core.peft import save_adapter, trainable_parameters
 
-    trainable, total = trainable_parameters(model)
+    trainable, total = trainable_parameters(trained if trained is not None else model)
     summary.update({"output": str(out), "final": str(result.final_dir) if result.final_dir else None,
                     "steps": result.step, "status": result.status, "train_loss": result.train_loss,
                     "trainable_params": trainable, "total_params": total, "elapsed_s": round(result.elapsed, 2),

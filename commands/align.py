@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from glm_cli.commands import _tuning as T
 from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
 
@@ -36,7 +35,11 @@ def _prompts(path: str, encoder, limit: int) -> list[list[int]]:
 
 
 def command(
-    base: Annotated[str, typer.Argument(help="Checkpoint to align (usually the output of `glm finetune`: RUN/final).")],
+    base: Annotated[str, typer.Argument(help="Checkpoint to align (usually the output of `glm finetune`: "
+                                         "RUN/final).  Examples:  glm align runs/sft/final --data prefs.jsonl -o "
+                                         "runs/dpo  |  glm align runs/sft/final --method reward --data prefs.jsonl "
+                                         "-o runs/rm  |  glm align runs/sft/final --method ppo --reward-model "
+                                         "runs/rm/final --data prompts.jsonl -o runs/ppo")],
     data: Annotated[str, typer.Option("--data", "-d", help="Training JSONL. dpo and reward: {\"prompt\", "
                                       "\"chosen\", \"rejected\"}; ppo: {\"prompt\"} (preference files work too).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Run directory; RUN/final is the aligned model "
@@ -98,7 +101,6 @@ def command(
         glm align runs/sft/final --method ppo --reward-model runs/rm/final --data tasks/prompts.jsonl -o runs/ppo
     """
     import torch
-
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.engine import Trainer
     from glm_cli.core.errors import UsageError
@@ -145,6 +147,8 @@ def command(
             task = DPOTask(model, train_pairs, val_pairs, beta=beta, label_smoothing=label_smoothing,
                            loss_type=loss_type, **common)
         else:
+            if not model.config.tie_embeddings:  # the scalar head replaces the LM head: leave it out of training
+                model.lm_head.weight.requires_grad_(False)
             task = RewardTask(ScalarHead(model), train_pairs, val_pairs, **common)
         info.update(train_pairs=len(train_pairs), val_pairs=len(val_pairs))
         log(f"align ({method}, {peft_method}): {len(train_pairs)} pairs, {len(val_pairs)} held out")
@@ -183,5 +187,5 @@ def command(
                             seed=seed, device=device, sets=set_)
     result = Trainer(task, config, output, resume=resume, run_info={"title": f"align {method}", **info}).fit()
     summary = T.finish(result, Path(output), model, peft, merge or method == "reward", base,
-                       {"command": "align", "method": method, "peft": peft_method})
+                       {"command": "align", "method": method, "peft": peft_method}, trained=task.model)
     emit_summary(summary, as_json, data_on_stdout=False)

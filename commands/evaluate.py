@@ -26,7 +26,9 @@ TABLE_METRICS = {
 
 
 def command(
-    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint directories to evaluate and compare.")],
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint directories to evaluate and compare. "
+                                                    "Example: glm eval runs/demo/pretrain/final runs/demo/sft "
+                                                    "--task runs/demo/tasks/mc_play_test.jsonl --json")],
     task: Annotated[list[str], typer.Option("--task", help="Task: JSONL ({context, choices, gold} | {prompt, "
                                              "answers} | {text}), a .txt file, or a token-shard dir (its val "
                                              "split). Repeatable.")],
@@ -48,6 +50,8 @@ def command(
                                                 "to generate at most.")] = 32,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Generation tasks: stop string; "
                                                    "repeatable (default: newline).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Generation tasks: send each prompt as a user message "
+                                       "in the chat template (for fine-tuned checkpoints).")] = False,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Also write the JSON report here.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -83,7 +87,8 @@ def command(
     device, torch_dtype = resolve_device_dtype(device, dtype)
     report = {"checkpoints": checkpoints, "tasks": {t.name: {"type": t.type, "source": t.source} for t in tasks},
               "settings": {"batch_size": batch_size, "max_length": max_length, "stride": stride, "limit": limit,
-                           "num_fewshot": num_fewshot, "seed": seed}, "results": {}}
+                           "num_fewshot": num_fewshot, "seed": seed,
+                           "chat": chat}, "results": {}}
     for ckpt in checkpoints:
         model = load_model(ckpt, device=device, dtype=torch_dtype)
         scorer = Scorer(model, load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size)
@@ -93,7 +98,8 @@ def command(
             with progress(f"{Path(ckpt).name}: {t.name}", task_size(t, limit or None)) as advance:
                 result = evaluate_task(scorer, t, fewshot=pool, num_fewshot=num_fewshot, seed=seed,
                                        limit=limit or None, stride=stride or None,
-                                       max_new_tokens=max_new_tokens, stop=stop, advance=advance)
+                                       max_new_tokens=max_new_tokens, stop=stop, chat=chat,
+                                       advance=advance)
             result.pop("predictions", None)
             result["seconds"] = round(time.perf_counter() - started, 2)
             report["results"][ckpt][t.name] = result
@@ -114,13 +120,19 @@ def print_table(report: dict, tasks) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    import os
+
     checkpoints = report["checkpoints"]
+    common = os.path.commonpath([os.path.abspath(c) for c in checkpoints]) if len(checkpoints) > 1 else None
+    labels = [os.path.relpath(os.path.abspath(c), common) if common else Path(c).name or c for c in checkpoints]
+    if len(set(labels)) != len(labels) or "." in labels:
+        labels = checkpoints
     table = Table(title="glm eval", show_lines=False)
     table.add_column("task")
     table.add_column("n", justify="right")
     table.add_column("metric")
-    for ckpt in checkpoints:
-        table.add_column(ckpt, justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
     for t in tasks:
         for i, metric in enumerate(TABLE_METRICS[t.type]):
             values = [report["results"][c][t.name]["metrics"].get(metric) for c in checkpoints]

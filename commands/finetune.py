@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from glm_cli.commands import _tuning as T
 from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
 
 
 def command(
     base: Annotated[str, typer.Argument(help="Checkpoint to start from (e.g. the output of `glm pretrain`: "
-                                         "RUN/final), possibly quantized (then --method lora: QLoRA).")],
+                                         "RUN/final), possibly quantized (then --method lora: QLoRA).  Example:  "
+                                         "glm finetune runs/demo/pretrain/final --data tasks/sft_train.jsonl "
+                                         "--val tasks/sft_val.jsonl -o runs/sft --method lora --merge --epochs 3")],
     data: Annotated[str, typer.Option("--data", "-d", help="Training JSONL: {\"messages\": [{\"role\", "
                                       "\"content\"}, ...]} or {\"prompt\", \"response\"} per line.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Run directory: checkpoints/, metrics.jsonl, "
@@ -55,7 +56,6 @@ def command(
             -o runs/sft --method lora --lora-rank 8 --merge --epochs 3
     """
     import torch
-
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.engine import Trainer
     from glm_cli.core.sft import SFTTask

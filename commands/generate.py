@@ -77,7 +77,9 @@ def read_prompt_records(path: str) -> list[dict]:
 
 
 def command(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory (glm or Hugging Face Llama format).")],
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory (glm or Hugging Face "
+                                                   "Llama format). Example: glm generate runs/demo/pretrain/final "
+                                                   "'HAMLET.' -n 60 --temperature 0.8 --top-p 0.95")],
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
     prompt_file: Annotated[str | None, typer.Option("--prompt-file", help="Read one prompt from this file.")] = None,
     prompts: Annotated[str | None, typer.Option("--prompts", help="JSONL of prompts ({\"prompt\": ...} or "

@@ -16,16 +16,31 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-
 from glm_cli.core import distributed as D
 from glm_cli.core.peft import PeftConfig, base_of, disabled, has_peft
-from glm_cli.core.ppo import PPOConfig, gae, masked_mean, ppo_objective, rewards_with_kl, rollout_batch, whiten
-from glm_cli.core.preference import (Pair, ScalarHead, collate_full, dpo_loss, pair_batch, padding_mask,
-                                     reward_export, reward_loss, sequence_logps, token_logps)
+from glm_cli.core.ppo import (
+    PPOConfig,
+    gae,
+    ppo_objective,
+    rewards_with_kl,
+    rollout_batch,
+    whiten,
+)
+from glm_cli.core.preference import (
+    Pair,
+    ScalarHead,
+    collate_full,
+    dpo_loss,
+    padding_mask,
+    pair_batch,
+    reward_export,
+    reward_loss,
+    sequence_logps,
+    token_logps,
+)
 from glm_cli.core.sft import peft_export
 from glm_cli.core.sft_data import RowLoader
 
@@ -201,7 +216,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
         device = next(self.rm.parameters()).device
-        batch = collate_full([p + a for p, a in zip(prompts, answers)], self.pad_id)
+        batch = collate_full([p + a for p, a in zip(prompts, answers, strict=True)], self.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         return self.rm(batch["input_ids"], batch["last"], batch["mask"]).float().cpu()
 

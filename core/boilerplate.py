@@ -15,7 +15,7 @@ rather than content. Repetition alone is not enough: a play repeats its speaker 
 
 - a web navigation phrase (`Home`, `Next`, `Back to top`, `Skip to content`, `Privacy policy`, ...), or a
   breadcrumb/menu of short items separated by `|`, `»`, `·`, `>` or `/`;
-- a line holding a URL; or
+- a line holding a URL or a file name (`ED4A800.TIF`, `page12.html`: scan and page markers); or
 - mostly not letters (less than half of its non-space characters are letters): page numbers and
   scan/file markers such as `p.772:0`, `- 12 -`, `[Page 34]` after digits are ignored (see below).
 
@@ -47,6 +47,10 @@ _WORLD_LIBRARY_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION OF THE COMPLETE W
 def strip_gutenberg(text: str) -> tuple[str, int]:
     """Remove Project Gutenberg header, footer and licence notices; returns (text, pieces removed)."""
     removed = 0
+    # Plain substring tests (fast memchr scans) spare the line-anchored regexes on the usual text without
+    # any marker.
+    if not ("utenberg" in text or "UTENBERG" in text or "SMALL PRINT" in text or "<<" in text):
+        return text.strip("\n"), 0
     start = None
     # The header ends at the *last* start marker near the top (old e-texts have several).
     for match in _GUTENBERG_START.finditer(text):
@@ -78,6 +82,7 @@ NAVIGATION_PHRASES = frozenset({
 })
 _MENU_SEPARATORS = re.compile(r"\s+(?:\||»|«|·|•|>|/|::)\s+")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_FILE_NAME = re.compile(r"\b[\w-]+\.(?:txt|tiff?|jpe?g|png|gif|pdf|html?|xml|djvu)\b", re.IGNORECASE)
 _DIGITS = re.compile(r"\d")
 _TRIM = " \t*#=-_~[](){}<>|:.,;!?\"'"
 
@@ -89,7 +94,7 @@ def _is_navigation_like(line: str) -> bool:
     items = _MENU_SEPARATORS.split(line.strip())
     if len(items) >= 2 and all(len(item.split()) <= 3 for item in items):
         return True
-    if _URL.search(line):
+    if _URL.search(line) or _FILE_NAME.search(line):
         return True
     visible = [c for c in line if not c.isspace()]
     letters = sum(c.isalpha() for c in visible)

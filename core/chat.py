@@ -117,7 +117,7 @@ class ChatEncoder:
     def response_ids(self, response: str) -> list[int]:
         """Ids the model emits for one answer after the generation prompt: content + `<|end|>`."""
         body = self._encode("\n" + response)
-        ids = [t for t, (_, end) in zip(body.ids, body.offsets) if end > 1]
+        ids = [t for t, (_, end) in zip(body.ids, body.offsets, strict=True) if end > 1]
         return ids + [self.end_id]
 
     def prompt_and_response(self, messages: list[dict], response: str) -> tuple[list[int], list[int]]:

@@ -82,7 +82,7 @@ def expand_inputs(specs: Iterable[str]) -> list[str]:
         path = Path(spec)
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_corpus_file(p)
-                           and not p.name.startswith("."))
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UsageError(f"{spec}: directory holds no corpus files (.txt, .jsonl, .jsonl.zst, ...)")
             sources.extend(found)
@@ -231,6 +231,13 @@ def _parse_json_line(source: str, number: int, raw: bytes) -> Document | BadReco
         reason = "no 'text' field" if text is None else f"'text' is {type(text).__name__}, not a string"
         record["text"] = text
         return BadRecord(source, number, reason, line)
+    if "\\u" in line:  # only a \u escape can bring in a lone surrogate, which no writer can encode
+        for name, value in (("'text'", text), ("a field", json.dumps(record, ensure_ascii=False))):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                surrogate = f"\\u{ord(value[e.start]):04x}"
+                return BadRecord(source, number, f"{name} holds an unpaired surrogate ({surrogate})", line)
     doc_id = record.pop("id", None)
     doc_id = _doc_id(source, number) if doc_id is None else str(doc_id)
     return Document(id=doc_id, text=text, meta=record, source=source, line=number)
@@ -336,13 +343,13 @@ def read_records(path: str) -> Iterator[dict]:
 
 
 class _Zstd:
-    """A text sink compressing into `binary` with zstd."""
+    """A sink compressing into `binary` with zstd."""
 
     def __init__(self, binary):
         self._writer = zstandard.ZstdCompressor(level=3).stream_writer(binary, closefd=False)
 
-    def write(self, text: str) -> None:
-        self._writer.write(text.encode("utf-8"))
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
 
     def close(self) -> None:
         self._writer.flush(zstandard.FLUSH_FRAME)
@@ -353,8 +360,8 @@ class _Plain:
     def __init__(self, binary):
         self._binary = binary
 
-    def write(self, text: str) -> None:
-        self._binary.write(text.encode("utf-8"))
+    def write(self, data: bytes) -> None:
+        self._binary.write(data)
 
     def close(self) -> None:
         self._binary.flush()
@@ -376,10 +383,10 @@ class RecordWriter:
         self._sink = _Zstd(binary) if path.endswith(".zst") else _Plain(binary)
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        self._sink.write(line)
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self._sink.write(data)
         self.count += 1
-        self.bytes += len(line)
+        self.bytes += len(data)
 
     def write_document(self, doc: Document) -> None:
         self.write(doc.to_record())

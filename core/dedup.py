@@ -198,15 +198,16 @@ class Signatures:
         return len(self.ids)
 
     def save(self, path: str | Path) -> None:
-        ids_blob = "\x00".join(self.ids).encode("utf-8", "surrogatepass")
+        encoded = [doc_id.encode("utf-8", "surrogatepass") for doc_id in self.ids]
         meta = {"format": SIGNATURES_FORMAT, "config": self.config.as_dict(),
                 "shard": list(self.shard) if self.shard else None, "bad_records": self.bad_records,
                 "contam_eval_ids": {str(k): v for k, v in self.contam_eval_ids.items()},
                 "documents": len(self.ids)}
         arrays = dict(meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                      ids=np.frombuffer(ids_blob, dtype=np.uint8), nbytes=self.nbytes, exact=self.exact,
-                      bands=self.bands, sig16=self.sig16, shingled=self.shingled, contam=self.contam,
-                      line_hashes=self.line_hashes, line_counts=self.line_counts)
+                      ids=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                      id_lengths=np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)),
+                      nbytes=self.nbytes, exact=self.exact, bands=self.bands, sig16=self.sig16,
+                      shingled=self.shingled, contam=self.contam, line_hashes=self.line_hashes, line_counts=self.line_counts)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_open(path, "wb") as f:
@@ -219,8 +220,9 @@ class Signatures:
                 meta = json.loads(z["meta"].tobytes().decode())
                 if meta.get("format") != SIGNATURES_FORMAT:
                     raise GlmError(f"{path}: not a glm dedup signature file")
-                blob = z["ids"].tobytes().decode("utf-8", "surrogatepass")
-                ids = blob.split("\x00") if meta["documents"] else []
+                blob = z["ids"].tobytes()
+                ends = np.cumsum(z["id_lengths"]).tolist()
+                ids = [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip([0, *ends[:-1]], ends, strict=True)]
                 arrays = {k: z[k] for k in ("nbytes", "exact", "bands", "sig16", "shingled", "contam",
                                             "line_hashes", "line_counts")}
         except FileNotFoundError:

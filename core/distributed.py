@@ -154,6 +154,21 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters after a forward that had no backward (evaluation, generation).
+
+    The root module keeps its parameters gathered after forward for the backward to come; without one
+    the next training step would accumulate into those and lose gradients.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""

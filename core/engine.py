@@ -604,6 +604,7 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 metrics = dict(self.task.evaluate(self.model) or {})
         finally:
+            D.reshard(self.model)
             self.model.train()
         self.last_eval = metrics
         if self.info.is_main and metrics:
@@ -686,9 +687,9 @@ class Trainer:
             raise GlmError(f"training diverged again after {self.config.max_rollbacks} rollbacks; "
                            "stopping (lower --lr, or raise --set warmup_steps)")
         skipped_from = self.step
-        rollbacks = self.rollbacks
+        rollbacks, skipped = self.rollbacks, self.skipped_steps
         self.load(ckpt, restore_task=False)  # keep the data cursor: the offending batches are skipped
-        self.rollbacks = rollbacks
+        self.rollbacks, self.skipped_steps = rollbacks, skipped
         warn(f"{self.config.max_consecutive_bad_steps} non-finite steps in a row at step {skipped_from}: "
              f"rolled back to {ckpt.name}, skipping the data in between (rollback {self.rollbacks})")
         self._log_metrics({"step": self.step, "event": "rollback", "from_step": skipped_from,
@@ -821,17 +822,18 @@ class Trainer:
         if last_eval_step != self.step:
             self.evaluate()
         result.metrics = self.last_eval
+        exported = self._export_kwargs()  # collective under FSDP: every rank takes part
         if self.info.is_main:
-            self._finish(result)
+            self._finish(result, exported)
         D.barrier()
         return result
 
-    def _finish(self, result: FitResult) -> None:
+    def _finish(self, result: FitResult, exported) -> None:
         from glm_cli.core.curves import plot_curves
 
         png = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png",
                           title=self.run_info.get("title"))
-        target, export, _ = self._export_kwargs()
+        target, export, _ = exported
         extra_files = dict(export.pop("extra_files", None) or {})
         if png is not None:
             extra_files["curves.png"] = png.read_bytes()

@@ -331,7 +331,8 @@ def evaluate_mc(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, n
 
 def evaluate_gen(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, num_fewshot: int = 0,
                  seed: int = 1234, limit: int | None = None, max_new_tokens: int = 32,
-                 stop: list[str] | None = None, advance=None) -> dict:
+                 stop: list[str] | None = None, chat: bool = False, advance=None) -> dict:
+    """Greedy completions; with `chat`, each prompt is sent as a user message in the chat template."""
     from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
     from glm_cli.core.text_metrics import corpus_bleu, exact_match, rouge_l, token_f1
 
@@ -339,10 +340,18 @@ def evaluate_gen(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, 
     stop = ["\n"] if stop is None else stop
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop=stop,
                               eos_ids=eos_ids_for(scorer.model.config, scorer.tokenizer))
+    encoder = None
+    if chat:
+        from glm_cli.core.chat import ChatEncoder
+
+        encoder = ChatEncoder(scorer.tokenizer)
     prompts = []
     for index, record in enumerate(records):
         prefix = fewshot_prefix(fewshot or [], "gen", num_fewshot, seed, index, record) if num_fewshot else ""
-        ids = scorer.encode(prefix + record["prompt"]) or [scorer.prefix_token_id]
+        if encoder is not None:
+            ids = encoder.prompt_ids([{"role": "user", "content": prefix + record["prompt"]}])
+        else:
+            ids = scorer.encode(prefix + record["prompt"]) or [scorer.prefix_token_id]
         budget = scorer.model.config.max_seq_len - max_new_tokens
         prompts.append(ids[-budget:] if budget > 0 else ids[-1:])
     completions = []
@@ -365,12 +374,13 @@ def evaluate_gen(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, 
 
 def evaluate_task(scorer: Scorer, task: Task, *, fewshot: list[dict] | None = None, num_fewshot: int = 0,
                   seed: int = 1234, limit: int | None = None, stride: int | None = None,
-                  max_new_tokens: int = 32, stop: list[str] | None = None, advance=None) -> dict:
+                  max_new_tokens: int = 32, stop: list[str] | None = None, chat: bool = False,
+                  advance=None) -> dict:
     if task.type == "ppl":
         return evaluate_ppl(scorer, task, stride=stride, limit=limit, advance=advance)
     if task.type == "mc":
         return evaluate_mc(scorer, task, fewshot, num_fewshot, seed, limit, advance)
-    return evaluate_gen(scorer, task, fewshot, num_fewshot, seed, limit, max_new_tokens, stop, advance)
+    return evaluate_gen(scorer, task, fewshot, num_fewshot, seed, limit, max_new_tokens, stop, chat, advance)
 
 
 def task_size(task: Task, limit: int | None = None) -> int | None:

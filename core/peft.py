@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from glm_cli.core.errors import CheckpointError, UsageError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -255,7 +254,7 @@ def disabled(model: nn.Module):
     try:
         yield model
     finally:
-        for m, b in zip(modules, before):
+        for m, b in zip(modules, before, strict=True):
             m.enabled = b
 
 
@@ -381,7 +380,14 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 def load_base(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A checkpoint as a Transformer: full precision, or with QuantLinear layers if it is quantized
     (`glm quantize` output), the frozen base of QLoRA-style fine-tuning."""
-    from glm_cli.core.checkpoint import CONFIG, WEIGHTS, check_checkpoint_dir, load_model, load_tensors, verify_manifest
+    from glm_cli.core.checkpoint import (
+        CONFIG,
+        WEIGHTS,
+        check_checkpoint_dir,
+        load_model,
+        load_tensors,
+        verify_manifest,
+    )
 
     directory = check_checkpoint_dir(directory)
     try:

@@ -107,16 +107,17 @@ class PIIRedactor:
         counts: Counter = Counter()
         if self.email and "@" in text:
             text, counts["email"] = _EMAIL.subn(PLACEHOLDERS["email"], text)
-        if self.credit_card:
+        digits = any(digit in text for digit in "0123456789")  # cards, IPv4 and phones need digits
+        if self.credit_card and digits:
             text, n = _count_changed(_CARD, _card, text, PLACEHOLDERS["credit_card"])
             counts["credit_card"] = n
         if self.ip_address:
-            if "." in text:
+            if digits and "." in text:
                 text, counts["ip_address"] = _count_changed(_IPV4, _ipv4, text, PLACEHOLDERS["ip_address"])
             if _IPV6_HINT.search(text):
                 text, n = _count_changed(_IPV6, _ipv6, text, PLACEHOLDERS["ip_address"])
                 counts["ip_address"] += n
-        if self.phone:
+        if self.phone and digits:
             text, n = _count_changed(_PHONE, _phone, text, PLACEHOLDERS["phone"])
             counts["phone"] = n
         return text, +counts  # drop zero counts

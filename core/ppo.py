@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from glm_cli.core.sft_data import IGNORE
 
 
@@ -109,7 +108,7 @@ def rollout_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: in
     Tp, Tr = max(len(p) for p in prompts), max(len(a) for a in answers)
     full = torch.full((B, Tp + Tr), pad_id, dtype=torch.long)
     valid = torch.zeros((B, Tp + Tr), dtype=torch.bool)
-    for b, (p, a) in enumerate(zip(prompts, answers)):
+    for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         full[b, Tp - len(p):Tp] = torch.tensor(p)
         full[b, Tp:Tp + len(a)] = torch.tensor(a)
         valid[b, Tp - len(p):Tp + len(a)] = True

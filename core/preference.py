@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from glm_cli.core.chat import ChatEncoder, prompt_messages
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import CheckpointError, DataError
@@ -72,13 +71,13 @@ def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_
     Returns inputs (B, T), targets (B, T) (IGNORE off the response), last (B,) index of each row's last
     real input token (where a reward head reads), and a padding-aware causal mask (B, 1, T, T).
     """
-    seqs = [p + r for p, r in zip(prompts, responses)]
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
     T = max(len(s) for s in seqs) - 1
     B = len(seqs)
     inputs = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     valid = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
+    for b, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         n = len(s) - 1
         inputs[b, :n] = torch.tensor(s[:-1])
         targets[b, len(p) - 1:n] = torch.tensor(s[len(p):])

@@ -91,7 +91,7 @@ def find_tokenizer(explicit: str | None, shard_dirs: list[Path]) -> Path | None:
         p = Path(explicit)
         return p.parent if p.is_file() else p
     for d in shard_dirs:
-        for candidate in (d, d.parent):
+        for candidate in (d, d.parent, d.parent / "tokenizer"):
             if (candidate / "tokenizer.json").is_file():
                 return candidate
     return None

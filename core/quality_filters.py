@@ -256,12 +256,18 @@ class NgramIndex:
         self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.total_chars = int(self.lengths.sum())
 
-    def _groups(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Group equal n-grams: (order, group id of each sorted slot, first position of each group, counts)."""
+    def _hash(self, n: int) -> np.ndarray:
+        """The hash of the n-gram starting at each position."""
         count = len(self.codes) - n + 1
         h = np.zeros(count, dtype=np.uint64)
         for k in range(n):
             h = h * self._PRIME + self.codes[k:k + count]
+        return h
+
+    def _groups(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Group equal n-grams: (order, group id of each sorted slot, first position of each group, counts)."""
+        h = self._hash(n)
+        count = len(h)
         order = np.argsort(h)
         ordered = h[order]
         new_group = np.empty(count, dtype=bool)
@@ -276,12 +282,17 @@ class NgramIndex:
         """Characters covered by the most frequent n-gram (its length x its count) over all word chars."""
         if len(self.codes) < n or not self.total_chars:
             return 0.0
-        _, _, firsts, counts = self._groups(n)
-        best = int(np.argmax(counts))
-        if counts[best] < 2:
+        h = self._hash(n)
+        ordered = np.sort(h)  # values only: cheaper than argsort
+        starts = np.flatnonzero(np.append(True, ordered[1:] != ordered[:-1]))
+        counts = np.diff(np.append(starts, len(ordered)))
+        top = int(counts.max())
+        if top < 2:
             return 0.0
-        start = int(firsts[best])
-        return int(self.lengths[start:start + n].sum()) * int(counts[best]) / self.total_chars
+        # Among equally frequent n-grams take the one that occurs first (as Counter.most_common would).
+        candidates = ordered[starts[counts == top]]
+        start = int(np.argmax(np.isin(h, candidates)))
+        return int(self.lengths[start:start + n].sum()) * top / self.total_chars
 
     def duplicate_fraction(self, n: int) -> float:
         """Characters of words inside a repeated occurrence of some n-gram, over all word characters.
@@ -340,7 +351,14 @@ class GopherRepetition:
         for n, limit in self.top_ngrams:
             if index.top_fraction(n) > limit:
                 return False, f"{self.name}.top_{n}gram"
-        for n, limit in self.dup_ngrams:
-            if index.duplicate_fraction(n) > limit:
+        # Words covered by repeated (n+1)-grams are covered by repeated n-grams too (both halves of a
+        # repeated (n+1)-gram are repeated n-grams), so the fraction can only fall as n grows: once it is
+        # under every remaining limit, the longer n-grams need not be counted. Same decisions, fewer sorts.
+        rules = sorted(self.dup_ngrams)
+        for i, (n, limit) in enumerate(rules):
+            fraction = index.duplicate_fraction(n)
+            if fraction > limit:
                 return False, f"{self.name}.dup_{n}gram"
+            if fraction <= min(rest for _, rest in rules[i:]):
+                break
         return True

@@ -13,10 +13,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from glm_cli.core import distributed as D
-from glm_cli.core.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftConfig, adapter_config_dict, adapter_state,
-                               base_of, base_state, merged_state)
+from glm_cli.core.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PeftConfig,
+    adapter_config_dict,
+    adapter_state,
+    base_of,
+    base_state,
+    merged_state,
+)
 from glm_cli.core.sft_data import IGNORE, Row, RowLoader, collate
 
 

@@ -20,7 +20,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-
 from glm_cli.core.chat import ChatEncoder, messages_from_record
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import DataError
@@ -38,7 +37,7 @@ class Example:
 def make_example(ids: list[int], mask: list[bool], max_len: int) -> Example | None:
     """Shift ids/mask into (inputs, targets), truncated to max_len inputs; None if no answer token is left."""
     ids, mask = ids[: max_len + 1], mask[: max_len + 1]
-    targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]
     if all(t == IGNORE for t in targets):
         return None
     return Example(ids[:-1], targets)
@@ -150,11 +149,6 @@ class RowLoader:
             self._order_epoch = self.epoch
         return self._order
 
-    @property
-    def steps_per_epoch(self) -> int:
-        per_rank = max(1, len(self.rows) // self.world_size)
-        return max(1, -(-per_rank // self.batch_size))
-
     def next_batch(self) -> dict[str, torch.Tensor]:
         order = self._epoch_order()
         if self.position >= len(order):
@@ -169,11 +163,6 @@ class RowLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def batches(self):
-        """Every row once, in order (for validation)."""
-        for start in range(0, len(self.rows), self.batch_size):
-            yield self.collate(self.rows[start:start + self.batch_size])
 
 
 def shuffled(items: list, seed: int) -> list:

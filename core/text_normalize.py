@@ -22,15 +22,12 @@ from dataclasses import dataclass
 
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 
-_LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
+_BREAK_CHARS = "\r\x0b\x0c\x85\u2028\u2029"
+_LINE_BREAKS = re.compile(f"\r\n|[{_BREAK_CHARS}]")
 _INVISIBLE = "\u200b\u00ad\u2060\ufeff\u180e"
 # Every C0/C1 control except \t and \n, plus the invisible format characters (a regex scan is much
 # faster than str.translate with a table).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f%s]" % _INVISIBLE)
-# Horizontal whitespace (any but newline) that needs rewriting: runs of two or more, or one that is not a
-# plain space. Matching only those (not every single space) keeps the scan fast.
-_HSPACE_RUN = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
-_EDGE_SPACE = re.compile(r" \n ?|\n ")
+_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_INVISIBLE}]")
 _BLANK_RUNS: dict[int, re.Pattern] = {}
 
 
@@ -53,7 +50,7 @@ class NormalizeConfig:
 
 def normalize_text(text: str, config: NormalizeConfig = NormalizeConfig()) -> str:
     """Normalize one document's text as `config` says (see the module docstring)."""
-    if config.line_endings:
+    if config.line_endings and any(c in text for c in _BREAK_CHARS):  # `in` is a fast memchr scan
         text = _LINE_BREAKS.sub("\n", text)
     if config.strip_control:
         text = _CONTROL.sub("", text)
@@ -62,8 +59,9 @@ def normalize_text(text: str, config: NormalizeConfig = NormalizeConfig()) -> st
         if config.strip_control:  # NFKC can map a compatibility character onto a control one; rare
             text = _CONTROL.sub("", text)
     if config.collapse_whitespace:
-        text = _HSPACE_RUN.sub(" ", text)
-        text = _EDGE_SPACE.sub("\n", text)
+        # str.split() per line collapses every whitespace run (Unicode spaces included) and strips the
+        # edges, about 3x faster than regex substitutions over the whole text.
+        text = "\n".join([" ".join(line.split()) for line in text.split("\n")])
         text = squeeze_blank_lines(text, config.max_blank_lines)
     return text
 
@@ -72,5 +70,5 @@ def squeeze_blank_lines(text: str, max_blank_lines: int = 1) -> str:
     """At most `max_blank_lines` blank lines in a row, none at the ends (after removing lines, too)."""
     blank = _BLANK_RUNS.get(max_blank_lines)
     if blank is None:
-        blank = _BLANK_RUNS[max_blank_lines] = re.compile(r"\n{%d,}" % (max_blank_lines + 2))
+        blank = _BLANK_RUNS[max_blank_lines] = re.compile("\n{" + str(max_blank_lines + 2) + ",}")
     return blank.sub("\n" * (max_blank_lines + 1), text).strip(" \n")

@@ -176,7 +176,8 @@ def build_emulator(out_dir: Path, timeout: float = 600.0) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+    # -fno-strict-aliasing: the kernel moves fp16 pairs as 32-bit words, as CUDA code does.
+    cmd = [cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            "-DGLM_FLASH_EMULATE", f"-I{HERE}", "-x", "c++", str(KERNEL_SOURCE), "-x", "none",
            str(HERE / "emulate_api.cpp"), "-o", str(tmp)]
     result = _run(cmd, timeout)

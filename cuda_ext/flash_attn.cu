@@ -30,6 +30,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace glm_flash {
 namespace {
@@ -46,11 +48,14 @@ struct Elem;
 template <>
 struct Elem<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t x;
+    memcpy(&x, &h, sizeof(x));
+    return x;
   }
   static __device__ __forceinline__ float2 unpack(uint32_t x) {
-    __half2 h = *reinterpret_cast<__half2*>(&x);
+    __half2 h;
+    memcpy(&h, &x, sizeof(x));
     return __half22float2(h);
   }
   // d += a * b
@@ -71,11 +76,14 @@ struct Elem<__half> {
 template <>
 struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t x;
+    memcpy(&x, &h, sizeof(x));
+    return x;
   }
   static __device__ __forceinline__ float2 unpack(uint32_t x) {
-    __nv_bfloat162 h = *reinterpret_cast<__nv_bfloat162*>(&x);
+    __nv_bfloat162 h;
+    memcpy(&h, &x, sizeof(x));
     return __bfloat1622float2(h);
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -639,12 +647,29 @@ cudaError_t device_major(int* major) {
   return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
 }
 
+// Hopper's tiles on sm_90+, Ampere's below; GLM_FLASH_TILES=sm80|sm90 forces one (to measure one
+// against the other on the same GPU).
+cudaError_t use_hopper_tiles(bool* hopper) {
+  const char* forced = std::getenv("GLM_FLASH_TILES");
+  if (forced != nullptr && std::strcmp(forced, "sm80") == 0) {
+    *hopper = false;
+    return cudaSuccess;
+  }
+  if (forced != nullptr && std::strcmp(forced, "sm90") == 0) {
+    *hopper = true;
+    return cudaSuccess;
+  }
+  int major = 0;
+  const cudaError_t err = device_major(&major);
+  *hopper = major >= 9;
+  return err;
+}
+
 template <typename T>
 cudaError_t fwd_for_type(const FwdParams& p, cudaStream_t stream) {
-  int major = 0;
-  cudaError_t err = device_major(&major);
+  bool hopper = false;
+  const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
-  const bool hopper = major >= 9;
   if (p.head_dim == 64) {
     return hopper ? launch_fwd<T, 64, 8, 64>(p, stream) : launch_fwd<T, 64, 4, 64>(p, stream);
   }
@@ -656,10 +681,9 @@ cudaError_t fwd_for_type(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t bwd_for_type(const BwdParams& p, cudaStream_t stream) {
-  int major = 0;
-  cudaError_t err = device_major(&major);
+  bool hopper = false;
+  const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
-  const bool hopper = major >= 9;
   if (p.head_dim == 64) {
     return hopper ? launch_bwd<T, 64, 8, 64>(p, stream) : launch_bwd<T, 64, 4, 64>(p, stream);
   }

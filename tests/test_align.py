@@ -5,12 +5,17 @@ import math
 
 import pytest
 import torch
-
 from glm_cli.core.config import preset
 from glm_cli.core.model import Transformer
 from glm_cli.core.ppo import gae, ppo_objective, rewards_with_kl, rollout_batch
-from glm_cli.core.preference import (ScalarHead, collate_full, collate_sequences, dpo_loss, reward_loss,
-                                     sequence_logps)
+from glm_cli.core.preference import (
+    ScalarHead,
+    collate_full,
+    collate_sequences,
+    dpo_loss,
+    reward_loss,
+    sequence_logps,
+)
 
 
 def logsig(x):
@@ -41,7 +46,7 @@ def test_sequence_logps_count_only_response_tokens():
     prompts, responses = [[7, 8, 9], [7, 8]], [[10, 11], [12, 13, 14]]
     batch = collate_sequences(prompts, responses, pad_id=1)
     got = sequence_logps(model, batch)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         seq = torch.tensor([p + r])
         logp = torch.log_softmax(model(seq[:, :-1]), -1)[0]
         expected = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(r))
@@ -176,8 +181,6 @@ def test_ppo_resumes_exactly_mid_rollout(tmp_path):
 
 
 def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
-    from tuning_fixtures import make_base
-
     from glm_cli.core.align import DPOTask
     from glm_cli.core.chat import ChatEncoder
     from glm_cli.core.checkpoint import load_model, load_tensors
@@ -185,6 +188,7 @@ def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
     from glm_cli.core.peft import PeftConfig, apply_peft
     from glm_cli.core.preference import load_pairs
     from glm_cli.core.tokenizer import load_tokenizer
+    from tuning_fixtures import make_base
 
     base = make_base(tmp_path / "data")
     encoder = ChatEncoder(load_tokenizer(base))

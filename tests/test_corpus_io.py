@@ -81,6 +81,8 @@ def test_directory_is_walked_sorted_skipping_hidden_and_other_files(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     write_jsonl(tmp_path / "b" / "c.jsonl", [{"text": "c"}])
     (tmp_path / ".hidden.txt").write_text("hidden")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.txt").write_text("inside a hidden directory")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     sources = expand_inputs([str(tmp_path)])
     assert [os.path.relpath(s, tmp_path) for s in sources] == ["a.txt", "b/c.jsonl", "b/z.txt"]
@@ -130,6 +132,7 @@ BAD_LINES = [
     (b'{"title": "no text"}', "no 'text' field"),
     (b'{"text": 42}', "'text' is int"),
     (b"   ", "blank line"),
+    (b'{"text": "lone \\ud800 surrogate"}', "unpaired surrogate"),
 ]
 
 
@@ -152,6 +155,13 @@ def test_skip_counts_writes_aside_and_keeps_following_lines(tmp_path, bad, reaso
     assert policy.summary() == {"bad_records": 1, "errors_file": str(tmp_path / "errors.jsonl")}
     [error] = read_jsonl(tmp_path / "errors.jsonl")
     assert error["source"] == str(path) and error["line"] == 2 and reason in error["error"]
+
+
+def test_escaped_non_ascii_is_fine(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "caf\\u00e9 \\ud83d\\ude00", "t": "\\u00fc"}\n')
+    [doc] = read_documents([str(path)])
+    assert doc.text == "café 😀" and doc.meta == {"t": "ü"}
 
 
 def test_truncated_last_line(tmp_path):

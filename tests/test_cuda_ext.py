@@ -162,7 +162,7 @@ EMULATED_SHAPES = [
 
 
 @pytest.mark.parametrize("shape", EMULATED_SHAPES)
-@pytest.mark.parametrize("tiles", [(8, 4), (4, 8)])
+@pytest.mark.parametrize("tiles", [(8, 4)])
 def test_emulated_tiling_matches_reference(shape, tiles):
     B, H, Hkv, Tq, Tk, D, causal = shape
     BR, BC = tiles
@@ -201,11 +201,11 @@ def emulator(tmp_path_factory):
     if not HAS_CXX:
         pytest.skip("no C++ compiler")
     lib = ctypes.CDLL(str(build.build_emulator(tmp_path_factory.mktemp("flash_emu"))))
-    P, I64, I, F = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
-    lib.glm_emu_configure.argtypes = [I, I, I]
-    lib.glm_emu_forward.argtypes = [I, P, I64, P, I64, P, I64, P, I64, P, I, I, I, I, I, I, F, I]
-    lib.glm_emu_backward.argtypes = [I, P, I64, P, I64, P, I64, P, I64, P, I64, P, P, P, P, I64, P, I64,
-                                     I, I, I, I, I, I, F, I]
+    P, I64, INT, F = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float
+    lib.glm_emu_configure.argtypes = [INT, INT, INT]
+    lib.glm_emu_forward.argtypes = [INT, P, I64, P, I64, P, I64, P, I64, P, INT, INT, INT, INT, INT, INT, F, INT]
+    lib.glm_emu_backward.argtypes = [INT, P, I64, P, I64, P, I64, P, I64, P, I64, P, P, P, P, I64, P, I64,
+                                     INT, INT, INT, INT, INT, INT, F, INT]
     return lib
 
 

@@ -146,6 +146,12 @@ def test_boilerplate_lines_are_removed(tmp_path):
     assert summary["lines_removed"] == 6 and summary["emptied"] == 1
     glm("dedup", path, "-o", out, "--line-min-docs", "7")
     assert all(footer in d["text"] for d in read_jsonl(out))
+    # paragraphs: the footer paragraph (blank line before it) goes, the rest of the document stays
+    for r in records[:5]:
+        r["text"] = r["text"].replace("\nshort\n", "\nshort\n\n")
+    write_jsonl(path, records)
+    summary = json.loads(glm("dedup", path, "-o", out, "--line-unit", "paragraph", "--line-min-docs", "5", "--json"))
+    assert summary["lines_removed"] == 6 and all(d["text"].endswith("short\n\n") for d in read_jsonl(out))
 
 
 def test_decontamination_drop_and_report(corpus, tmp_path):

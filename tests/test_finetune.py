@@ -4,17 +4,24 @@ import json
 
 import pytest
 import torch
-
+from conftest import run_glm
 from glm_cli.core.chat import ChatEncoder, messages_from_record
 from glm_cli.core.config import preset
 from glm_cli.core.errors import DataError, UsageError
 from glm_cli.core.model import KVCache, Transformer
-from glm_cli.core.peft import (PeftConfig, apply_peft, attach_adapter, base_state, disabled, merge_lora,
-                               peft_modules, save_adapter, trainable_parameters)
+from glm_cli.core.peft import (
+    PeftConfig,
+    apply_peft,
+    base_state,
+    disabled,
+    merge_lora,
+    peft_modules,
+    save_adapter,
+    trainable_parameters,
+)
 from glm_cli.core.sft_data import IGNORE, Example, RowLoader, collate, make_example, pack
-
-from conftest import read_jsonl, run_glm, write_jsonl
 from tuning_fixtures import make_base, make_tokenizer
+
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
@@ -55,7 +62,7 @@ def test_render_matches_hf_chat_template(tok_dir, encoder):
 def test_loss_mask_covers_every_assistant_turn_and_nothing_else(encoder):
     r = encoder.render(CONVERSATION)
     tok = encoder.tokenizer
-    masked = tok.decode([i for i, m in zip(r.ids, r.mask) if m], skip_special_tokens=False)
+    masked = tok.decode([i for i, m in zip(r.ids, r.mask, strict=True) if m], skip_special_tokens=False)
     assert masked == "Hamlet<|end|>  the question. <|end|>"
     # the answer + <|end|> of each turn, as contiguous runs: two runs for two assistant turns
     runs = sum(1 for i in range(len(r.mask)) if r.mask[i] and (i == 0 or not r.mask[i - 1]))
@@ -79,7 +86,7 @@ def test_response_only_targets(encoder):
     ex = make_example(r.ids, r.mask, 1000)
     assert len(ex.inputs) == len(ex.targets) == len(r.ids) - 1
     kept = [t for t in ex.targets if t != IGNORE]
-    assert kept == [i for i, m in zip(r.ids[1:], r.mask[1:]) if m]
+    assert kept == [i for i, m in zip(r.ids[1:], r.mask[1:], strict=True) if m]
     assert make_example(r.ids, r.mask, 5) is None  # the answer starts beyond 5 tokens
 
 
@@ -236,9 +243,8 @@ def test_finetune_command_lora_merge_and_prompt(base_dir, tmp_path):
     assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"] / 10
     final = tmp_path / "run" / "final"
     assert not (final / "adapter_config.json").exists()  # merged: a plain checkpoint
-    from transformers import AutoModelForCausalLM
-
     from glm_cli.core.checkpoint import load_model
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     ours = load_model(final)

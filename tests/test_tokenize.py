@@ -88,7 +88,7 @@ def small_tokenizer(corpus):
     return load_tokenizer(corpus[2])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=200))
 def test_round_trip_any_unicode(small_tokenizer, text):
     ids = encode_texts(small_tokenizer, [text])[0]
@@ -147,6 +147,8 @@ def test_encode_writes_documented_shards(corpus, tmp_path):
     # decode and stats read the same directory
     val = read_jsonl(glm("tokenize", "decode", shards, "-t", tok_dir, "--split", "val"))
     assert [d["text"] for d in val] == [r["text"] for r in expected["val"]]
+    text = glm("tokenize", "decode", shards, "-t", tok_dir, "--split", "val", "--limit", "1", "--text").decode()
+    assert text == expected["val"][0]["text"] + "\n"
     stats = json.loads(glm("tokenize", "stats", shards, "--json"))
     assert stats["splits"]["train"]["tokens"] == summary["splits"]["train"]["tokens"]
     assert stats["splits"]["train"]["bytes_per_token"] > 1
@@ -218,18 +220,25 @@ def test_bad_input_and_usage_errors(corpus, tmp_path):
     summary = json.loads(glm("tokenize", "encode", bad, "-t", tok_dir, "-o", tmp_path / "s", "--on-error", "skip",
                              "--json"))
     assert summary["errors"]["bad_records"] == 1 and summary["splits"]["train"]["documents"] == 16
+    # the CLI boundary: one line, the right exit status, no traceback
     for args, code, words in [
-        (["encode", path, "-t", tmp_path / "nope", "-o", tmp_path / "s"], 1, "nope"),
         (["encode", path, "-t", tok_dir, "-o", tmp_path / "s", "--group-pattern", "(("], 2, "group-pattern"),
-        (["encode", path, "-t", tok_dir, "-o", tmp_path / "s", "--val-fraction", "1.5"], 2, "val-fraction"),
-        (["encode", path, "-o", tmp_path / "s"], 2, "--tokenizer"),
-        (["train", path, "-o", tmp_path / "t", "--vocab-size", "100"], 1, "vocab-size"),
-        (["stats", tmp_path / "missing"], 1, "glm tokenize encode"),
         (["decode", "-", "-t", tok_dir], 1, "outside the vocabulary"),
     ]:
         proc = run_glm("tokenize", *args, input="1 2 99999")
         err = proc.stderr.decode()
         assert proc.returncode == code and words in err and "Traceback" not in err, (args, err)
+    # the rest in process: the exception type decides the exit status (UsageError 2, GlmError 1)
+    for args, error, words in [
+        (["encode", path, "-t", tmp_path / "nope", "-o", tmp_path / "s"], GlmError, "nope"),
+        (["encode", path, "-t", tok_dir, "-o", tmp_path / "s", "--val-fraction", "1.5"], UsageError, "val-fraction"),
+        (["encode", path, "-o", tmp_path / "s"], UsageError, "--tokenizer"),
+        (["train", path, "-o", tmp_path / "t", "--vocab-size", "100"], GlmError, "vocab-size"),
+        (["stats", tmp_path / "missing"], GlmError, "glm tokenize encode"),
+        (["decode", tmp_path / "ids.txt", "-t", tok_dir], GlmError, "no such file"),
+    ]:
+        with pytest.raises(error, match=words):
+            glm("tokenize", *args)
 
 
 def test_decode_ids_from_stdin_and_file(corpus, tmp_path):

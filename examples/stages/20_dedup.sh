@@ -16,7 +16,7 @@ AGAINST=()
 if [ -n "${DEDUP_AGAINST:-}" ]; then AGAINST=(--against "$DEDUP_AGAINST" --contaminated "$DEMO/dedup-contaminated.jsonl"); fi
 
 $GLM dedup "$DEMO/clean.jsonl" -o "$DEMO/dedup.jsonl" --clusters "$DEMO/dedup-clusters.jsonl" \
-  --threshold 0.8 --line-min-docs 10 --workers "${WORKERS:-2}" "${AGAINST[@]}" --json > "$DEMO/dedup-summary.json"
+  --threshold 0.8 --line-min-docs 10 --workers "${WORKERS:-1}" "${AGAINST[@]}" --json --quiet > "$DEMO/dedup-summary.json"
 
 .venv/bin/python - "$DEMO/dedup-summary.json" <<'PY'
 import json, sys

@@ -19,6 +19,6 @@ fi
 
 $GLM tokenize train "$DEMO/dedup.jsonl" -o "$DEMO/tokenizer" --vocab-size "$VOCAB" "${SPLIT[@]}"
 $GLM tokenize encode "$DEMO/dedup.jsonl" -t "$DEMO/tokenizer" -o "$DEMO/shards" "${SPLIT[@]}" \
-  --workers "${WORKERS:-2}"
+  --workers "${WORKERS:-1}"
 $GLM tokenize stats "$DEMO/shards" -t "$DEMO/tokenizer"
 $GLM tokenize stats "$DEMO/shards" --json > "$DEMO/tokenize-stats.json"

@@ -3,8 +3,10 @@
 # the fine-tuned model itself, adapters off) on the demo preference pairs (chosen = the right answer,
 # rejected = a plausible wrong one). With ALIGN_PPO=1 it also trains a reward model and runs PPO
 # against it (InstructGPT-style RLHF), into $DEMO/reward and $DEMO/ppo.
-#   in:  $DEMO/finetune/final (stage 50), $DEMO/tasks/pref_train.jsonl, held-out $DEMO/tasks/pref_val.jsonl
-#   out: $DEMO/align/ (run dir; final/ is the aligned checkpoint), $DEMO/align.json (summary)
+#   in:  $DEMO/finetune/final (stage 50), $DEMO/tasks/prefs_train.jsonl, held-out $DEMO/tasks/prefs_val.jsonl
+#   out: $DEMO/align/ (run dir; final/ is the aligned checkpoint), $DEMO/align.json (summary),
+#        $DEMO/tasks/chat_{mc,gen}_*_{val,test}.jsonl (held-out questions in the chat format, for glm eval),
+#        $DEMO/eval-stages.json: base vs fine-tuned vs aligned on the held-out questions
 set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
@@ -14,8 +16,8 @@ if [ ! -f "$SFT/config.json" ]; then
   echo "60_align: no $SFT (run the finetune stage first)" >&2
   exit 1
 fi
-TRAIN="$DEMO/tasks/pref_train.jsonl"
-VAL="$DEMO/tasks/pref_val.jsonl"
+TRAIN="$DEMO/tasks/prefs_train.jsonl"
+VAL="$DEMO/tasks/prefs_val.jsonl"
 for f in "$TRAIN" "$VAL"; do
   if [ ! -f "$f" ]; then
     echo "60_align: no $f (examples/make_tasks.py writes the demo tasks)" >&2
@@ -33,3 +35,15 @@ if [ "${ALIGN_PPO:-0}" = 1 ]; then
     -o "$DEMO/ppo" "${COMMON[@]}" --rollout-size 16 --max-new-tokens 16 --max-steps "${PPO_STEPS:-40}" \
     --json > "$DEMO/ppo.json"
 fi
+
+# Did each stage help on its task? The held-out questions (val: about training plays, never trained on;
+# test: about held-out plays) in the chat format, as two-way multiple choice (right vs wrong answer).
+.venv/bin/python examples/chat_tasks.py "$DEMO/tasks" --split val
+.venv/bin/python examples/chat_tasks.py "$DEMO/tasks" --split test
+MODELS=()
+for m in "$DEMO/pretrain/final" "$SFT" "$DEMO/align/final"; do
+  if [ -f "$m/config.json" ]; then MODELS+=("$m"); fi
+done
+TASKS=()
+for f in "$DEMO"/tasks/chat_mc_*_val.jsonl; do TASKS+=(--task "$f"); done
+$GLM eval "${MODELS[@]}" "${TASKS[@]}" --limit "${EVAL_LIMIT:-120}" -o "$DEMO/eval-stages.json"

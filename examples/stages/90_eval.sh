@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Stage 90: sample generations from each checkpoint the demo made, then one evaluation table comparing
+# them on the held-out tasks of stage 45.
+#   in:  checkpoints under $DEMO (pretrain, finetune, align, quantized; missing ones are skipped),
+#        $DEMO/tasks/ (stage 45)
+#   out: $DEMO/eval-report.json, $DEMO/eval-chat-report.json, $DEMO/samples.jsonl
+set -euo pipefail
+: "${DEMO:=runs/demo}"
+if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
+TASKS="$DEMO/tasks"
+
+is_ckpt() { [ -f "$1/config.json" ] && [ -f "$1/model.safetensors" ]; }
+first_ckpt() { for c in "$@"; do if is_ckpt "$c"; then echo "$c"; return; fi; done; }
+
+PRETRAIN=$(first_ckpt "$DEMO/pretrain/final" "$DEMO/pretrain")
+FINETUNE=$(first_ckpt "$DEMO/finetune/final" "$DEMO/finetune" "$DEMO/sft")
+ALIGN=$(first_ckpt "$DEMO/aligned" "$DEMO/align/final" "$DEMO/align")
+CKPTS=()
+for c in "$PRETRAIN" "$FINETUNE" "$ALIGN" "$DEMO/quantized-int8" "$DEMO/quantized-int4"; do
+  if [ -n "$c" ] && is_ckpt "$c"; then CKPTS+=("$c"); fi
+done
+if [ ${#CKPTS[@]} -eq 0 ]; then
+  echo "90_eval: no checkpoint under $DEMO (run the pretrain stage first)" >&2
+  exit 1
+fi
+if [ ! -f "$TASKS/manifest.json" ]; then
+  echo "90_eval: no $TASKS (run stage 45_tasks first)" >&2
+  exit 1
+fi
+echo "90_eval: checkpoints: ${CKPTS[*]}" >&2
+
+echo "--- sample generations (temperature 0.8, top-p 0.95, seed 0)"
+for c in "${CKPTS[@]}"; do
+  echo "[$c] HAMLET. ->"
+  $GLM generate "$c" $'HAMLET.\n' -n 48 --temperature 0.8 --top-p 0.95 --repetition-penalty 1.1 --seed 0 --quiet
+done
+CHAT_CKPTS=()
+for c in "$FINETUNE" "$ALIGN"; do if [ -n "$c" ]; then CHAT_CKPTS+=("$c"); fi; done
+QUESTION=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['prompt'])" "$TASKS/qa_test.jsonl")
+for c in "${CHAT_CKPTS[@]}"; do
+  echo "[$c --chat] $QUESTION ->"
+  $GLM generate "$c" "$QUESTION" --chat -n 24 --quiet
+done
+if [ -n "$PRETRAIN" ]; then
+  echo "[$PRETRAIN, beam search 4, length penalty 1.0] KING. ->"
+  $GLM generate "$PRETRAIN" $'KING.\n' -n 24 --num-beams 4 --quiet
+fi
+
+echo "--- evaluation on held-out plays ($(.venv/bin/python -c "import json,sys; print(', '.join(json.load(open(sys.argv[1]))['test_plays']))" "$TASKS/manifest.json"))"
+$GLM eval "${CKPTS[@]}" --task "$TASKS/mc_play_test.jsonl" --task "$TASKS/mc_speaker_test.jsonl" \
+  --task "$TASKS/mc_next_line_test.jsonl" --task "$TASKS/gen_speaker_test.jsonl" --task "$TASKS/ppl_test.jsonl" \
+  --batch-size 32 -o "$DEMO/eval-report.json" --quiet
+if [ ${#CHAT_CKPTS[@]} -gt 0 ]; then
+  echo "--- chat questions on held-out plays (glm eval --chat)"
+  BASE=()
+  if [ -n "$PRETRAIN" ]; then BASE=("$PRETRAIN"); fi
+  $GLM eval "${BASE[@]}" "${CHAT_CKPTS[@]}" --task "$TASKS/qa_test.jsonl" --chat --batch-size 32 \
+    -o "$DEMO/eval-chat-report.json" --quiet
+fi
