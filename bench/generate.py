@@ -18,18 +18,17 @@ from pathlib import Path
 # bench/ holds scripts named like stdlib modules (tokenize.py): keep this directory off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import argparse
-import json
-import tempfile
-import time
-from pathlib import Path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-
-from glm_cli.core.checkpoint import load_model, save_checkpoint
-from glm_cli.core.config import ModelConfig, preset
-from glm_cli.core.generation import GenerationConfig, generate
-from glm_cli.core.model import Transformer
+import torch  # noqa: E402
+from glm_cli.core.checkpoint import load_model, save_checkpoint  # noqa: E402
+from glm_cli.core.config import ModelConfig, preset  # noqa: E402
+from glm_cli.core.generation import GenerationConfig, generate  # noqa: E402
+from glm_cli.core.model import Transformer  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:
@@ -77,17 +76,17 @@ def main() -> None:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
 
-        def run_glm():
+        def run_glm(prompts=prompts):
             return generate(glm_model, prompts.tolist(), gen_config)
 
-        def run_hf():
+        def run_hf(prompts=prompts):
             with torch.inference_mode():
                 return hf_model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
                                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                          do_sample=False, eos_token_id=None, pad_token_id=0)
 
         glm_out, hf_out = run_glm(), run_hf()
-        same = all(c.tokens == row.tolist()[args.prompt_len:] for c, row in zip(glm_out, hf_out.cpu()))
+        same = all(c.tokens == row.tolist()[args.prompt_len:] for c, row in zip(glm_out, hf_out.cpu(), strict=True))
         times = {"glm": [], "transformers": []}
         for _ in range(args.repeats):
             for name, fn in (("glm", run_glm), ("transformers", run_hf)):

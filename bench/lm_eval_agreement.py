@@ -22,27 +22,27 @@ from pathlib import Path
 # bench/ holds scripts named like stdlib modules (tokenize.py): keep this directory off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import argparse
-import json
-import os
-import sys
-import tempfile
-from pathlib import Path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_defaults(work: Path) -> tuple[Path, Path, Path]:
-    """A small random Llama with a tokenizer trained on three plays, and MC/ppl tasks from their text."""
+def build_defaults(work: Path, train_steps: int) -> tuple[Path, Path, Path]:
+    """A small Llama briefly trained on three plays (with a tokenizer trained on them), and MC/ppl tasks
+    from the same plays' text."""
     import random
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from glm_cli.core.checkpoint import save_checkpoint
     from glm_cli.core.config import preset
     from glm_cli.core.model import Transformer
     from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     plays = {"Hamlet": "hamlet_gut.txt", "Macbeth": "macbeth_gut.txt", "Othello": "othello_gut.txt"}
     texts = {name: (ROOT / "data/raw/texts" / f).read_text(encoding="utf-8") for name, f in plays.items()}
@@ -58,8 +58,17 @@ def build_defaults(work: Path) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=1024, max_seq_len=128, tie_embeddings=False,
                                bos_token_id=0, eos_token_id=0, pad_token_id=1))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)  # a random model is nearly uniform; make its choices less tied
+    ids = torch.tensor([i for t in texts.values() for i in tok.encode(t).ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(train_steps):  # a few hundred steps: distributions far from uniform, choices not tied
+        starts = torch.randint(0, len(ids) - 129, (16,), generator=gen)
+        batch = torch.stack([ids[s:s + 129] for s in starts.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
     ckpt = save_checkpoint(work / "ckpt", model, tokenizer_dir=work / "tok")
 
     rng = random.Random(0)
@@ -149,6 +158,7 @@ def main() -> None:
     parser.add_argument("--ppl", type=Path, help="perplexity task JSONL {text}")
     parser.add_argument("--max-length", type=int, default=0, help="0: the checkpoint's max_seq_len")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=300, help="training steps of the built model")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N items of each task")
     parser.add_argument("--json", type=Path, help="write the comparison here")
     args = parser.parse_args()
@@ -159,7 +169,7 @@ def main() -> None:
         work = Path(tmp)
         ckpt, mc, ppl = args.checkpoint, args.mc, args.ppl
         if ckpt is None or mc is None or ppl is None:
-            built = build_defaults(work / "built")
+            built = build_defaults(work / "built", args.train_steps)
             ckpt, mc, ppl = ckpt or built[0], mc or built[1], ppl or built[2]
         if args.limit:
             for name in ("mc", "ppl"):

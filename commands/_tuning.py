@@ -165,6 +165,9 @@ def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict
     if peft is not None and not (merge and peft.method == "lora") and result.final_dir is not None:
         save_adapter(out / "adapter", model, peft, base=str(base))
         summary["adapter"] = str(out / "adapter")
+    if result.status == "interrupted":
+        log(f"stopped at step {result.step}; continue with --resume (checkpoint {result.last_checkpoint})")
+        return summary
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     log(f"done: {result.step} steps, {shown}; model in {result.final_dir}")
     return summary

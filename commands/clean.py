@@ -26,11 +26,10 @@ from glm_cli.commands._common import (
 CleanInputs = Annotated[list[str], typer.Argument(help=(
     "Files (.txt/.html: one document each; .jsonl with a 'text' field; any of them .zst), directories, "
     "globs, or '-' for JSONL on stdin.  Examples:  "
-    "glm clean data/raw -o clean.jsonl --rejected rejected.jsonl  |  "
-    "glm clean 'crawl/*.jsonl.zst' --lang en --workers 4 -o clean.jsonl.zst --json  |  "
-    "glm clean data/raw -o - | head -c 300  |  "
-    "glm clean corpus/ --shard 3/8 -o out/3.jsonl  (task 3 of a Slurm array of 8)"))]
-
+    "`glm clean data/raw -o clean.jsonl --rejected rejected.jsonl`;  "
+    "`glm clean 'crawl/*.jsonl.zst' --lang en --workers 4 -o clean.jsonl.zst --json`;  "
+    "`glm clean data/raw -o - | head -c 300`;  "
+    "`glm clean corpus/ --shard 3/8 -o out/3.jsonl` (task 3 of a Slurm array of 8)."))]
 Rejected = Annotated[str | None, typer.Option("--rejected", help="Also write the dropped documents (JSONL, "
                                               "with a 'reason' field) to this path.")]
 Lang = Annotated[str | None, typer.Option("--lang", help="Keep only documents identified as one of these "
@@ -148,6 +147,7 @@ def _report(summary: dict) -> None:
     if summary["bad_records"]:
         table.add_row("bad input records skipped", f"{summary['bad_records']:,}", summary["errors_file"] or "")
     console.print(table)
+    console.print("steps on: " + ", ".join(summary["steps"]))
     langs = ", ".join(f"{k} {v}" for k, v in list(summary["languages_kept"].items())[:8])
     console.print(f"{summary['seconds']}s, {summary['docs_per_second']} docs/s, "
                   f"{summary['mb_per_second']} MB/s" + (f"; languages kept: {langs}" if langs else ""))
@@ -187,6 +187,7 @@ def command(
     Every dropped document is counted by the rule that dropped it (--rejected keeps them); the report goes
     to stderr, and with --json as JSON. Output order is the input order whatever --workers is.
     """
+    from contextlib import closing
     from functools import partial
 
     from glm_cli.core.clean_pipeline import CleanStats, batches, clean_batch
@@ -210,16 +211,21 @@ def command(
 
     docs = read_documents(inputs, policy, shard_spec)
     results = map_ordered(partial(clean_batch, config), batches(docs), workers, chunk_size=1)
-    with RecordWriter(output) as out, (RecordWriter(rejected) if rejected else _NoWriter()) as rej, \
-            progress("cleaning") as advance:
-        for batch in results:
-            for result in batch:
-                stats.add(result)
-                if result.reason is None:
-                    out.write_document(result.doc)
-                else:
-                    rej.write({**result.doc.to_record(), "reason": result.reason})
-            advance(len(batch))
+    try:
+        # closing(): on any error (a closed stdout pipe included) the worker pool is shut down at once.
+        with closing(results), RecordWriter(output) as out, \
+                (RecordWriter(rejected) if rejected else _NoWriter()) as rej, progress("cleaning") as advance:
+            for batch in results:
+                for result in batch:
+                    stats.add(result)
+                    if result.reason is None:
+                        out.write_document(result.doc)
+                    else:
+                        rej.write({**result.doc.to_record(), "reason": result.reason})
+                advance(len(batch))
+    except BaseException:
+        policy.close(ok=False)  # no errors file from a failed run
+        raise
     policy.close()
 
     summary = {**stats.to_dict(), **policy.summary(), "output": output, "rejected": rejected,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from glm_cli.commands._common import JsonSummary, Quiet
 from glm_cli.commands.generate import DeviceOpt, DtypeOpt, resolve_device_dtype
 
@@ -117,10 +116,10 @@ def command(
 
 
 def print_table(report: dict, tasks) -> None:
+    import os
+
     from rich.console import Console
     from rich.table import Table
-
-    import os
 
     checkpoints = report["checkpoints"]
     common = os.path.commonpath([os.path.abspath(c) for c in checkpoints]) if len(checkpoints) > 1 else None

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
@@ -24,7 +23,6 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights/activations dtyp
 
 def resolve_device_dtype(device: str, dtype: str):
     import torch
-
     from glm_cli.core.errors import UsageError
 
     if device == "auto":
@@ -121,7 +119,6 @@ def command(
     import time
 
     import torch
-
     from glm_cli.core.checkpoint import load_model
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import RecordWriter
@@ -177,7 +174,7 @@ def command(
                 ids = [encode(r) for r in batch]
                 results = generate(model, ids, config, tokenizer=tokenizer, amateur=amateur_model,
                                    generator=generator)
-                for record, result in zip(batch, results):
+                for record, result in zip(batch, results, strict=True):
                     writer.write({**record, "completion": result.text, "prompt_tokens": result.prompt_tokens,
                                   "completion_tokens": result.completion_tokens,
                                   "finish_reason": result.finish_reason})

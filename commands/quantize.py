@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
+from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
 
+QuantOutput = Annotated[str, typer.Option("--output", "-o", help="Output: a checkpoint directory (safetensors) "
+                                          "or a .gguf file (--format gguf).")]
 Bits = Annotated[int, typer.Option("--bits", help="8: int8 per output channel (symmetric absmax). "
                                    "4: int4 per group (asymmetric).")]
 Method = Annotated[str, typer.Option("--method", help="rtn: round to nearest. gptq: second-order error "
@@ -37,8 +39,13 @@ KeepEmbeddings = Annotated[bool, typer.Option("--keep-embeddings/--no-keep-embed
 
 
 def command(
-    checkpoint: Annotated[str, typer.Argument(help="Full-precision glm checkpoint directory.")],
-    output: Output = "",
+    checkpoint: Annotated[str, typer.Argument(help=(
+        "Full-precision glm checkpoint directory.  Examples:  "
+        "glm quantize runs/demo/aligned -o runs/demo/quantized-int8 --bits 8 --eval-data runs/demo/shards  "
+        "|  glm quantize runs/demo/aligned -o runs/demo/quantized-int4 --bits 4 --method gptq "
+        "--calibration runs/demo/shards  |  glm quantize runs/demo/aligned -o runs/demo/model.gguf "
+        "--format gguf --gguf-type q4_0"))],
+    output: QuantOutput,
     bits: Bits = 8,
     method: Method = "rtn",
     group_size: GroupSize = 128,
@@ -68,8 +75,6 @@ def command(
 
     set_quiet(quiet)
     problems = []
-    if not output:
-        problems.append("-o/--output is required")
     if format not in ("safetensors", "gguf"):
         problems.append(f"--format must be safetensors or gguf, not {format!r}")
     if format == "gguf" and method == "gptq":
@@ -204,7 +209,7 @@ def _print_report(summary: dict) -> None:
     what = (f"gguf {summary['gguf_type']}" if summary["format"] == "gguf"
             else f"int{summary['bits']} {summary['method']}"
             + (f" group {summary['group_size']}" if summary["bits"] == 4 else " per-channel"))
-    log(f"quantized {summary['checkpoint']} -> {summary['output']} ({what})")
+    log(f"quantized ({what}): {summary['output']}")
     log(f"  size: {summary['source_bytes'] / 1e6:.2f} MB -> {summary['output_bytes'] / 1e6:.2f} MB "
         f"({summary['compression']:.2f}x smaller)")
     if "perplexity_quantized" in summary:

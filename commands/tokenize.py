@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -167,7 +168,7 @@ def encode(
     from glm_cli.core.corpus import parse_shard, read_documents
     from glm_cli.core.encode import Splitter, encode_corpus, split_stats
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.shards import INDEX, fragment_name
+    from glm_cli.core.shards import INDEX, fragment_name, is_shard_dir
     from glm_cli.core.tokenizer import tokenizer_path
 
     set_quiet(quiet)
@@ -184,8 +185,6 @@ def encode(
     policy = _policy(on_error, output.rstrip("/") + "/encode", errors)
     start = time.perf_counter()
     docs = read_documents(inputs, policy, shard_spec)
-    from pathlib import Path
-
     if shard_spec:
         directory = Path(output)
         if (directory / INDEX).exists():
@@ -197,6 +196,10 @@ def encode(
         encode_corpus(docs, tokenizer, directory, splitter=splitter, shard_tokens=shard_tokens,
                       workers=workers, batch_size=batch_size, shard=shard_spec)
     else:
+        target = Path(output)
+        if target.exists() and not (target.is_dir() and (is_shard_dir(target) or not any(target.iterdir()))):
+            raise UsageError(f"{output}: exists and is not a shard directory; refusing to replace it "
+                             "(give a new or empty directory, or an earlier encode output)")
         with atomic_dir(output) as tmp:
             encode_corpus(docs, tokenizer, tmp, splitter=splitter, shard_tokens=shard_tokens, workers=workers,
                           batch_size=batch_size)
@@ -246,8 +249,6 @@ def decode(
 
         echo "45 415 84" | glm tokenize decode - -t runs/demo/tokenizer
     """
-    from pathlib import Path
-
     from glm_cli.core.console import set_quiet
     from glm_cli.core.corpus import RecordWriter
     from glm_cli.core.encode import iter_documents

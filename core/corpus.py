@@ -278,9 +278,13 @@ def read_source(source: str) -> Iterator[Document | BadRecord]:
 class ErrorPolicy:
     """What to do with a bad record: raise (`fail`) or count and write aside (`skip`).
 
-    Skipped records are appended as JSONL (`source`, `line`, `error`, `raw`) to `errors_path`, written
-    atomically when the policy is closed, so nothing is lost silently and nothing half-written remains.
+    Skipped records are written as JSONL (`source`, `line`, `error`, `raw`) to `errors_path`, atomically
+    when the policy is closed, so nothing is lost silently and nothing half-written remains. They are held
+    in memory until then, up to `BUFFER` records; past that (a corpus with masses of bad lines) they go to
+    the (still temporary) file as they come, so memory stays bounded.
     """
+
+    BUFFER = 1000
 
     def __init__(self, mode: str = "fail", errors_path: str | None = None):
         if mode not in ("fail", "skip"):
@@ -288,19 +292,36 @@ class ErrorPolicy:
         self.mode, self.errors_path = mode, errors_path
         self.count = 0
         self._records: list[dict] = []
+        self._writer: RecordWriter | None = None
 
     def handle(self, bad: BadRecord) -> None:
         if self.mode == "fail":
             raise DataError(bad.source, bad.line, bad.reason + " (use --on-error skip to skip such lines)")
         self.count += 1
+        if not self.errors_path:
+            return
         self._records.append({"source": bad.source, "line": bad.line, "error": bad.reason, "raw": bad.raw})
+        if len(self._records) >= self.BUFFER:
+            self._spill()
 
-    def close(self) -> None:
-        if self._records and self.errors_path:
-            write_records(self.errors_path, self._records)
+    def _spill(self) -> None:
+        if self._writer is None:
+            self._writer = RecordWriter(self.errors_path)
+        for record in self._records:
+            self._writer.write(record)
+        self._records.clear()
+
+    def close(self, ok: bool = True) -> None:
+        """Write the errors file (or, with `ok=False`, discard what was spilled)."""
+        if self._records and ok:
+            self._spill()
+        if self._writer is not None:
+            self._writer.close(ok=ok)
+            self._writer = None
 
     def summary(self) -> dict:
-        return {"bad_records": self.count, "errors_file": self.errors_path if self._records else None}
+        return {"bad_records": self.count, "errors_file": self.errors_path if self.count and self.errors_path
+                else None}
 
 
 def read_documents(specs: Iterable[str], policy: ErrorPolicy | None = None,

@@ -21,12 +21,10 @@ ids) and refuses otherwise.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +188,20 @@ class Signatures:
     shingled: np.ndarray
     contam: np.ndarray
     contam_eval_ids: dict[int, str]  # position -> first matching evaluation record id
-    line_hashes: np.ndarray
+    line_hashes: np.ndarray | None  # None: still in the file `source` (read by `lines()` when needed)
     line_counts: np.ndarray
     bad_records: int = 0
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def lines(self) -> np.ndarray:
+        """The line keys of all documents, concatenated (`line_counts` per document)."""
+        if self.line_hashes is not None:
+            return self.line_hashes
+        with np.load(self.source, allow_pickle=False) as z:
+            return z["line_hashes"]
 
     def save(self, path: str | Path) -> None:
         encoded = [doc_id.encode("utf-8", "surrogatepass") for doc_id in self.ids]
@@ -207,11 +213,10 @@ class Signatures:
                       ids=np.frombuffer(b"".join(encoded), dtype=np.uint8),
                       id_lengths=np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)),
                       nbytes=self.nbytes, exact=self.exact, bands=self.bands, sig16=self.sig16,
-                      shingled=self.shingled, contam=self.contam, line_hashes=self.line_hashes, line_counts=self.line_counts)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+                      shingled=self.shingled, contam=self.contam, line_hashes=self.lines(),
+                      line_counts=self.line_counts)
         with atomic_open(path, "wb") as f:
-            f.write(buffer.getvalue())
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Signatures:
@@ -222,9 +227,12 @@ class Signatures:
                     raise GlmError(f"{path}: not a glm dedup signature file")
                 blob = z["ids"].tobytes()
                 ends = np.cumsum(z["id_lengths"]).tolist()
-                ids = [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+                ids = [blob[a:b].decode("utf-8", "surrogatepass")
+                       for a, b in zip([0, *ends[:-1]], ends, strict=True)]
                 arrays = {k: z[k] for k in ("nbytes", "exact", "bands", "sig16", "shingled", "contam",
-                                            "line_hashes", "line_counts")}
+                                            "line_counts")}
+                if "line_hashes" not in z.files:
+                    raise KeyError("line_hashes")
         except FileNotFoundError:
             raise GlmError(f"{path}: no such signature file (make it with `glm dedup signatures`)") from None
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -232,21 +240,26 @@ class Signatures:
         return cls(config=DedupConfig.from_dict(meta["config"]),
                    shard=tuple(meta["shard"]) if meta["shard"] else None, ids=ids,
                    contam_eval_ids={int(k): v for k, v in meta["contam_eval_ids"].items()},
-                   bad_records=meta.get("bad_records", 0), **arrays)
+                   bad_records=meta.get("bad_records", 0), line_hashes=None, source=str(path), **arrays)
 
 
-def _batches(docs: Iterable[Document], size: int, ids: list[str], nbytes: list[int], spool) -> Iterator[list[str]]:
-    iterator = iter(docs)
-    while True:
-        batch = list(islice(iterator, size))
-        if not batch:
-            return
-        for doc in batch:
-            ids.append(doc.id)
-            nbytes.append(len(doc.text.encode("utf-8", "surrogatepass")))
-            if spool is not None:
-                spool.write_document(doc)
-        yield [doc.text for doc in batch]
+def _batches(docs: Iterable[Document], size: int, ids: list[str], nbytes: list[int], spool,
+             max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Batches of at most `size` documents and (unless one document is longer) `max_chars` characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        ids.append(doc.id)
+        nbytes.append(len(doc.text.encode("utf-8", "surrogatepass")))
+        if spool is not None:
+            spool.write_document(doc)
+        if batch and (len(batch) >= size or chars + len(doc.text) > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc.text)
+        chars += len(doc.text)
+    if batch:
+        yield batch
 
 
 def compute_signatures(docs: Iterable[Document], config: DedupConfig, workers: int = 1, batch_size: int = 64,
@@ -414,7 +427,7 @@ def cluster(sigs: list[Signatures]) -> tuple[DropPlan, list[dict], list[dict]]:
         for k, s in enumerate(sigs):
             keep_docs = reason[starts[k]:starts[k + 1]] == KEPT
             mask = np.repeat(keep_docs, s.line_counts)
-            k_keys, k_counts = np.unique(s.line_hashes[mask], return_counts=True)
+            k_keys, k_counts = np.unique(s.lines()[mask], return_counts=True)
             keys, counts = line_dedup.merge_counts(keys, counts, k_keys, k_counts)
         boilerplate = keys[counts >= config.line_min_docs]
 

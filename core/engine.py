@@ -73,7 +73,8 @@ class Task(Protocol):
     - `begin_step(step)`: called before the micro-batches of optimizer step `step` (curricula);
     - `micro_batch_size`: for the log line;
     - `flops_per_token`: float or method, for MFU (default: from `model.config`);
-    - `tokens_per_batch` may be a method.
+    - `tokens_per_batch` may be a method;
+    - `final_evaluation`: set to True before the evaluation at the end of training.
     """
 
     model: nn.Module
@@ -796,7 +797,7 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save("periodic")
                     last_saved = self.step
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.max_steps:
                     if last_saved != self.step:
                         self.save("before evaluation")
                         last_saved = self.step
@@ -819,6 +820,8 @@ class Trainer:
             log(f"stopped at step {self.step}; checkpoint {last} (continue with --resume)")
             result.metrics = self.last_eval
             return result
+        if hasattr(self.task, "final_evaluation"):
+            self.task.final_evaluation = True  # e.g. score the whole validation split, not a sample
         if last_eval_step != self.step:
             self.evaluate()
         result.metrics = self.last_eval

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from glm_cli.core.errors import DataError, GlmError, UsageError
 
 TASK_TYPES = ("mc", "gen", "ppl")
@@ -230,7 +229,7 @@ def fewshot_prefix(pool: list[dict], kind: str, k: int, seed: int, index: int, e
         rendered = [s["context"] + s["choices"][s["gold"]] for s in shots]
     elif kind == "gen":
         answers = [s.get("answers", s.get("answer")) for s in shots]
-        rendered = [s["prompt"] + (a if isinstance(a, str) else a[0]) for s, a in zip(shots, answers)]
+        rendered = [s["prompt"] + (a if isinstance(a, str) else a[0]) for s, a in zip(shots, answers, strict=True)]
     else:
         raise UsageError("few-shot examples apply to mc and gen tasks only")
     return "".join(r + "\n\n" for r in rendered)
@@ -247,7 +246,6 @@ def _documents(task: Task, scorer: Scorer, limit: int | None):
             yield scorer.encode(text), text, len(text.encode("utf-8"))
         return
     import numpy as np
-
     from glm_cli.core.shards import ShardSet
 
     shards = ShardSet(task.shard_dir, "val")
@@ -259,7 +257,7 @@ def _documents(task: Task, scorer: Scorer, limit: int | None):
     for s, array in enumerate(shards.arrays):
         offsets = list(shards.doc_offsets(s)) + [len(array)]
         info = shards.infos[s]
-        for a, b in zip(offsets[:-1], offsets[1:]):
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
             ids = np.asarray(array[a:b]).astype(np.int64).tolist()
             while ids and ids[-1] == eot:
                 ids.pop()
@@ -364,9 +362,9 @@ def evaluate_gen(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, 
     references = [r["answers"] for r in records]
     n = len(records)
     metrics = {
-        "exact_match": sum(exact_match(t, r) for t, r in zip(texts, references)) / n,
-        "f1": sum(token_f1(t, r) for t, r in zip(texts, references)) / n,
-        "rouge_l": sum(rouge_l(t, r) for t, r in zip(texts, references)) / n,
+        "exact_match": sum(exact_match(t, r) for t, r in zip(texts, references, strict=True)) / n,
+        "f1": sum(token_f1(t, r) for t, r in zip(texts, references, strict=True)) / n,
+        "rouge_l": sum(rouge_l(t, r) for t, r in zip(texts, references, strict=True)) / n,
         "bleu": corpus_bleu(texts, references),
     }
     return {"n": n, "metrics": metrics, "predictions": [{"completion": t} for t in texts]}

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
 from glm_cli.core.errors import UsageError
 from glm_cli.core.model import KVCache
 from glm_cli.core.sampling import LogitsPipeline, SamplingConfig, contrastive_scores
@@ -190,7 +189,7 @@ def generate(model, prompts: list[list[int]], config: GenerationConfig, *, token
 
     models = [model] if amateur is None else [model, amateur]
     caches = [KVCache(m.config, B, P + N, device, next(m.parameters()).dtype) for m in models]
-    logits = [last_logits(m, ids, positions, mask, c) for m, c in zip(models, caches)]
+    logits = [last_logits(m, ids, positions, mask, c) for m, c in zip(models, caches, strict=True)]
 
     pipeline = LogitsPipeline(config.sampling, model.config.vocab_size, device)
     pipeline.start(ids, valid[:, :P])
@@ -233,7 +232,7 @@ def generate(model, prompts: list[list[int]], config: GenerationConfig, *, token
             break
         step_mask = valid[:, None, None, :P + step + 1] if padded else None
         logits = [m(token[:, None], positions=next_pos, mask=step_mask, cache=c)[:, -1]
-                  for m, c in zip(models, caches)]
+                  for m, c in zip(models, caches, strict=True)]
         next_pos = next_pos + 1
 
     out_rows = out[:, :steps].tolist()
@@ -295,7 +294,7 @@ def beam_search(model, prompt: list[int], config: GenerationConfig, *, tokenizer
         top = torch.topk(scores, min(2 * K, scores.numel()))
         length = step + 1
         next_rows, next_tokens, next_scores = [], [], []
-        for rank, (value, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        for rank, (value, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
             row, token = divmod(flat, V)
             if token in eos:
                 if rank < K:
@@ -308,10 +307,10 @@ def beam_search(model, prompt: list[int], config: GenerationConfig, *, tokenizer
                 break
         if not next_rows:
             break
-        beams = [beams[r] + [t] for r, t in zip(next_rows, next_tokens)]
+        beams = [beams[r] + [t] for r, t in zip(next_rows, next_tokens, strict=True)]
         beam_scores = torch.tensor(next_scores, device=device)
         if step == N - 1:
-            for tokens, s in zip(beams, next_scores):
+            for tokens, s in zip(beams, next_scores, strict=True):
                 add_finished(s / length ** alpha, tokens, False)
             break
         if len(finished) == K:

@@ -14,6 +14,7 @@ inverse, used by the tests to check the file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,9 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a regular file's permissions, not the temporary file's 0600
     return {"format": "gguf", "gguf_type": gguf_type, "output": str(output), "tensors": len(state),
             "tensor_types": counts, "bytes": output.stat().st_size}
 

@@ -4,7 +4,9 @@
   similar elements is dropped, and so are comments, doctypes and processing instructions;
 - character references and entities (`&amp;`, `&ndash;`, `&#8217;`) are decoded;
 - block elements (`p`, `div`, headings, list items, table rows, `section`, ...) end a paragraph, shown as
-  a blank line; `br` is a line break; table cells are separated by a space;
+  a blank line; `br` is a line break; table cells are separated by a space; for XML text encodings such as
+  TEI, verse groups and speeches (`lg`, `sp`) are paragraphs and verse lines, speakers and stage
+  directions (`l`, `speaker`, `stage`) lines;
 - inside a block, whitespace runs collapse to one space as a browser would render them, except inside
   `pre`/`textarea`, where lines are kept.
 
@@ -24,7 +26,12 @@ BLOCKS = frozenset({
     "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
     "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody", "thead", "tfoot",
     "tr", "ul", "body", "html",
+    # TEI and other XML text encodings: verse groups, speeches, paragraphs, list items
+    "lg", "sp", "para", "item", "entry", "record", "div1", "div2", "div3",
 })
+# Elements that are one line each: a line break before and after (TEI verse lines, speakers, stage
+# directions), so `<l>To be</l><l>or not</l>` keeps its two lines.
+LINES = frozenset({"l", "line", "speaker", "stage"})
 PREFORMATTED = frozenset({"pre", "textarea", "listing", "plaintext"})
 VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
                   "source", "track", "wbr"})
@@ -33,7 +40,8 @@ HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".xml")
 _START = re.compile(r"\s*(<\?xml|<!doctype\s+html|<html[\s>]|<!--)", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
 _PARAGRAPH = "\x00"  # sentinel for a paragraph break in the output buffer, resolved at the end
-_LINE = "\x01"  # sentinel for a line break
+_LINE = "\x01"  # sentinel for a line break (br: two in a row make a blank line)
+_SOFT = "\x02"  # sentinel for the edge of a line element (l, speaker): any number make one line break
 
 
 def looks_like_html(text: str, source: str = "") -> bool:
@@ -59,6 +67,8 @@ class _TextExtractor(HTMLParser):
             return
         if tag == "br":
             self.parts.append(_LINE)
+        elif tag in LINES:
+            self.parts.append(_SOFT)
         elif tag in BLOCKS:
             self.parts.append(_PARAGRAPH)
         elif tag in ("td", "th"):
@@ -81,6 +91,8 @@ class _TextExtractor(HTMLParser):
             return
         if tag in BLOCKS:
             self.parts.append(_PARAGRAPH)
+        elif tag in LINES:
+            self.parts.append(_SOFT)
         if tag in PREFORMATTED:
             self._pre_depth = max(0, self._pre_depth - 1)
 
@@ -97,13 +109,13 @@ class _TextExtractor(HTMLParser):
         out = []
         # Resolve sentinels: any run holding a paragraph sentinel becomes one blank line; line sentinels
         # become newlines; spaces around breaks go.
-        for chunk in re.split(r"([ \x00\x01]*[\x00\x01][ \x00\x01]*)", joined):
+        for chunk in re.split(r"([ \x00-\x02]*[\x00-\x02][ \x00-\x02]*)", joined):
             if not chunk:
                 continue
             if _PARAGRAPH in chunk:
                 out.append("\n\n")
-            elif _LINE in chunk:
-                out.append("\n" * min(chunk.count(_LINE), 2))
+            elif _LINE in chunk or _SOFT in chunk:
+                out.append("\n" * max(min(chunk.count(_LINE), 2), 1))
             else:
                 out.append(chunk)
         return "".join(out).strip()

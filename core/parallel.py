@@ -10,13 +10,18 @@ of workers, so a command's output is byte-identical with 1 or 16 workers.
 - Memory stays bounded for inputs of any length: items are consumed lazily in chunks of `chunk_size`,
   and at most `2 * workers` chunks are in flight at once; results are yielded as soon as the next one in
   order is ready.
-- An exception raised by `fn` in a worker is re-raised in the caller (as the same exception type, as
-  pickling allows); the pool is terminated on the way out, including when the consumer stops early.
+- An exception raised by `fn` in a worker is re-raised in the caller, the same type with the worker's
+  traceback as a note; an exception that cannot cross processes (its `__init__` takes other arguments
+  than its `args`, as `DataError` does) arrives as a `GlmError` with the same message and exit code, or
+  a `RuntimeError` naming the original type, instead of hanging the pool. The pool is terminated on the
+  way out, including when the consumer stops early.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import pickle
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -26,8 +31,27 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
-    return [fn(item) for item in chunk]
+def _portable(error: BaseException) -> BaseException:
+    """`error`, or a stand-in with the same message, such that it survives pickling to the parent."""
+    try:
+        error.add_note("(raised in a worker process)\n" + traceback.format_exc())
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        from glm_cli.core.errors import GlmError
+
+        if isinstance(error, GlmError):
+            stand_in = GlmError(str(error))
+            stand_in.exit_code = error.exit_code
+            return stand_in
+        return RuntimeError(f"{type(error).__name__}: {error} (in a worker process)")
+
+
+def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | BaseException]:
+    try:
+        return True, [fn(item) for item in chunk]
+    except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it
+        return False, _portable(error)
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 64) -> Iterator[R]:
@@ -60,7 +84,10 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_si
                 pending.append(pool.apply_async(_apply_chunk, (fn, chunk)))
             if not pending:
                 break
-            yield from pending.popleft().get()
+            ok, value = pending.popleft().get()
+            if not ok:
+                raise value
+            yield from value
         pool.close()
         pool.join()
     finally:

@@ -16,7 +16,7 @@ counters, resumes exactly, and splits the same way whatever the number of proces
   `curriculum_steps` optimizer steps (shorter, cheaper steps first), in multiples of 16.
 
 Evaluation reads each validation split as consecutive non-overlapping windows (every token scored
-once), and reports the loss in nats/token and bits per byte: nats/token * tokens/byte / ln 2, which
+once; periodic evaluations may take `eval_tokens` worth of evenly spaced windows, the final one takes all), and reports the loss in nats/token and bits per byte: nats/token * tokens/byte / ln 2, which
 compares models across tokenizers.
 """
 
@@ -90,6 +90,7 @@ class PretrainTask:
         self.eval_batch_size = eval_batch_size or max(1, micro_batch_size * 2)
         self.tokenizer_dir = tokenizer_dir
         self.current_len = seq_len
+        self.final_evaluation = False  # set by the engine: the last evaluation scores the whole split
         self.micro = 0
         self.cursors = [0] * len(sources)
         self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
@@ -165,7 +166,7 @@ class PretrainTask:
             if n_windows == 0:
                 continue
             chosen = np.arange(n_windows)
-            if self.eval_tokens and n_windows * T > self.eval_tokens:
+            if self.eval_tokens and n_windows * T > self.eval_tokens and not self.final_evaluation:
                 keep = max(1, self.eval_tokens // T)
                 chosen = np.unique(np.linspace(0, n_windows - 1, keep).round().astype(np.int64))
             mine = chosen[self.rank::self.world_size]

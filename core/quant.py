@@ -260,7 +260,8 @@ class QuantLinear(nn.Module):
     def _kernel_layout(self):
         if self._kernel_state is None:
             if self.bits == 8:
-                self._kernel_state = (self.scales.to(torch.bfloat16),)
+                # a fresh copy: safetensors can hand back a misaligned buffer, which crashes the kernel (M >= 4)
+                self._kernel_state = (self.scales.to(torch.bfloat16), self.qweight.clone())
             else:
                 codes = unpack_int4(self.qweight).to(torch.int32)
                 packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -273,8 +274,8 @@ class QuantLinear(nn.Module):
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         xb = x2.to(torch.bfloat16)
         if self.bits == 8:
-            (scales,) = self._kernel_layout()
-            return torch._weight_int8pack_mm(xb, self.qweight, scales)
+            scales, qweight = self._kernel_layout()
+            return torch._weight_int8pack_mm(xb, qweight, scales)
         packed, sz = self._kernel_layout()
         return torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
 

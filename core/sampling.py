@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from glm_cli.core.errors import UsageError
 
 NEG_INF = float("-inf")

@@ -39,6 +39,13 @@ def fragment_name(index: int, count: int) -> str:
     return f"index-{index:05d}-of-{count:05d}.json"
 
 
+def is_shard_dir(path: str | Path) -> bool:
+    """A directory `ShardIndex.load` can read: an `index.json`, or the index fragments of sharded runs."""
+    path = Path(path)
+    return path.is_dir() and ((path / INDEX).exists() or any(
+        _FRAGMENT.match(p.name) for p in path.glob("index-*-of-*.json")))
+
+
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 

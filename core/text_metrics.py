@@ -95,6 +95,6 @@ def corpus_bleu(predictions: list[str], references: list[list[str]], max_n: int 
             totals[n - 1] += max(len(pred) - n + 1, 0)
     if pred_len == 0 or min(matches) == 0:
         return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
     brevity = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
     return brevity * math.exp(log_precision)

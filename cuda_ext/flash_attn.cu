@@ -211,15 +211,30 @@ __device__ __forceinline__ T* head_ptr_mut(const TensorRef& r, int b, int h) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward. Block = NWARPS warps = Br = 16 * NWARPS query rows of one (batch, head); each warp owns 16
-// rows and keeps their Q fragments, running max, running sum and O accumulator in registers while
-// the block walks the key/value tiles of Bc rows. K and V have one shared buffer each, refilled
-// asynchronously: K(j+1) loads during softmax and PV of tile j, V(j+1) during QK^T of tile j+1.
+// Forward. Block = NWARPS warps; each warp owns MT m16 tiles = 16 * MT query rows of one (batch,
+// head), so Br = 16 * MT * NWARPS. A warp keeps its rows' O accumulator, running max and running
+// sum in registers while the block walks the key/value tiles of Bc rows. With MT = 1 the Q fragments
+// stay in registers too; with MT = 2 they are re-read from shared memory, and every K/V fragment a
+// warp loads feeds twice the tensor-core work (half the shared-memory traffic per FLOP).
+// K and V have one shared buffer each, refilled asynchronously: K(j+1) loads during softmax and PV
+// of tile j, V(j+1) during QK^T of tile j+1.
 
-template <typename T, int D, int NWARPS, int BC>
+// 2^x in one MUFU instruction (ex2.approx.ftz: about 2 ulp; 2^-inf = +0).
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef GLM_FLASH_EMULATE
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+template <typename T, int D, int NWARPS, int BC, int MT>
 __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams p) {
-  constexpr int BR = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8;
-  static_assert(D % 32 == 0 && BC % 16 == 0, "tile shape");
+  constexpr int WR = 16 * MT, BR = WR * NWARPS, NT = NWARPS * 32, LDS = D + 8;
+  constexpr bool kQInRegs = MT == 1;
+  static_assert(D % 32 == 0 && BC % 16 == 0 && (MT == 1 || MT == 2), "tile shape");
   GLM_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // (BR, LDS); reused to stage O at the end
   T* sK = sQ + BR * LDS;                // (BC, LDS)
@@ -230,6 +245,7 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
   const int kvh = h / (p.heads / p.kv_heads);
   const int q0 = qb * BR;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wrow = warp * WR;         // this warp's first row within the block
   const int off = p.seq_k - p.seq_q;  // causal: query row i sees key j iff j <= i + off
   const float sl2 = p.scale * kLog2e;
 
@@ -244,12 +260,17 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / BC + 1);
   }
 
-  float o[D / 8][4];
+  float o[MT][D / 8][4];
+  float m[MT][2], l[MT][2];  // running max of the raw scores and this thread's part of the running
+                             // sum of exp, for rows g and g + 8 of each m tile
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};  // running max of the raw scores, rows g and g + 8
-  float l[2] = {0.f, 0.f};              // this thread's part of the running sum of exp
-  uint32_t qf[D / 16][4];
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
 
   if (n_blocks > 0) {
     load_tile<T, BR, D, NT>(sQ, qg, p.q.seq_stride, q0, p.seq_q);
@@ -259,25 +280,41 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     cp_async_commit();
     cp_async_wait<1>();  // Q and K(0) have landed
     __syncthreads();
+    if constexpr (kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], sQ, LDS, warp * 16, kk * 16);
+      for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], sQ, LDS, wrow, kk * 16);
+    }
   }
 
   for (int j = 0; j < n_blocks; ++j) {
     const int kv0 = j * BC;
 
-    // S = Q K^T for this warp's 16 rows and the tile's BC keys.
-    float s[BC / 8][4];
+    // S = Q K^T for this warp's rows and the tile's BC keys.
+    float s[MT][BC / 8][4];
 #pragma unroll
-    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MT][4];
+      if constexpr (kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qa[0][i] = qf[kk][i];
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) load_a(qa[mt], sQ, LDS, wrow + mt * 16, kk * 16);
+      }
 #pragma unroll
       for (int np = 0; np < BC / 16; ++np) {
         uint32_t bk[4];
         load_b_nk(bk, sK, LDS, np * 16, kk * 16);
-        Elem<T>::mma(s[2 * np], qf[kk], bk[0], bk[1]);
-        Elem<T>::mma(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Elem<T>::mma(s[mt][2 * np], qa[mt], bk[0], bk[1]);
+          Elem<T>::mma(s[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with sK
@@ -288,37 +325,43 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     const bool need_mask = kv0 + BC > p.seq_k || (p.causal && kv0 + BC - 1 > q0 + off);
     if (need_mask) {
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = q0 + warp * 16 + g + (e >> 1) * 8;
-          const int col = kv0 + nt * 8 + 2 * t + (e & 1);
-          if (col >= p.seq_k || (p.causal && col > row + off)) s[nt][e] = -INFINITY;
+        for (int nt = 0; nt < BC / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = q0 + wrow + mt * 16 + g + (e >> 1) * 8;
+            const int col = kv0 + nt * 8 + 2 * t + (e & 1);
+            if (col >= p.seq_k || (p.causal && col > row + off)) s[mt][nt][e] = -INFINITY;
+          }
         }
       }
     }
 
     // Online softmax: new row max, rescale what was accumulated, exponentiate (base 2, scale folded).
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = quad_max(mx);
-      const float base = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no key yet stays at zero
-      const float alpha = exp2f(m[r] * sl2 - base);
-      m[r] = mx;
-      l[r] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[mt][r];
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[dn][2 * r] *= alpha;
-        o[dn][2 * r + 1] *= alpha;
-      }
+        for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = quad_max(mx);
+        const float base = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no key yet stays at zero
+        const float alpha = fast_exp2(m[mt][r] * sl2 - base);
+        m[mt][r] = mx;
+        l[mt][r] *= alpha;
 #pragma unroll
-      for (int nt = 0; nt < BC / 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] * sl2 - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] * sl2 - base);
-        l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
+        for (int dn = 0; dn < D / 8; ++dn) {
+          o[mt][dn][2 * r] *= alpha;
+          o[mt][dn][2 * r + 1] *= alpha;
+        }
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) {
+          s[mt][nt][2 * r] = fast_exp2(s[mt][nt][2 * r] * sl2 - base);
+          s[mt][nt][2 * r + 1] = fast_exp2(s[mt][nt][2 * r + 1] * sl2 - base);
+          l[mt][r] += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
       }
     }
 
@@ -328,17 +371,23 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     // O += P V: the C fragments of P, two n8 tiles at a time, are the A fragments of this product.
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Elem<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Elem<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Elem<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Elem<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bv[4];
         load_b_kn(bv, sV, LDS, kk * 16, dp * 16);
-        Elem<T>::mma(o[2 * dp], a, bv[0], bv[1]);
-        Elem<T>::mma(o[2 * dp + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Elem<T>::mma(o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          Elem<T>::mma(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with sV
@@ -352,19 +401,22 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
 
   // Normalize, stage O in shared memory, write it with 16-byte coalesced stores; write the LSE.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(l[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row_local = warp * 16 + g + r * 8;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      *reinterpret_cast<uint32_t*>(sQ + row_local * LDS + dn * 8 + 2 * t) =
-          Elem<T>::pack(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
-    }
-    const int row = q0 + row_local;
-    if (t == 0 && row < p.seq_q) {
-      p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row] =
-          sum > 0.f ? m[r] * p.scale + logf(sum) : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[mt][r]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row_local = wrow + mt * 16 + g + r * 8;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        *reinterpret_cast<uint32_t*>(sQ + row_local * LDS + dn * 8 + 2 * t) =
+            Elem<T>::pack(o[mt][dn][2 * r] * inv, o[mt][dn][2 * r + 1] * inv);
+      }
+      const int row = q0 + row_local;
+      if (t == 0 && row < p.seq_q) {
+        p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row] =
+            sum > 0.f ? m[mt][r] * p.scale + logf(sum) : -INFINITY;
+      }
     }
   }
   __syncthreads();
@@ -412,18 +464,21 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdParams p)
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta)
 //   dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += scale dS K (fp32 atomics into dq_accum).
 // Working on the transposes keeps P^T and dS^T in registers as A fragments of the dV and dK products;
-// dS^T also goes through shared memory for the dQ product, which every warp shares.
+// dS^T also goes through shared memory for the dQ product, which every warp shares. The (head, query
+// tile) iterations run as one flat loop; with PREFETCH, Q and dO are double-buffered and tile i+1
+// loads during tile i.
 
-template <typename T, int D, int NWARPS, int BR>
+template <typename T, int D, int NWARPS, int BR, bool PREFETCH>
 __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams p) {
   constexpr int BC = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8, LDSS = BR + 8;
+  constexpr int kBufs = PREFETCH ? 2 : 1;
   static_assert(D % 32 == 0 && BR % 16 == 0, "tile shape");
   GLM_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);  // (BC, LDS)
   T* sV = sK + BC * LDS;                // (BC, LDS)
-  T* sQ = sV + BC * LDS;                // (BR, LDS)
-  T* sdO = sQ + BR * LDS;               // (BR, LDS)
-  T* sdS = sdO + BR * LDS;              // (BC, LDSS): dS^T, key rows by query columns
+  T* sQ2 = sV + BC * LDS;               // kBufs x (BR, LDS): Q tiles
+  T* sdO2 = sQ2 + kBufs * BR * LDS;     // kBufs x (BR, LDS): dO tiles
+  T* sdS = sdO2 + kBufs * BR * LDS;     // (BC, LDSS): dS^T, key rows by query columns
   float* sLse = reinterpret_cast<float*>(sdS + BC * LDSS);  // (BR) lse * log2(e), +inf = no key
   float* sDelta = sLse + BR;                                 // (BR)
 
@@ -448,21 +503,37 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
   const int n_qblocks = (p.seq_q + BR - 1) / BR;
   // Causal: rows before kv0 - off see none of these keys.
   const int first_qblock = p.causal ? max(0, kv0 - off) / BR : 0;
+  const int per_head = max(0, n_qblocks - first_qblock);
+  const int n_iters = group * per_head;  // (query head of the group, query tile) pairs, in order
 
-  for (int hi = 0; hi < group; ++hi) {
-    const int h = kvh * group + hi;
-    const T* qg = head_ptr<T>(p.q, b, h);
-    const T* dog = head_ptr<T>(p.dout, b, h);
-    const int64_t row_base = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
-    const float* lseg = p.lse + row_base;
-    const float* deltag = p.delta + row_base;
-    float* dqg = p.dq_accum + row_base * D;
+  // Q and dO of iteration `it` into buffer `buf` (cp.async; the caller commits).
+  auto issue_tile = [&](int it, int buf) {
+    const int h = kvh * group + it / per_head, q0 = (first_qblock + it % per_head) * BR;
+    load_tile<T, BR, D, NT>(sQ2 + buf * BR * LDS, head_ptr<T>(p.q, b, h), p.q.seq_stride, q0, p.seq_q);
+    load_tile<T, BR, D, NT>(sdO2 + buf * BR * LDS, head_ptr<T>(p.dout, b, h), p.dout.seq_stride, q0,
+                            p.seq_q);
+  };
+  if (PREFETCH && n_iters > 0) issue_tile(0, 0);
+  cp_async_commit();
 
-    for (int qb = first_qblock; qb < n_qblocks; ++qb) {
-      const int q0 = qb * BR;
-      __syncthreads();  // the previous tile is done with sQ, sdO, sdS, sLse, sDelta
-      load_tile<T, BR, D, NT>(sQ, qg, p.q.seq_stride, q0, p.seq_q);
-      load_tile<T, BR, D, NT>(sdO, dog, p.dout.seq_stride, q0, p.seq_q);
+  for (int it = 0; it < n_iters; ++it) {
+    {
+      const int h = kvh * group + it / per_head;
+      const int q0 = (first_qblock + it % per_head) * BR;
+      const int buf = PREFETCH ? it & 1 : 0;
+      const T* sQ = sQ2 + buf * BR * LDS;
+      const T* sdO = sdO2 + buf * BR * LDS;
+      const int64_t row_base = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
+      const float* lseg = p.lse + row_base;
+      const float* deltag = p.delta + row_base;
+      float* dqg = p.dq_accum + row_base * D;
+
+      __syncthreads();  // the previous iteration is done with the other Q/dO buffer, sdS, sLse, sDelta
+      if (!PREFETCH) {
+        issue_tile(it, 0);
+      } else if (it + 1 < n_iters) {
+        issue_tile(it + 1, (it + 1) & 1);  // lands while this tile is computed
+      }
       cp_async_commit();
       for (int i = threadIdx.x; i < BR; i += NT) {
         const int row = q0 + i;
@@ -471,7 +542,8 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
         sLse[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
         sDelta[i] = row < p.seq_q ? deltag[row] : 0.f;
       }
-      cp_async_wait<0>();
+      // This tile's Q and dO (and K, V) have landed; with PREFETCH the next tile's may still be in flight.
+      cp_async_wait<PREFETCH ? 1 : 0>();
       __syncthreads();
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 key rows and the tile's BR query columns.
@@ -506,7 +578,7 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
         for (int e = 0; e < 4; ++e) {
           const int ql = nt * 8 + 2 * t + (e & 1);
           const int kvi = kv0 + warp * 16 + g + (e >> 1) * 8;
-          float pv = exp2f(st[nt][e] * sl2 - sLse[ql]);
+          float pv = fast_exp2(st[nt][e] * sl2 - sLse[ql]);
           if (need_mask && (kvi >= p.seq_k || (p.causal && kvi > q0 + ql + off))) pv = 0.f;
           st[nt][e] = pv;
           dpt[nt][e] = pv * (dpt[nt][e] - sDelta[ql]);
@@ -603,14 +675,14 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Launchers and tile choices. Ampere (sm_80/86/89): 4 warps a block. Hopper (sm_90): 8 warps, which
-// gives each SM fewer, larger blocks; mma.sync still runs there (wgmma/TMA would be the next step).
+// Launchers and tile choices (see NOTES.md for the register and shared-memory budget of each). All
+// use mma.sync, which Hopper still runs; wgmma/TMA would be the next step there.
 
-template <typename T, int D, int NWARPS, int BC>
+template <typename T, int D, int NWARPS, int BC, int MT>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  constexpr int BR = 16 * NWARPS;
+  constexpr int BR = 16 * MT * NWARPS;
   const size_t smem = static_cast<size_t>(BR + 2 * BC) * (D + 8) * sizeof(T);
-  auto kernel = flash_fwd_kernel<T, D, NWARPS, BC>;
+  auto kernel = flash_fwd_kernel<T, D, NWARPS, BC, MT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
@@ -619,7 +691,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int D, int NWARPS, int BR>
+template <typename T, int D, int NWARPS, int BR, bool PREFETCH>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr int BC = 16 * NWARPS;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seq_q;
@@ -630,9 +702,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const size_t smem = static_cast<size_t>(2 * BC + 2 * BR) * (D + 8) * sizeof(T) +
+  const size_t smem = static_cast<size_t>(2 * BC + 2 * (PREFETCH ? 2 : 1) * BR) * (D + 8) * sizeof(T) +
                       static_cast<size_t>(BC) * (BR + 8) * sizeof(T) + 2 * BR * sizeof(float);
-  auto kernel = flash_bwd_kernel<T, D, NWARPS, BR>;
+  auto kernel = flash_bwd_kernel<T, D, NWARPS, BR, PREFETCH>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seq_k + BC - 1) / BC, p.kv_heads, p.batch);
@@ -670,11 +742,13 @@ cudaError_t fwd_for_type(const FwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
+  // <T, D, warps, Bc, m tiles per warp>: Ampere 4 warps x 16 rows (Q in registers); Hopper 4 warps
+  // x 32 rows (Br 128, each K/V fragment feeding two m tiles; Bc 32 at D=128 to stay within registers).
   if (p.head_dim == 64) {
-    return hopper ? launch_fwd<T, 64, 8, 64>(p, stream) : launch_fwd<T, 64, 4, 64>(p, stream);
+    return hopper ? launch_fwd<T, 64, 4, 64, 2>(p, stream) : launch_fwd<T, 64, 4, 64, 1>(p, stream);
   }
   if (p.head_dim == 128) {
-    return hopper ? launch_fwd<T, 128, 8, 64>(p, stream) : launch_fwd<T, 128, 4, 64>(p, stream);
+    return hopper ? launch_fwd<T, 128, 4, 32, 2>(p, stream) : launch_fwd<T, 128, 4, 64, 1>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -684,11 +758,13 @@ cudaError_t bwd_for_type(const BwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
+  // <T, D, warps (Bc = 16 x warps), Br, prefetch the next Q/dO tile>; at D=128 the prefetch's extra
+  // registers would spill (255 + 4-20 bytes), so that configuration loads each tile synchronously.
   if (p.head_dim == 64) {
-    return hopper ? launch_bwd<T, 64, 8, 64>(p, stream) : launch_bwd<T, 64, 4, 64>(p, stream);
+    return hopper ? launch_bwd<T, 64, 8, 64, true>(p, stream) : launch_bwd<T, 64, 4, 64, true>(p, stream);
   }
   if (p.head_dim == 128) {
-    return hopper ? launch_bwd<T, 128, 8, 32>(p, stream) : launch_bwd<T, 128, 4, 32>(p, stream);
+    return hopper ? launch_bwd<T, 128, 8, 32, false>(p, stream) : launch_bwd<T, 128, 4, 32, false>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from glm_cli.core.boilerplate import NavigationLines, strip_gutenberg
 from glm_cli.core.clean_pipeline import CleanConfig, clean_document
-from glm_cli.core.corpus import Document
-from glm_cli.core.errors import UsageError
+from glm_cli.core.corpus import BadRecord, Document, ErrorPolicy
+from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.html_text import html_to_text, looks_like_html
 from glm_cli.core.language_id import LanguageFilter, identify
 from glm_cli.core.parallel import map_ordered
@@ -102,6 +102,14 @@ def test_html_to_text_keeps_paragraphs_and_drops_code():
     text = html_to_text(markup)
     assert text == ("Home\n\nThe Heading\n\nFish & chips – “good”\nsecond line\n\none\n\ntwo\n\nkeep\n"
                     "this\n\nunclosed bold\n\nnext")
+
+
+def test_xml_verse_keeps_its_lines():
+    tei = ('<?xml version="1.0"?><TEI><text><sp><speaker>HAMLET.</speaker><lg><l>To be, or not to be,</l>'
+           '<l>that is the question:</l></lg></sp><sp><speaker>OPHELIA.</speaker><p>Good my lord.</p></sp>'
+           '</text></TEI>')
+    assert html_to_text(tei) == ("HAMLET.\n\nTo be, or not to be,\nthat is the question:\n\nOPHELIA.\n\n"
+                                 "Good my lord.")
 
 
 def test_looks_like_html():
@@ -310,6 +318,10 @@ def test_map_ordered_keeps_order_and_streams():
         list(map_ordered(abs, [1], workers=0))
     with pytest.raises(TypeError):  # a worker's exception reaches the caller
         list(map_ordered(abs, [1, "x", 2], workers=2, chunk_size=1))
+    # DataError cannot be rebuilt from its args by pickle; it must arrive (as a GlmError), not hang the pool
+    with pytest.raises(GlmError, match=r"^f.jsonl:3: boom") as info:
+        list(map_ordered(ErrorPolicy().handle, [BadRecord("f.jsonl", 3, "boom", "")], workers=2))
+    assert info.value.exit_code == 1
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -370,15 +382,32 @@ def test_cli_switches_turn_filters_off(corpus, tmp_path):
     assert "lang" not in read_jsonl(proc.stdout)[0]
 
 
-@pytest.mark.parametrize("args", [
+BAD_USAGE = [
     ["--unicode-form", "NFX"], ["--html", "sometimes"], ["--lang", "en", "--no-langid"], ["--lang", "xx"],
     ["--workers", "0"], ["--shard", "3/3"], ["--min-words", "10", "--max-words", "5"], ["--bogus"],
     ["--rejected", "-"],
-])
+]
+
+
+@pytest.mark.parametrize("args", BAD_USAGE, ids=[a[0] for a in BAD_USAGE])
+def test_bad_usage_is_exit_2(corpus, args):
+    """In-process (fast): typer's own usage errors exit 2, ours raise UsageError (exit_code 2), which
+    glm_cli.app.main turns into exit status 2; two cases below check that through a real process."""
+    from typer.testing import CliRunner
+
+    from glm_cli.app import app
+
+    result = CliRunner().invoke(app, ["clean", str(corpus), "-o", "-", *args])
+    code = result.exit_code if result.exception is None or isinstance(result.exception, SystemExit) \
+        else getattr(result.exception, "exit_code", None)
+    assert code == 2, (args, result.output, result.exception)
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--lang", "en", "--no-langid"]])
 def test_cli_bad_usage_exits_2(corpus, args):
     proc = run_glm("clean", corpus, "-o", "-", *args)
     assert proc.returncode == 2, (args, proc.stderr)
-    assert b"Traceback" not in proc.stderr
+    assert b"Traceback" not in proc.stderr and proc.stderr.strip()
 
 
 def test_cli_in_a_pipeline_closed_early(tmp_path):
@@ -390,3 +419,23 @@ def test_cli_in_a_pipeline_closed_early(tmp_path):
     _, err = glm.communicate(timeout=60)
     assert head.startswith(b'{"id": "big.jsonl:1"')
     assert b"Traceback" not in err and b"Error" not in err
+
+
+RAW = __import__("pathlib").Path(__file__).resolve().parent.parent / "data" / "raw" / "texts"
+
+
+@pytest.mark.skipif(not (RAW / "merry_wives_of_windsor_gut.txt").exists(), reason="needs `make data`")
+def test_defaults_keep_real_plays_and_drop_metadata():
+    """The defaults were chosen on data/raw: the most repetitive modern-spelling play (speaker names on
+    their own lines), a First Folio play and the sonnets are kept; the INI-style metadata is dropped."""
+    config = CleanConfig()
+    for name in ("merry_wives_of_windsor_gut", "hamlet_gut_f", "sonnets_gut"):
+        text = (RAW / f"{name}.txt").read_text(encoding="utf-8")
+        result = clean_document(config, Document(name, text, source=str(RAW / f"{name}.txt")))
+        assert result.reason is None, (name, result.reason)
+        assert result.changes["navigation_lines.removed"] == 0 and result.doc.meta["lang"] == "en"
+        if name == "merry_wives_of_windsor_gut":  # why the duplicate-line limit is 0.4, not Gopher's 0.3
+            assert GopherRepetition(max_dup_line_fraction=0.3)(result.doc.text) == (
+                False, "gopher_repetition.dup_line_fraction")
+    metadata = (RAW / "metadata.txt").read_text(encoding="utf-8")
+    assert clean_document(config, Document("metadata", metadata)).reason == "gopher_quality.alpha_words"

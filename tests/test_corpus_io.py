@@ -164,6 +164,20 @@ def test_escaped_non_ascii_is_fine(tmp_path):
     assert doc.text == "café 😀" and doc.meta == {"t": "ü"}
 
 
+def test_many_skipped_records_spill_to_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(ErrorPolicy, "BUFFER", 2)
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"[1]\n" * 5 + b'{"text": "kept"}\n')
+    policy = ErrorPolicy("skip", str(tmp_path / "errors.jsonl"))
+    assert texts(read_documents([str(path)], policy)) == ["kept"]
+    policy.close()
+    assert [e["line"] for e in read_jsonl(tmp_path / "errors.jsonl")] == [1, 2, 3, 4, 5]
+    failed = ErrorPolicy("skip", str(tmp_path / "failed.jsonl"))
+    list(read_documents([str(path)], failed))
+    failed.close(ok=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "errors.jsonl"]
+
+
 def test_truncated_last_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "cut off in the mid')

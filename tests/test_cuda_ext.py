@@ -1,10 +1,11 @@
 """glm_cli.cuda_ext: the fused attention kernel.
 
-Without a GPU (CI): nvcc compile-checks of the kernel for sm_80 and sm_90 (when nvcc is installed), the
-loader's clean fallback, the dispatch of core.attention, the float reference the GPU tests trust, and
-a block-level emulation of the kernels' tiling (the same loop bounds, masks and online-softmax rules
-as flash_attn.cu, in float64) against that reference. With a GPU (`-m gpu`): outputs, LSE and q/k/v
-gradients of the real kernel against a float32 reference over many shapes, poisoned output buffers.
+Without a GPU (CI): nvcc compile-check of the kernel for sm_80 and sm_90 (when nvcc is installed); the
+kernel source itself executed on the CPU under flash_emulate.h (PTX semantics of mma.sync, ldmatrix,
+cp.async; when a C++ compiler is installed) against a float32 reference; a float64 block-level mirror
+of the kernels' tiling rules; the loader's clean fallback and the dispatch of core.attention. With a
+GPU (`pytest -m gpu`): outputs, LSE and q/k/v gradients of the real kernel against a float32
+reference over many shapes, into NaN-poisoned output buffers.
 """
 
 from __future__ import annotations
@@ -381,6 +382,62 @@ def test_flash_attention_without_kernel_raises_clear_error(fresh_loader):
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
     with pytest.raises(GlmError, match="not available"):
         flash_attention(q, q, q)
+
+
+class _ReferenceExtension:
+    """Stands in for the compiled module (same forward/backward signatures), computing in float."""
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, q, k, v, causal, scale):
+        self.calls.append(("forward", causal, scale))
+        o, lse = reference_attention(q, k, v, causal, scale)
+        return o.to(q.dtype), lse
+
+    def backward(self, do, q, k, v, o, lse, causal, scale):
+        self.calls.append(("backward", causal, scale))
+        with torch.enable_grad():
+            qr, kr, vr = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+            out, _ = reference_attention(qr, kr, vr, causal, scale)
+            dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), do.float())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_autograd_function_wires_the_extension(monkeypatch, causal):
+    """flash_attention passes causal and the default scale through, and routes each gradient back to
+    its input (checked with a float stand-in for the compiled module, on the CPU)."""
+    from glm_cli.cuda_ext.flash import flash_attention
+
+    fake = _ReferenceExtension()
+    monkeypatch.setattr(loader, "load_fused_attention", lambda: fake)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 11, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 11, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    do = torch.randn(2, 4, 11, 64, generator=g, dtype=torch.float64)
+    flash_attention(q, k, v, causal=causal).backward(do)
+    assert fake.calls == [("forward", causal, 1 / 8), ("backward", causal, 1 / 8)]
+    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    want = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, enable_gqa=True)
+    want.backward(do)
+    for got, ref in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_falls_back_to_direct_compile_without_ninja(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("GLM_CUDA_EXT_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("torch's loader needs ninja"))
+    monkeypatch.setattr(build, "build_without_ninja", lambda d, verbose=False: calls.append(d) or "module")
+    assert build.build() == "module" and calls == [tmp_path / "ext"]
+    assert build._cuda_archs() == ["90"]
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed")

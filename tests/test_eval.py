@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from eval_fixtures import make_checkpoint
-
 from glm_cli.core.checkpoint import load_model
 from glm_cli.core.evaluation import Scorer, evaluate_task, fewshot_prefix, load_task, rolling_windows
 from glm_cli.core.text_metrics import corpus_bleu, exact_match, normalize_answer, rouge_l, token_f1
@@ -84,7 +83,7 @@ def test_scores_do_not_depend_on_batch_size(ckpt, tasks, kind):
     for key, value in one["metrics"].items():
         assert many["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     if kind == "mc":
-        for a, b in zip(one["predictions"], many["predictions"]):
+        for a, b in zip(one["predictions"], many["predictions"], strict=True):
             assert a["lls"] == pytest.approx(b["lls"], abs=1e-4)
             assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
     if kind == "gen":
@@ -96,11 +95,11 @@ def test_multiple_choice_accuracy_definitions(ckpt, tasks):
     task = load_task(str(tasks / "mc.jsonl"))
     result = evaluate_task(scorer, task)
     acc = acc_norm = 0
-    for record, pred in zip(task.records, result["predictions"]):
+    for record, pred in zip(task.records, result["predictions"], strict=True):
         lls = [scorer.loglikelihoods([scorer.encode_pair(record["context"], c)])[0][0] for c in record["choices"]]
         assert lls == pytest.approx(pred["lls"], abs=1e-4)
         acc += max(range(len(lls)), key=lls.__getitem__) == record["gold"]
-        norm = [ll / len(c) for ll, c in zip(lls, record["choices"])]
+        norm = [ll / len(c) for ll, c in zip(lls, record["choices"], strict=True)]
         acc_norm += max(range(len(lls)), key=norm.__getitem__) == record["gold"]
     assert result["metrics"]["acc"] == pytest.approx(acc / len(task.records))
     assert result["metrics"]["acc_norm"] == pytest.approx(acc_norm / len(task.records))

@@ -235,7 +235,7 @@ def test_lora_run_resumes_exactly(base_dir, tmp_path):
     assert peft_modules(load_with_adapter(full.final_dir))
 
 
-def test_finetune_command_lora_merge_and_prompt(base_dir, tmp_path):
+def test_finetune_command_lora_merge(base_dir, tmp_path):
     d = base_dir.parent
     r = run_glm("finetune", base_dir, "--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "-o", tmp_path / "run",
                 "--method", "lora", "--merge", "--max-steps", "3", "--set", "peak_flops=1", "--json", check=True)
@@ -254,8 +254,6 @@ def test_finetune_command_lora_merge_and_prompt(base_dir, tmp_path):
     bad.write_text('{"prompt": "x", "response": "y"}\n{"prompt": 3}\n')
     r = run_glm("finetune", base_dir, "--data", bad, "-o", tmp_path / "x")
     assert r.returncode == 1 and f"{bad}:2:" in r.stderr.decode()
-    r = run_glm("finetune", base_dir, "--data", bad, "-o", tmp_path / "x", "--method", "adapter", "--merge")
-    assert r.returncode == 2 and "--merge" in r.stderr.decode()
 
 
 def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import run_glm
 from eval_fixtures import make_checkpoint
-
 from glm_cli.core.config import preset
 from glm_cli.core.generation import GenerationConfig, TextTracker, beam_search, generate
 from glm_cli.core.model import Transformer
@@ -48,7 +47,7 @@ def test_left_padded_batch_equals_each_row_alone():
     model = tiny()
     config = GenerationConfig(max_new_tokens=12)
     batch = generate(model, PROMPTS, config)
-    for prompt, row in zip(PROMPTS, batch):
+    for prompt, row in zip(PROMPTS, batch, strict=True):
         assert row.tokens == generate(model, [prompt], config)[0].tokens
         assert row.prompt_tokens == len(prompt)
 
@@ -59,7 +58,7 @@ def test_rows_stop_independently_on_eos():
     eos = free[0].tokens[3]  # row 0 will produce this at step 3
     out = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10, eos_ids=[eos]))
     assert out[0].tokens == free[0].tokens[:3] and out[0].finish_reason == "stop"
-    for free_row, row in zip(free[1:], out[1:]):
+    for free_row, row in zip(free[1:], out[1:], strict=True):
         cut = free_row.tokens.index(eos) if eos in free_row.tokens else len(free_row.tokens)
         assert row.tokens == free_row.tokens[:cut]
 

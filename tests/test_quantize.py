@@ -55,7 +55,7 @@ def tiny_ckpt(tmp_path_factory):
 
     tokens = torch.from_numpy(token_stream([str(corpus(root / "train.jsonl", 80, 1))], tok_dir, "train", 20000))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(30):
+    for _ in range(30):
         starts = torch.randint(0, len(tokens) - 33, (8,))
         batch = torch.stack([tokens[s:s + 33] for s in starts])
         _, loss = model(batch[:, :-1], batch[:, 1:])

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from glm_cli.core.errors import UsageError
 from glm_cli.core.sampling import (
     LogitsPipeline,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from glm_cli.core.encode import Splitter, encode_corpus
 from glm_cli.core.corpus import Document
 from glm_cli.core.errors import GlmError, UsageError
-from glm_cli.core.shards import ShardIndex, ShardSet
+from glm_cli.core.shards import ShardIndex, ShardSet, is_shard_dir
 from glm_cli.core.tokenizer import (
     SPECIAL_TOKENS,
     decode_ids,
@@ -185,6 +185,7 @@ def test_sharded_encode_equals_single_run(corpus, tmp_path):
     glm("tokenize", "encode", inputs, "-o", tmp_path / "single", *common)
     for i in range(2):
         glm("tokenize", "encode", inputs, "-o", tmp_path / "sharded", "--shard", f"{i}/2", *common)
+    assert is_shard_dir(tmp_path / "sharded") and not (tmp_path / "sharded" / "index.json").exists()
     for split in ("train", "val"):
         a, b = ShardSet(tmp_path / "single", split), ShardSet(tmp_path / "sharded", split)
         assert np.array_equal(np.concatenate(a.arrays), np.concatenate(b.arrays))
@@ -207,8 +208,8 @@ def test_tokenizer_hash_is_enforced(corpus, tmp_path):
         ShardSet(tmp_path / "shards", "train", tokenizer_sha256(other))
     proc = run_glm("tokenize", "decode", tmp_path / "shards", "-t", other)
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr.decode()
-    proc = run_glm("tokenize", "stats", tmp_path / "shards", "-t", other)
-    assert proc.returncode == 2
+    with pytest.raises(UsageError, match="another tokenizer"):
+        glm("tokenize", "stats", tmp_path / "shards", "-t", other)
 
 
 def test_bad_input_and_usage_errors(corpus, tmp_path):
@@ -233,6 +234,7 @@ def test_bad_input_and_usage_errors(corpus, tmp_path):
         (["encode", path, "-t", tmp_path / "nope", "-o", tmp_path / "s"], GlmError, "nope"),
         (["encode", path, "-t", tok_dir, "-o", tmp_path / "s", "--val-fraction", "1.5"], UsageError, "val-fraction"),
         (["encode", path, "-o", tmp_path / "s"], UsageError, "--tokenizer"),
+        (["encode", path, "-t", tok_dir, "-o", tok_dir], UsageError, "not a shard directory"),
         (["train", path, "-o", tmp_path / "t", "--vocab-size", "100"], GlmError, "vocab-size"),
         (["stats", tmp_path / "missing"], GlmError, "glm tokenize encode"),
         (["decode", tmp_path / "ids.txt", "-t", tok_dir], GlmError, "no such file"),

@@ -31,4 +31,4 @@ EXTRA=()
 if [ "$METHOD" = lora ]; then EXTRA=(--lora-targets all-linear --lora-rank 16 --lora-alpha 32 --merge); fi
 echo "50_finetune: $METHOD on $BASE" >&2
 $GLM finetune "$BASE" --data "$TRAIN" --val "$VAL" -o "$DEMO/finetune" --method "$METHOD" "${EXTRA[@]}" \
-  --max-steps "${FINETUNE_STEPS:-120}" --micro-batch-size 8 --seed 0 --json > "$DEMO/finetune.json"
+  --max-steps "${FINETUNE_STEPS:-400}" --micro-batch-size 8 --seed 0 --json > "$DEMO/finetune.json"

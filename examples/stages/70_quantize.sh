@@ -40,12 +40,12 @@ if [ -z "$SHARDS" ]; then
 fi
 echo "70_quantize: model $MODEL, calibration/eval shards $SHARDS" >&2
 
-$GLM quantize "$MODEL" -o "$DEMO/quantized-int8" --bits 8 --method rtn \
-  --eval-data "$SHARDS" --json > "$DEMO/quantize-int8.json"
+EVAL="--eval-data $SHARDS --eval-tokens 16384"
+$GLM quantize "$MODEL" -o "$DEMO/quantized-int8" --bits 8 --method rtn $EVAL --json > "$DEMO/quantize-int8.json"
 $GLM quantize "$MODEL" -o "$DEMO/quantized-int4" --bits 4 --method gptq --group-size 128 \
-  --calibration "$SHARDS" --calibration-samples 128 --json > "$DEMO/quantize-int4.json"
-$GLM quantize "$MODEL" -o "$DEMO/model-q8_0.gguf" --format gguf --gguf-type q8_0 \
-  --eval-data "$SHARDS" --json > "$DEMO/quantize-gguf.json"
+  --calibration "$SHARDS" --calibration-samples 64 $EVAL --json > "$DEMO/quantize-int4.json"
+$GLM quantize "$MODEL" -o "$DEMO/model-q8_0.gguf" --format gguf --gguf-type q8_0 $EVAL \
+  --json > "$DEMO/quantize-gguf.json"
 
 # One report: size ratio and held-out perplexity change of each output.
 .venv/bin/python - "$DEMO" <<'PY'

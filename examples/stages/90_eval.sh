@@ -16,9 +16,24 @@ PRETRAIN=$(first_ckpt "$DEMO/pretrain/final" "$DEMO/pretrain")
 FINETUNE=$(first_ckpt "$DEMO/finetune/final" "$DEMO/finetune" "$DEMO/sft")
 ALIGN=$(first_ckpt "$DEMO/aligned" "$DEMO/align/final" "$DEMO/align")
 CKPTS=()
-for c in "$PRETRAIN" "$FINETUNE" "$ALIGN" "$DEMO/quantized-int8" "$DEMO/quantized-int4"; do
-  if [ -n "$c" ] && is_ckpt "$c"; then CKPTS+=("$c"); fi
+FOUND=()
+for c in "$PRETRAIN" "$FINETUNE" "$ALIGN" "$DEMO/ppo/final" "$DEMO/quantized-int8" "$DEMO/quantized-int4"; do
+  if [ -n "$c" ] && is_ckpt "$c"; then FOUND+=("$c"); fi
 done
+# Keep the checkpoints glm can load (a failed or partial stage must not stop the final table).
+if [ ${#FOUND[@]} -gt 0 ]; then
+  mapfile -t CKPTS < <(.venv/bin/python - "${FOUND[@]}" <<'PY'
+import sys
+from glm_cli.core.checkpoint import load_model
+for path in sys.argv[1:]:
+    try:
+        load_model(path)
+        print(path)
+    except Exception as e:  # report and skip
+        print(f"90_eval: skipping {path}: {e}", file=sys.stderr)
+PY
+)
+fi
 if [ ${#CKPTS[@]} -eq 0 ]; then
   echo "90_eval: no checkpoint under $DEMO (run the pretrain stage first)" >&2
   exit 1
@@ -35,13 +50,15 @@ for c in "${CKPTS[@]}"; do
   $GLM generate "$c" $'HAMLET.\n' -n 48 --temperature 0.8 --top-p 0.95 --repetition-penalty 1.1 --seed 0 --quiet
 done
 CHAT_CKPTS=()
-for c in "$FINETUNE" "$ALIGN"; do if [ -n "$c" ]; then CHAT_CKPTS+=("$c"); fi; done
+for c in "${CKPTS[@]}"; do
+  if [ "$c" = "$FINETUNE" ] || [ "$c" = "$ALIGN" ] || [ "$c" = "$DEMO/ppo/final" ]; then CHAT_CKPTS+=("$c"); fi
+done
 QUESTION=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['prompt'])" "$TASKS/qa_test.jsonl")
 for c in "${CHAT_CKPTS[@]}"; do
   echo "[$c --chat] $QUESTION ->"
   $GLM generate "$c" "$QUESTION" --chat -n 24 --quiet
 done
-if [ -n "$PRETRAIN" ]; then
+if [ -n "$PRETRAIN" ] && [ "${CKPTS[0]}" = "$PRETRAIN" ]; then
   echo "[$PRETRAIN, beam search 4, length penalty 1.0] KING. ->"
   $GLM generate "$PRETRAIN" $'KING.\n' -n 24 --num-beams 4 --quiet
 fi
@@ -53,7 +70,7 @@ $GLM eval "${CKPTS[@]}" --task "$TASKS/mc_play_test.jsonl" --task "$TASKS/mc_spe
 if [ ${#CHAT_CKPTS[@]} -gt 0 ]; then
   echo "--- chat questions on held-out plays (glm eval --chat)"
   BASE=()
-  if [ -n "$PRETRAIN" ]; then BASE=("$PRETRAIN"); fi
+  if [ -n "$PRETRAIN" ] && [ "${CKPTS[0]}" = "$PRETRAIN" ]; then BASE=("$PRETRAIN"); fi
   $GLM eval "${BASE[@]}" "${CHAT_CKPTS[@]}" --task "$TASKS/qa_test.jsonl" --chat --batch-size 32 \
     -o "$DEMO/eval-chat-report.json" --quiet
 fi
