@@ -24,6 +24,10 @@ class DataError(GlmError):
         self.source, self.line, self.reason = source, line, reason
         super().__init__(f"{source}:{line}: {reason}")
 
+    def __reduce__(self):
+        # Rebuild from our own arguments, so the error survives the trip back from a worker process.
+        return DataError, (self.source, self.line, self.reason)
+
 
 class CheckpointError(GlmError):
     """A checkpoint directory is missing, incomplete, corrupted or unsafe to load."""

@@ -464,21 +464,18 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdParams p)
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta)
 //   dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += scale dS K (fp32 atomics into dq_accum).
 // Working on the transposes keeps P^T and dS^T in registers as A fragments of the dV and dK products;
-// dS^T also goes through shared memory for the dQ product, which every warp shares. The (head, query
-// tile) iterations run as one flat loop; with PREFETCH, Q and dO are double-buffered and tile i+1
-// loads during tile i.
+// dS^T also goes through shared memory for the dQ product, which every warp shares.
 
-template <typename T, int D, int NWARPS, int BR, bool PREFETCH>
+template <typename T, int D, int NWARPS, int BR>
 __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams p) {
   constexpr int BC = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8, LDSS = BR + 8;
-  constexpr int kBufs = PREFETCH ? 2 : 1;
   static_assert(D % 32 == 0 && BR % 16 == 0, "tile shape");
   GLM_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);  // (BC, LDS)
   T* sV = sK + BC * LDS;                // (BC, LDS)
-  T* sQ2 = sV + BC * LDS;               // kBufs x (BR, LDS): Q tiles
-  T* sdO2 = sQ2 + kBufs * BR * LDS;     // kBufs x (BR, LDS): dO tiles
-  T* sdS = sdO2 + kBufs * BR * LDS;     // (BC, LDSS): dS^T, key rows by query columns
+  T* sQ = sV + BC * LDS;                // (BR, LDS)
+  T* sdO = sQ + BR * LDS;               // (BR, LDS)
+  T* sdS = sdO + BR * LDS;              // (BC, LDSS): dS^T, key rows by query columns
   float* sLse = reinterpret_cast<float*>(sdS + BC * LDSS);  // (BR) lse * log2(e), +inf = no key
   float* sDelta = sLse + BR;                                 // (BR)
 
@@ -503,37 +500,21 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
   const int n_qblocks = (p.seq_q + BR - 1) / BR;
   // Causal: rows before kv0 - off see none of these keys.
   const int first_qblock = p.causal ? max(0, kv0 - off) / BR : 0;
-  const int per_head = max(0, n_qblocks - first_qblock);
-  const int n_iters = group * per_head;  // (query head of the group, query tile) pairs, in order
 
-  // Q and dO of iteration `it` into buffer `buf` (cp.async; the caller commits).
-  auto issue_tile = [&](int it, int buf) {
-    const int h = kvh * group + it / per_head, q0 = (first_qblock + it % per_head) * BR;
-    load_tile<T, BR, D, NT>(sQ2 + buf * BR * LDS, head_ptr<T>(p.q, b, h), p.q.seq_stride, q0, p.seq_q);
-    load_tile<T, BR, D, NT>(sdO2 + buf * BR * LDS, head_ptr<T>(p.dout, b, h), p.dout.seq_stride, q0,
-                            p.seq_q);
-  };
-  if (PREFETCH && n_iters > 0) issue_tile(0, 0);
-  cp_async_commit();
+  for (int hi = 0; hi < group; ++hi) {
+    const int h = kvh * group + hi;
+    const T* qg = head_ptr<T>(p.q, b, h);
+    const T* dog = head_ptr<T>(p.dout, b, h);
+    const int64_t row_base = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
+    const float* lseg = p.lse + row_base;
+    const float* deltag = p.delta + row_base;
+    float* dqg = p.dq_accum + row_base * D;
 
-  for (int it = 0; it < n_iters; ++it) {
-    {
-      const int h = kvh * group + it / per_head;
-      const int q0 = (first_qblock + it % per_head) * BR;
-      const int buf = PREFETCH ? it & 1 : 0;
-      const T* sQ = sQ2 + buf * BR * LDS;
-      const T* sdO = sdO2 + buf * BR * LDS;
-      const int64_t row_base = (static_cast<int64_t>(b) * p.heads + h) * p.seq_q;
-      const float* lseg = p.lse + row_base;
-      const float* deltag = p.delta + row_base;
-      float* dqg = p.dq_accum + row_base * D;
-
-      __syncthreads();  // the previous iteration is done with the other Q/dO buffer, sdS, sLse, sDelta
-      if (!PREFETCH) {
-        issue_tile(it, 0);
-      } else if (it + 1 < n_iters) {
-        issue_tile(it + 1, (it + 1) & 1);  // lands while this tile is computed
-      }
+    for (int qb = first_qblock; qb < n_qblocks; ++qb) {
+      const int q0 = qb * BR;
+      __syncthreads();  // the previous tile is done with sQ, sdO, sdS, sLse, sDelta
+      load_tile<T, BR, D, NT>(sQ, qg, p.q.seq_stride, q0, p.seq_q);
+      load_tile<T, BR, D, NT>(sdO, dog, p.dout.seq_stride, q0, p.seq_q);
       cp_async_commit();
       for (int i = threadIdx.x; i < BR; i += NT) {
         const int row = q0 + i;
@@ -542,8 +523,7 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
         sLse[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
         sDelta[i] = row < p.seq_q ? deltag[row] : 0.f;
       }
-      // This tile's Q and dO (and K, V) have landed; with PREFETCH the next tile's may still be in flight.
-      cp_async_wait<PREFETCH ? 1 : 0>();
+      cp_async_wait<0>();
       __syncthreads();
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 key rows and the tile's BR query columns.
@@ -691,7 +671,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int D, int NWARPS, int BR, bool PREFETCH>
+template <typename T, int D, int NWARPS, int BR>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr int BC = 16 * NWARPS;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seq_q;
@@ -702,9 +682,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const size_t smem = static_cast<size_t>(2 * BC + 2 * (PREFETCH ? 2 : 1) * BR) * (D + 8) * sizeof(T) +
+  const size_t smem = static_cast<size_t>(2 * BC + 2 * BR) * (D + 8) * sizeof(T) +
                       static_cast<size_t>(BC) * (BR + 8) * sizeof(T) + 2 * BR * sizeof(float);
-  auto kernel = flash_bwd_kernel<T, D, NWARPS, BR, PREFETCH>;
+  auto kernel = flash_bwd_kernel<T, D, NWARPS, BR>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.seq_k + BC - 1) / BC, p.kv_heads, p.batch);
@@ -758,13 +738,11 @@ cudaError_t bwd_for_type(const BwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
-  // <T, D, warps (Bc = 16 x warps), Br, prefetch the next Q/dO tile>; at D=128 the prefetch's extra
-  // registers would spill (255 + 4-20 bytes), so that configuration loads each tile synchronously.
   if (p.head_dim == 64) {
-    return hopper ? launch_bwd<T, 64, 8, 64, true>(p, stream) : launch_bwd<T, 64, 4, 64, true>(p, stream);
+    return hopper ? launch_bwd<T, 64, 8, 64>(p, stream) : launch_bwd<T, 64, 4, 64>(p, stream);
   }
   if (p.head_dim == 128) {
-    return hopper ? launch_bwd<T, 128, 8, 32, false>(p, stream) : launch_bwd<T, 128, 4, 32, false>(p, stream);
+    return hopper ? launch_bwd<T, 128, 8, 32>(p, stream) : launch_bwd<T, 128, 4, 32>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import typer
@@ -58,10 +59,12 @@ def _register() -> None:
             if e.name == f"glm_cli.commands.{module_name}":
                 continue  # not built yet
             raise
+        # help_text is the one-liner in `glm --help`; each command's own docstring (with its example)
+        # stays the text of `glm COMMAND --help`.
         if hasattr(module, "app"):
-            app.add_typer(module.app, name=name, help=help_text)
+            app.add_typer(module.app, name=name, short_help=help_text)
         else:
-            app.command(name, help=help_text, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True))(
+            app.command(name, short_help=help_text, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True))(
                 module.command)
 
 
@@ -71,6 +74,10 @@ _register()
 def main() -> None:
     from glm_cli.core.errors import GlmError
 
+    if hasattr(signal, "SIGPIPE"):
+        # A reader that goes away (`glm clean ... | head`) ends us quietly, as it ends coreutils (status 141),
+        # instead of a BrokenPipeError traceback or click's exit 1.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         app()
     except GlmError as e:

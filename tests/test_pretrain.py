@@ -138,8 +138,11 @@ def test_cli_trains_resumes_and_reports(shards, tmp_path):
     assert "attention backend: sdpa" in stderr and "bits/byte" in stderr
     assert (out / "final" / "model.safetensors").exists() and (out / "curves.png").exists()
 
-    again = run_glm(*args, "--max-steps", "3", env=ENV)
-    assert again.returncode == 2 and "--resume" in again.stderr.decode()
+    from glm_cli.core.errors import UsageError
+    from glm_cli.core.pretrain_setup import PretrainOptions, build_run
+
+    with pytest.raises(UsageError, match="--resume"):  # the run exists: refuse to overwrite it
+        build_run(PretrainOptions(sources=[str(shards)], output=str(out), preset="tiny"))
     more = run_glm(*args, "--max-steps", "5", "--resume", "--json", check=True, env=ENV)
     assert json.loads(more.stdout)["step"] == 5 and "resumed from" in more.stderr.decode()
 

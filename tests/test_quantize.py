@@ -55,7 +55,7 @@ def tiny_ckpt(tmp_path_factory):
 
     tokens = torch.from_numpy(token_stream([str(corpus(root / "train.jsonl", 80, 1))], tok_dir, "train", 20000))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
+    for _ in range(15):
         starts = torch.randint(0, len(tokens) - 33, (8,))
         batch = torch.stack([tokens[s:s + 33] for s in starts])
         _, loss = model(batch[:, :-1], batch[:, 1:])
@@ -237,15 +237,15 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     held_out = corpus(tmp_path / "eval.jsonl", 15, 3)
     out = tmp_path / "q4"
     proc = run_glm("quantize", ckpt, "-o", out, "--bits", "4", "--method", "gptq", "--group-size", "32",
-                   "--calibration", calib, "--calibration-samples", "16", "--seq-len", "32",
-                   "--eval-data", held_out, "--eval-tokens", "2000", "--json", check=True)
+                   "--calibration", calib, "--calibration-samples", "8", "--seq-len", "32",
+                   "--eval-data", held_out, "--eval-tokens", "1000", "--json", check=True)
     summary = json.loads(proc.stdout)
     assert summary["bits"] == 4 and summary["method"] == "gptq" and summary["compression"] > 1.3
     assert abs(summary["perplexity_change_pct"]) < 25
     assert "held-out perplexity" in proc.stderr.decode()
     assert load_model(out).quant_scheme.bits == 4
     gg = run_glm("quantize", ckpt, "-o", tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "q8_0",
-                 "--eval-data", held_out, "--eval-tokens", "2000", "--seq-len", "32", "--json", check=True)
+                 "--eval-data", held_out, "--eval-tokens", "1000", "--seq-len", "32", "--json", check=True)
     gguf_summary = json.loads(gg.stdout)
     assert gguf_summary["output_bytes"] == (tmp_path / "m.gguf").stat().st_size
     assert abs(gguf_summary["perplexity_change_pct"]) < 2  # Q8_0 read back through load_gguf_model
