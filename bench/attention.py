@@ -51,8 +51,9 @@ def _time_ms(fn, warmup: int, iters: int) -> float:
 def bench_case(seq: int, head_dim: int, causal: bool, args) -> dict:
     import torch
     import torch.nn.functional as F
-    from glm_cli.cuda_ext.flash import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from glm_cli.cuda_ext.flash import flash_attention
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     heads = args.width // head_dim

@@ -82,7 +82,7 @@ def command(
         n_val = int(len(train_examples) * val_fraction)
         val_examples, train_examples = train_examples[:n_val], train_examples[n_val:]
     if dropped:
-        log(f"{dropped} example(s) dropped: their answer starts beyond {length} tokens")
+        log(f"{dropped} example(s) dropped: no answer token fits in {length} tokens")
     train_rows = pack(shuffled(train_examples, seed), length, packing)
     val_rows = pack(val_examples, length, packing)
     pid = T.pad_id(model, tokenizer)

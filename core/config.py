@@ -152,7 +152,7 @@ class ModelConfig:
 # `124m`, `350m` and `1b` follow GPT-2 small/medium and a Llama-style 1B shape.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=512),
-    "cpu": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=128, vocab_size=2048),
+    "cpu": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=2048),
     "124m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=32768),
     "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048, vocab_size=32768),
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048, vocab_size=32768,
@@ -170,8 +170,8 @@ def preset(name: str, **overrides) -> ModelConfig:
 # `sampling`, `eval_tokens`, `curriculum_start`, `curriculum_steps`); the command line overrides them.
 TRAINING_PRESETS: dict[str, dict] = {
     "tiny": dict(lr=3e-3, micro_batch_size=8, warmup_steps=10, max_steps=200, eval_every=50),
-    "cpu": dict(lr=6e-3, micro_batch_size=32, warmup_steps=50, max_steps=1500, eval_every=250,
-                weight_decay=0.1, eval_tokens=65536),
+    "cpu": dict(lr=5e-3, micro_batch_size=16, warmup_steps=30, min_lr_ratio=0.05, max_steps=1400,
+                eval_every=350, eval_tokens=65536),
     "124m": dict(lr=6e-4, micro_batch_size=16, batch_tokens=524288, warmup_steps=700, max_steps=19000,
                  eval_every=500, eval_tokens=1 << 20),
     "350m": dict(lr=3e-4, micro_batch_size=8, batch_tokens=524288, warmup_steps=1000, max_steps=40000,

@@ -35,10 +35,12 @@ def plot_curves(metrics_path: str | Path, out: str | Path, title: str | None = N
 
     steps = [r["step"] for r in train]
     losses = [r["loss"] for r in train]
-    smooth, ema = [], None
-    for x in losses:
-        ema = x if ema is None else 0.95 * ema + 0.05 * x
-        smooth.append(ema)
+    # a bias-corrected EMA whose window scales with the run (~1/10 of it, at most 50 steps)
+    beta = min(0.98, max(0.0, 1.0 - 10.0 / len(losses)))
+    smooth, ema = [], 0.0
+    for i, x in enumerate(losses):
+        ema = beta * ema + (1 - beta) * x
+        smooth.append(ema / (1 - beta ** (i + 1)) if beta else x)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     ax1.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
     ax1.plot(steps, smooth, color="tab:blue", linewidth=1.5, label="train (EMA)")

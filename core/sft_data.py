@@ -35,7 +35,15 @@ class Example:
 
 
 def make_example(ids: list[int], mask: list[bool], max_len: int) -> Example | None:
-    """Shift ids/mask into (inputs, targets), truncated to max_len inputs; None if no answer token is left."""
+    """Shift ids/mask into (inputs, targets) of at most max_len inputs; None if no answer token is left.
+
+    A conversation too long for the window keeps its last answer: the window ends after the last answer
+    token and the prompt is cut from the left (the usual truncation of instruction data).
+    """
+    if len(ids) > max_len + 1 and any(mask):
+        end = max(i for i, m in enumerate(mask) if m) + 1
+        start = max(0, end - (max_len + 1))
+        ids, mask = ids[start:end], mask[start:end]
     ids, mask = ids[: max_len + 1], mask[: max_len + 1]
     targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]
     if all(t == IGNORE for t in targets):
@@ -46,7 +54,7 @@ def make_example(ids: list[int], mask: list[bool], max_len: int) -> Example | No
 def load_examples(path: str, encoder: ChatEncoder, max_len: int) -> tuple[list[Example], int]:
     """Read a JSONL file of conversations or prompt/response pairs; returns (examples, n dropped).
 
-    Dropped examples are those whose answer starts beyond `max_len` tokens (nothing left to learn).
+    Dropped examples are those with no answer token left in the window (an answer longer than it).
     """
     examples, dropped = [], 0
     for number, record in enumerate(read_records(path), start=1):

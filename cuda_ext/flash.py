@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from glm_cli.core.errors import GlmError
 
 

@@ -17,6 +17,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.cuda_ext import build, loader
 

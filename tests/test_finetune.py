@@ -87,7 +87,10 @@ def test_response_only_targets(encoder):
     assert len(ex.inputs) == len(ex.targets) == len(r.ids) - 1
     kept = [t for t in ex.targets if t != IGNORE]
     assert kept == [i for i, m in zip(r.ids[1:], r.mask[1:], strict=True) if m]
-    assert make_example(r.ids, r.mask, 5) is None  # the answer starts beyond 5 tokens
+    cut = make_example(r.ids, r.mask, 12)  # too long: the prompt is cut from the left, the last answer kept
+    assert len(cut.inputs) == 12 and cut.targets[-1] == encoder.end_id
+    assert make_example(r.ids, r.mask[:-9] + [False] * 9, 12) is not None
+    assert make_example(r.ids, [False] * len(r.ids), 12) is None  # nothing to learn
 
 
 # ----------------------------------------------------------------------------------------- packing

@@ -155,3 +155,18 @@ def test_cli_reports_every_problem_at_once(shards, tmp_path):
     for part in ("no index.json", "weight after the colon", "dim='abc'", "nonsense", "lr must be > 0"):
         assert part in err, part
     assert "Traceback" not in err
+
+
+def test_settings_layering_preset_config_set_flags(shards, tmp_path):
+    from glm_cli.core.engine import Task
+    from glm_cli.core.pretrain_setup import PretrainOptions, build_run
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"dim": 96, "n_heads": 4, "lr": 0.002, "sampling": "sequential"}))
+    trainer, _ = build_run(PretrainOptions(sources=[f"{shards}:1"], output=str(tmp_path / "r"), preset="tiny",
+                                           config_file=str(config), sets=["lr=0.004", "n_layers=3", "betas=0.9,0.99"],
+                                           flags={"max_steps": 7}))
+    model_cfg, cfg = trainer.task.model.config, trainer.config
+    assert (model_cfg.dim, model_cfg.n_layers, model_cfg.vocab_size) == (96, 3, VOCAB)  # vocab from the shards
+    assert (cfg.lr, cfg.max_steps, cfg.betas) == (0.004, 7, (0.9, 0.99))
+    assert trainer.task.sampling == "sequential" and isinstance(trainer.task, Task)

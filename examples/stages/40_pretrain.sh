@@ -12,7 +12,7 @@ set -euo pipefail
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
 STEPS="${PRETRAIN_STEPS:-1400}"
-SECONDS_CAP="${PRETRAIN_SECONDS:-265}"
+SECONDS_CAP="${PRETRAIN_SECONDS:-255}"
 if [ ! -f "$DEMO/shards/index.json" ]; then
   echo "40_pretrain: no $DEMO/shards (run the tokenize stage first)" >&2
   exit 1
