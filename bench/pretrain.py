@@ -12,6 +12,7 @@ MFU = tokens/s * training FLOPs per token (6N + 12 L T d) / peak, the peak being
 matmul on the CPU (what bounds a CPU run) or the datasheet dense bf16 peak on a known GPU.
 
     .venv/bin/python bench/pretrain.py                       # tiny and cpu presets, 8 timed steps
+    .venv/bin/python bench/pretrain.py --threads 1 --cpu-time  # idle-core speed on a shared machine
     .venv/bin/python bench/pretrain.py --presets 124m --steps 3 --micro-batch-size 1
     .venv/bin/python bench/pretrain.py --presets 124m --seq-len 1024 --micro-batch-size 16 --compile   # H100
 """
@@ -100,7 +101,8 @@ class EagerLlama(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def eager_tokens_per_s(cfg, batches, device, autocast_dtype, warmup, lr=1e-3) -> float:
+def eager_tokens_per_s(cfg, batches, device, autocast_dtype, warmup, lr=1e-3, cpu_time=False) -> float:
+    clock = time.process_time if cpu_time else time.perf_counter
     torch.manual_seed(0)
     model = EagerLlama(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -108,7 +110,7 @@ def eager_tokens_per_s(cfg, batches, device, autocast_dtype, warmup, lr=1e-3) ->
     for i, (x, y) in enumerate(batches):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = model(x.to(device), y.to(device))
         loss.backward()
@@ -118,7 +120,7 @@ def eager_tokens_per_s(cfg, batches, device, autocast_dtype, warmup, lr=1e-3) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
-            elapsed += time.perf_counter() - t
+            elapsed += clock() - t
             tokens += x.numel()
     return tokens / elapsed
 
@@ -137,15 +139,28 @@ def synthetic_shards(directory: Path, vocab: int, tokens: int) -> Path:
     return directory
 
 
-def glm_tokens_per_s(cfg, shards: Path, run_dir: Path, micro: int, steps: int, warmup: int, args) -> float:
+def _glm_fit(cfg, shards: Path, run_dir: Path, micro: int, total_steps: int, args) -> float:
+    """Run the engine for total_steps; returns the process CPU seconds it took."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     task = PretrainTask(model, [Source(name="bench", train=ShardSet(shards), val=None)], seq_len=cfg.max_seq_len,
                         micro_batch_size=micro)
-    tc = TrainConfig(lr=1e-3, max_steps=warmup + steps, warmup_steps=1, eval_every=0, log_every=0,
+    tc = TrainConfig(lr=1e-3, max_steps=total_steps, warmup_steps=1, eval_every=0, log_every=0,
                      compile=args.compile, dtype=args.dtype, peak_flops=1.0,
                      activation_checkpointing=args.activation_checkpointing)
+    t = time.process_time()
     Trainer(task, tc, run_dir).fit()
+    return time.process_time() - t
+
+
+def glm_tokens_per_s(cfg, shards: Path, run_dir: Path, micro: int, steps: int, warmup: int, args) -> float:
+    if args.cpu_time:
+        # CPU seconds of (warmup + steps) minus (warmup) steps: setup, checkpoint and export cancel out
+        _glm_fit(cfg, shards, run_dir.with_name("once"), micro, warmup, args)  # one-time imports and caches
+        short = _glm_fit(cfg, shards, run_dir.with_name("short"), micro, warmup, args)
+        full = _glm_fit(cfg, shards, run_dir, micro, warmup + steps, args)
+        return steps * micro * cfg.max_seq_len / (full - short)
+    _glm_fit(cfg, shards, run_dir, micro, warmup + steps, args)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in recs if "step_time" in r and r["step"] > warmup]
     tokens = sum(micro * cfg.max_seq_len for _ in timed)
@@ -163,6 +178,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU seconds instead of wall-clock (with --threads 1: the speed of an "
+                    "idle core even when the machine is shared); the roof is then a 1-thread matmul timed the same way")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -170,6 +188,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.bfloat16 if (args.dtype == "bf16" or args.dtype == "auto" and device.type == "cuda") else None
     peak, source = peak_flops(device, autocast or torch.float32)
+    if args.cpu_time:
+        if device.type != "cpu" or torch.get_num_threads() != 1:
+            sys.exit("--cpu-time needs the CPU and --threads 1")
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        a @ b
+        best = min(_cpu_seconds(lambda: a @ b) for _ in range(3))
+        peak, source = 2 * 2048**3 / best, "2048^3 fp32 matmul per CPU-second, 1 thread"
     print(f"device {device}, {torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s ({source}), "
           f"torch {torch.__version__}", file=sys.stderr)
     rows = []
@@ -192,7 +217,7 @@ def main() -> None:
                                 seq_len=cfg.max_seq_len, micro_batch_size=micro)
             batches = [(b["input_ids"], b["targets"]) for b in (task.next_batch()
                                                                 for _ in range(args.steps + args.warmup))]
-            eager_tps = eager_tokens_per_s(cfg, batches, device, autocast, args.warmup)
+            eager_tps = eager_tokens_per_s(cfg, batches, device, autocast, args.warmup, cpu_time=args.cpu_time)
         fpt = cfg.flops_per_token()
         row = dict(preset=name, params_m=round(cfg.num_params() / 1e6, 2), seq_len=cfg.max_seq_len, micro_batch=micro,
                    glm_tokens_per_s=round(glm_tps), glm_mfu=round(glm_tps * fpt / peak, 4),
@@ -204,6 +229,12 @@ def main() -> None:
               f"x{row['speedup']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _cpu_seconds(fn) -> float:
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
 
 
 def _available_memory() -> int:

@@ -82,26 +82,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one new query position over the cache (a decode step), as two small matmuls.
-
-    q: (B, H, 1, D); k, v: (B, Hkv, S, D), the cache so far (its last position is q's own, so causality
-    holds without a mask); mask: bool (B or 1, 1, 1, S), True = may attend (padding otherwise). On CPU
-    this is several times faster than SDPA's kernels for a single query, which dominates decoding.
-    """
-    global _last_backend
-    _last_backend = "decode"
-    B, H, _, D = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    qg = q.reshape(B, n_kv, H // n_kv, D)  # query heads grouped by the K/V head they share
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (D ** -0.5)  # (B, Hkv, H/Hkv, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, S), float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v)  # (B, Hkv, H/Hkv, D)
-    return out.reshape(B, H, 1, D)
-
-
 def last_backend() -> str | None:
     """The implementation the most recent call used, for the run log."""
     return _last_backend

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
-from glm_cli.core.attention import attention, decode_attention
+from glm_cli.core.attention import attention
 from glm_cli.core.config import ModelConfig
 
 
@@ -103,8 +103,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, S, D), S = cached + T
-            if T == 1 and q.device.type == "cpu":  # decode step: SDPA's per-call cost dominates on CPU
-                return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         y = attention(q, k, v, causal=True, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

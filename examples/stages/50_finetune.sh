@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stage 50: supervised fine-tuning of the pretrained model on the demo instruction data (LoRA on every
-# projection, merged into a plain checkpoint at the end). Loss on the answers only.
+# Stage 50: supervised fine-tuning of the pretrained model on the demo instruction data (full fine-tuning
+# by default: the demo model is small; FINETUNE_METHOD=lora trains LoRA on every projection and merges it).
+# Loss on the answers only.
 #   in:  the pretrained checkpoint ($DEMO/pretrain/final), instruction data from examples/make_tasks.py
 #        ($DEMO/tasks/sft_train.jsonl, held-out $DEMO/tasks/sft_val.jsonl)
 #   out: $DEMO/finetune/ (run dir; final/ is the fine-tuned checkpoint), $DEMO/finetune.json (summary)
@@ -26,9 +27,10 @@ for f in "$TRAIN" "$VAL"; do
     exit 1
   fi
 done
-METHOD="${FINETUNE_METHOD:-lora}"
+METHOD="${FINETUNE_METHOD:-full}"
 EXTRA=()
-if [ "$METHOD" = lora ]; then EXTRA=(--lora-targets all-linear --lora-rank 16 --lora-alpha 32 --merge); fi
+if [ "$METHOD" = full ]; then EXTRA=(--lr "${FINETUNE_LR:-3e-4}"); fi
+if [ "$METHOD" = lora ]; then EXTRA=(--lora-targets all-linear --lora-rank 16 --lora-alpha 32 --merge --lr 2e-3); fi
 echo "50_finetune: $METHOD on $BASE" >&2
 $GLM finetune "$BASE" --data "$TRAIN" --val "$VAL" -o "$DEMO/finetune" --method "$METHOD" "${EXTRA[@]}" \
   --max-steps "${FINETUNE_STEPS:-400}" --micro-batch-size 8 --seed 0 --json > "$DEMO/finetune.json"

@@ -26,7 +26,7 @@ for f in "$TRAIN" "$VAL"; do
 done
 COMMON=(--peft lora --lora-targets all-linear --lora-rank 16 --lora-alpha 32 --micro-batch-size 8 --seed 0)
 $GLM align "$SFT" --method dpo --data "$TRAIN" --val "$VAL" -o "$DEMO/align" "${COMMON[@]}" \
-  --beta "${DPO_BETA:-0.1}" --max-steps "${ALIGN_STEPS:-150}" --json > "$DEMO/align.json"
+  --beta "${DPO_BETA:-0.3}" --lr "${DPO_LR:-3e-3}" --max-steps "${ALIGN_STEPS:-150}" --json > "$DEMO/align.json"
 
 if [ "${ALIGN_PPO:-0}" = 1 ]; then
   $GLM align "$SFT" --method reward --data "$TRAIN" --val "$VAL" -o "$DEMO/reward" "${COMMON[@]}" \
