@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from glm_cli.commands._common import JsonSummary, Quiet
 from glm_cli.commands.generate import DeviceOpt, DtypeOpt, resolve_device_dtype
 
@@ -140,7 +141,8 @@ def print_table(report: dict, tasks) -> None:
             lower_is_better = metric in ("perplexity", "bits_per_byte", "word_perplexity")
             known = [v for v in values if v is not None]
             best = (min(known) if lower_is_better else max(known)) if len(checkpoints) > 1 else None
-            cells = ["-" if v is None else (f"[bold]{v:.4f}[/]" if v == best else f"{v:.4f}") for v in values]
+            text = [None if v is None else (f"{v:.4f}" if abs(v) < 1e6 else f"{v:.4e}") for v in values]
+            cells = ["-" if c is None else (f"[bold]{c}[/]" if v == best else c) for v, c in zip(values, text, strict=True)]
             n = str(report["results"][checkpoints[0]][t.name]["n"]) if i == 0 else ""
             table.add_row(t.name if i == 0 else "", n, metric, *cells)
     Console(width=max(100, 40 + 22 * len(checkpoints))).print(table)

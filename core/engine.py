@@ -105,9 +105,9 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train (0 = unlimited; then `time_budget` must be set)."""
     time_budget: float = 0.0
-    """Stop after this many seconds of training (0 = no limit). With a budget the schedule decays by
-    max(step fraction, time fraction), so it ends on min_lr whichever limit comes first; such a run is
-    not bitwise reproducible (a step budget is)."""
+    """Stop after this many seconds of training steps (0 = no limit). After warmup the schedule decays by
+    max(step fraction, fraction of the post-warmup time budget), so it ends on min_lr whichever limit
+    comes first; while the machine keeps pace with max_steps the step schedule rules (reproducible)."""
     schedule: str = "cosine"
     """Decay after warmup: cosine | linear | constant."""
     weight_decay: float = 0.1
@@ -410,6 +410,7 @@ class Trainer:
         self.skipped_steps = 0
         self.rollbacks = 0
         self.last_eval: dict[str, float] = {}
+        self.warmup_elapsed = 0.0
 
     # ------------------------------------------------------------------ setup
 
@@ -500,7 +501,7 @@ class Trainer:
             opt_tensors, opt_meta = _flatten_optimizer(opt_state)
             state = {
                 "format": STATE_FORMAT, "step": self.step, "elapsed": self.elapsed,
-                "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss
+                "tokens_seen": self.tokens_seen, "warmup_elapsed": self.warmup_elapsed, "best_val_loss": self.best_val_loss
                 if math.isfinite(self.best_val_loss) else None,
                 "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                 "world_size": self.info.world_size, "grad_accum": self.grad_accum,
@@ -558,6 +559,7 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.warmup_elapsed = float(state.get("warmup_elapsed", 0.0))
         self.best_val_loss = float(state["best_val_loss"]) if state.get("best_val_loss") is not None else float("inf")
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
@@ -749,7 +751,14 @@ class Trainer:
                     status = "time_budget"
                     break
                 t0 = time.perf_counter()
-                time_fraction = self.elapsed / cfg.time_budget if cfg.time_budget else 0.0
+                if self.step == cfg.warmup_steps:
+                    self.warmup_elapsed = self.elapsed
+                time_fraction = 0.0
+                if cfg.time_budget and self.step >= cfg.warmup_steps:
+                    # the part of the post-warmup budget used: when the machine keeps the calibrated pace,
+                    # the step fraction stays ahead of it and the schedule is the (reproducible) step one
+                    left = max(1e-9, cfg.time_budget - self.warmup_elapsed)
+                    time_fraction = (self.elapsed - self.warmup_elapsed) / left
                 lr = cfg.lr * lr_factor(self.step, cfg, time_fraction)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr

@@ -11,7 +11,7 @@ set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
-STEPS="${PRETRAIN_STEPS:-1400}"
+STEPS="${PRETRAIN_STEPS:-2600}"
 SECONDS_CAP="${PRETRAIN_SECONDS:-255}"
 if [ ! -f "$DEMO/shards/index.json" ]; then
   echo "40_pretrain: no $DEMO/shards (run the tokenize stage first)" >&2
