@@ -38,7 +38,6 @@ from glm_cli.core.model import Transformer
 from glm_cli.core.pretrain_task import PretrainTask, Source
 from glm_cli.core.shards import ShardIndex, ShardSet, write_shard
 
-
 # ------------------------------------------------------------------------- plain eager reference
 
 

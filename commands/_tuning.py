@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from glm_cli.core.errors import UsageError
 
 Method = Annotated[str, typer.Option("--method", help="Which parameters to train: full (all), lora, adapter "

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from glm_cli.commands import _tuning as T
 from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
 
@@ -101,6 +102,7 @@ def command(
         glm align runs/sft/final --method ppo --reward-model runs/rm/final --data tasks/prompts.jsonl -o runs/ppo
     """
     import torch
+
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.engine import Trainer
     from glm_cli.core.errors import UsageError

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from glm_cli.commands import _tuning as T
 from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
 
@@ -56,6 +57,7 @@ def command(
             -o runs/sft --method lora --lora-rank 8 --merge --epochs 3
     """
     import torch
+
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.engine import Trainer
     from glm_cli.core.sft import SFTTask

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+
 from glm_cli.core import distributed as D
 from glm_cli.core.peft import PeftConfig, base_of, disabled, has_peft
 from glm_cli.core.ppo import (

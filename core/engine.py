@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -52,8 +51,7 @@ import torch.nn as nn
 
 from glm_cli.core import distributed as D
 from glm_cli.core.atomic import atomic_dir, write_text_atomic
-from glm_cli.core.checkpoint import (WEIGHTS, load_tensors, save_checkpoint, save_tensors,
-                                     verify_manifest)
+from glm_cli.core.checkpoint import WEIGHTS, load_tensors, save_checkpoint, verify_manifest
 from glm_cli.core.console import interactive, log, warn
 from glm_cli.core.errors import CheckpointError, GlmError, UsageError
 

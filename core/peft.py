@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from glm_cli.core.errors import CheckpointError, UsageError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from glm_cli.core.chat import ChatEncoder, prompt_messages
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import CheckpointError, DataError

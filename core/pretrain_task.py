@@ -94,7 +94,7 @@ class PretrainTask:
         self.micro = 0
         self.cursors = [0] * len(sources)
         self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
-        for s, stream in zip(sources, self.streams):
+        for s, stream in zip(sources, self.streams, strict=True):
             if stream.total < seq_len + 1:
                 raise UsageError(f"{s.name}: {stream.total} training tokens, fewer than one window of "
                                  f"{seq_len + 1}; lower --set max_seq_len or add data")
@@ -126,7 +126,7 @@ class PretrainTask:
         out = []
         if self.sampling == "random":
             u = rng.random(count)
-            for s, x in zip(which, u):
+            for s, x in zip(which, u, strict=True):
                 span = self.streams[s].total - length  # starts 0 .. total - length - 1
                 out.append((int(s), int(x * span)))
         else:
@@ -151,7 +151,7 @@ class PretrainTask:
 
     def epoch(self) -> float:
         """Passes over the data so far (sequential sampling), for the log."""
-        return max(c / st.total for c, st in zip(self.cursors, self.streams))
+        return max(c / st.total for c, st in zip(self.cursors, self.streams, strict=True))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

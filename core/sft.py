@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from glm_cli.core import distributed as D
 from glm_cli.core.peft import (
     ADAPTER_CONFIG,

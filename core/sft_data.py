@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+
 from glm_cli.core.chat import ChatEncoder, messages_from_record
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import DataError

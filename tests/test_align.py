@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from glm_cli.core.config import preset
 from glm_cli.core.model import Transformer
 from glm_cli.core.ppo import gae, ppo_objective, rewards_with_kl, rollout_batch
@@ -181,6 +182,8 @@ def test_ppo_resumes_exactly_mid_rollout(tmp_path):
 
 
 def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
+    from tuning_fixtures import make_base
+
     from glm_cli.core.align import DPOTask
     from glm_cli.core.chat import ChatEncoder
     from glm_cli.core.checkpoint import load_model, load_tensors
@@ -188,7 +191,6 @@ def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
     from glm_cli.core.peft import PeftConfig, apply_peft
     from glm_cli.core.preference import load_pairs
     from glm_cli.core.tokenizer import load_tokenizer
-    from tuning_fixtures import make_base
 
     base = make_base(tmp_path / "data")
     encoder = ChatEncoder(load_tokenizer(base))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pretrain_util import losses, make_shards, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pretrain_util import losses, make_shards, run
 from glm_cli.core.checkpoint import load_model, load_tensors, save_tensors
 from glm_cli.core.engine import latest_checkpoint
 from glm_cli.core.errors import CheckpointError

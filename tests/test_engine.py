@@ -12,10 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _pretrain_util import losses, make_shards, run, tiny_config, tiny_task, weights
-from glm_cli.core.engine import (TrainConfig, Trainer, average_checkpoints, latest_checkpoint, list_checkpoints,
-                                 lr_factor)
+
+from glm_cli.core.engine import (
+    TrainConfig,
+    Trainer,
+    average_checkpoints,
+    latest_checkpoint,
+    list_checkpoints,
+    lr_factor,
+)
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.pretrain_task import PretrainTask
 
@@ -252,3 +258,11 @@ def test_golden_losses(shards, tmp_path):
         GOLDEN.write_text(json.dumps({"torch": torch.__version__, "losses": got}, indent=1) + "\n")
     expected = json.loads(GOLDEN.read_text())["losses"]
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_time_budget_stops_on_time_with_the_schedule_annealed(shards, tmp_path):
+    result, _ = run(shards, tmp_path / "t", max_steps=100000, time_budget=1.5, warmup_steps=2, lr=1e-2)
+    assert result.status == "time_budget" and result.step < 100000
+    recs = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert recs[-1]["lr"] < 0.2 * 1e-2  # decayed towards min_lr (0.1 x lr) by the end of the budget
+    assert (tmp_path / "t" / "final" / "model.safetensors").exists()

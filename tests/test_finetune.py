@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from conftest import run_glm
+from tuning_fixtures import make_base, make_tokenizer
+
 from glm_cli.core.chat import ChatEncoder, messages_from_record
 from glm_cli.core.config import preset
 from glm_cli.core.errors import DataError, UsageError
@@ -20,7 +22,6 @@ from glm_cli.core.peft import (
     trainable_parameters,
 )
 from glm_cli.core.sft_data import IGNORE, Example, RowLoader, collate, make_example, pack
-from tuning_fixtures import make_base, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +247,9 @@ def test_finetune_command_lora_merge(base_dir, tmp_path):
     assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"] / 10
     final = tmp_path / "run" / "final"
     assert not (final / "adapter_config.json").exists()  # merged: a plain checkpoint
-    from glm_cli.core.checkpoint import load_model
     from transformers import AutoModelForCausalLM
+
+    from glm_cli.core.checkpoint import load_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     ours = load_model(final)

@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _pretrain_util import VOCAB, make_shards, tiny_task
 from conftest import run_glm
+
 from glm_cli.core.config import preset
 from glm_cli.core.model import Transformer
 from glm_cli.core.pretrain_task import PretrainTask, Source, TokenStream
 from glm_cli.core.shards import ShardSet
-
 
 # one intra-op thread (the 2 CI cores are shared) and a fixed MFU roof (no matmul measurement)
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -12,8 +12,9 @@ PLAYS = ["Hamlet", "Macbeth", "Othello"]
 
 def make_tokenizer(directory: Path):
     """A small byte-level BPE with glm's special tokens, and its HF tokenizer_config.json."""
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
