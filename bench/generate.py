@@ -25,6 +25,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+
 from glm_cli.core.checkpoint import load_model, save_checkpoint  # noqa: E402
 from glm_cli.core.config import ModelConfig, preset  # noqa: E402
 from glm_cli.core.generation import GenerationConfig, generate  # noqa: E402

@@ -38,11 +38,12 @@ def build_defaults(work: Path, train_steps: int) -> tuple[Path, Path, Path]:
     import random
 
     import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     from glm_cli.core.checkpoint import save_checkpoint
     from glm_cli.core.config import preset
     from glm_cli.core.model import Transformer
     from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     plays = {"Hamlet": "hamlet_gut.txt", "Macbeth": "macbeth_gut.txt", "Othello": "othello_gut.txt"}
     texts = {name: (ROOT / "data/raw/texts" / f).read_text(encoding="utf-8") for name, f in plays.items()}

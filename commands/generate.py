@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
@@ -23,6 +24,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights/activations dtyp
 
 def resolve_device_dtype(device: str, dtype: str):
     import torch
+
     from glm_cli.core.errors import UsageError
 
     if device == "auto":
@@ -119,6 +121,7 @@ def command(
     import time
 
     import torch
+
     from glm_cli.core.checkpoint import load_model
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import RecordWriter

@@ -10,7 +10,7 @@ from glm_cli.commands._common import JsonSummary, Quiet, Seed
 
 EPILOG = """Examples:
 
-  glm pretrain runs/demo/shards -o runs/demo/pretrain --preset cpu --max-steps 2600
+  glm pretrain runs/demo/shards -o runs/demo/pretrain --preset cpu --max-steps 2800
 
   glm pretrain --data web:0.7 --data books:0.3 -o runs/mix --preset 124m --set dim=512 --set n_layers=8
 

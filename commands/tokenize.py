@@ -38,6 +38,9 @@ GroupPattern = Annotated[str | None, typer.Option(
     "--group-pattern", help="Regex applied to each document id; its first capture group (or whole match) is "
     "hashed instead of the id, so documents of one group share a split. E.g. '^(.*?)_gut' puts hamlet_gut "
     "and hamlet_gut_f on the same side.")]
+GroupMap = Annotated[str | None, typer.Option(
+    "--group-map", help="JSON object renaming groups after --group-pattern ({\"loves_labour_lost\": "
+    "\"loves_labours_lost\"}), to join groups no regex can, such as two spellings of one title.")]
 
 
 def _policy(on_error: str, output: str, errors: str | None):
@@ -59,6 +62,7 @@ def train(
                                         "at random (reservoir, --seed); 0 = all.")] = 0,
     val_fraction: ValFraction = 0.0,
     group_pattern: GroupPattern = None,
+    group_map: GroupMap = None,
     max_length: Annotated[int, typer.Option("--model-max-length", help="model_max_length written to "
                                             "tokenizer_config.json.")] = 2048,
     on_error: OnError = "fail",
@@ -82,14 +86,14 @@ def train(
 
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import parse_shard, read_documents
-    from glm_cli.core.encode import Splitter
+    from glm_cli.core.encode import Splitter, load_group_map
     from glm_cli.core.errors import GlmError, UsageError
     from glm_cli.core.tokenizer import save_tokenizer_dir, tokenizer_sha256, train_bpe
 
     set_quiet(quiet)
     if not output or output == "-":
         raise UsageError("-o/--output: give the directory to write the tokenizer into")
-    splitter = Splitter(val_fraction, group_pattern, seed)
+    splitter = Splitter(val_fraction, group_pattern, seed, load_group_map(group_map))
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/train", errors)
     start = time.perf_counter()
@@ -143,6 +147,7 @@ def encode(
                                         "with --shard, shared by the N runs).")] = "",
     val_fraction: ValFraction = 0.0,
     group_pattern: GroupPattern = None,
+    group_map: GroupMap = None,
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", min=1, help="Close a shard file once it holds "
                                               "this many tokens (documents are never split).")] = 1 << 24,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per encode_batch call.")] = 256,
@@ -166,7 +171,7 @@ def encode(
     from glm_cli.core.atomic import atomic_dir
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import parse_shard, read_documents
-    from glm_cli.core.encode import Splitter, encode_corpus, split_stats
+    from glm_cli.core.encode import Splitter, encode_corpus, load_group_map, split_stats
     from glm_cli.core.errors import UsageError
     from glm_cli.core.shards import INDEX, fragment_name, is_shard_dir
     from glm_cli.core.tokenizer import tokenizer_path
@@ -180,7 +185,7 @@ def encode(
     if problems:
         raise UsageError("; ".join(problems))
     tokenizer_path(tokenizer)  # fail before reading any input
-    splitter = Splitter(val_fraction, group_pattern, seed)
+    splitter = Splitter(val_fraction, group_pattern, seed, load_group_map(group_map))
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/encode", errors)
     start = time.perf_counter()

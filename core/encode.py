@@ -34,10 +34,12 @@ SPLITS = ("train", "val")
 class Splitter:
     """`split(doc_id)` is 'val' for a deterministic `val_fraction` of ids (or id groups), else 'train'."""
 
-    def __init__(self, val_fraction: float = 0.0, group_pattern: str | None = None, seed: int = 0):
+    def __init__(self, val_fraction: float = 0.0, group_pattern: str | None = None, seed: int = 0,
+                 group_map: dict[str, str] | None = None):
         if not 0.0 <= val_fraction < 1.0:
             raise UsageError(f"--val-fraction {val_fraction}: must be in [0, 1)")
         self.val_fraction, self.seed = val_fraction, seed
+        self.group_map = dict(group_map or {})
         self.pattern = None
         if group_pattern:
             try:
@@ -46,12 +48,17 @@ class Splitter:
                 raise UsageError(f"--group-pattern {group_pattern!r}: not a regular expression ({e})") from None
 
     def key(self, doc_id: str) -> str:
-        """The part of the id that decides the split: the first group (or whole match) of the pattern."""
+        """What decides the split: the pattern's first group (or whole match), renamed by the group map.
+
+        The map joins groups a pattern cannot, e.g. the two editions of a play whose titles are spelt
+        differently (`loves_labour_lost` -> `loves_labours_lost`).
+        """
+        key = doc_id
         if self.pattern is not None:
             match = self.pattern.search(doc_id)
             if match:
-                return match.group(1) if match.re.groups else match.group(0)
-        return doc_id
+                key = match.group(1) if match.re.groups else match.group(0)
+        return self.group_map.get(key, key)
 
     def split(self, doc_id: str) -> str:
         if self.val_fraction == 0.0:
@@ -59,6 +66,19 @@ class Splitter:
         digest = hashlib.blake2b(f"{self.seed}\x00{self.key(doc_id)}".encode("utf-8", "surrogatepass"),
                                  digest_size=8).digest()
         return "val" if int.from_bytes(digest, "little") / 2.0**64 < self.val_fraction else "train"
+
+
+def load_group_map(path: str | None) -> dict[str, str]:
+    """A JSON object {group: canonical group}, as given to --group-map."""
+    if not path:
+        return {}
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--group-map {path}: cannot read a JSON object ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise UsageError(f"--group-map {path}: expected a JSON object of strings")
+    return mapping
 
 
 _tokenizers: dict = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from glm_cli.core.errors import DataError, GlmError, UsageError
 
 TASK_TYPES = ("mc", "gen", "ppl")
@@ -246,6 +247,7 @@ def _documents(task: Task, scorer: Scorer, limit: int | None):
             yield scorer.encode(text), text, len(text.encode("utf-8"))
         return
     import numpy as np
+
     from glm_cli.core.shards import ShardSet
 
     shards = ShardSet(task.shard_dir, "val")

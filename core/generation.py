@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from glm_cli.core.errors import UsageError
 from glm_cli.core.model import KVCache
 from glm_cli.core.sampling import LogitsPipeline, SamplingConfig, contrastive_scores

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from glm_cli.core.errors import UsageError
 
 NEG_INF = float("-inf")

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from glm_cli.core.corpus import read_records
-from glm_cli.core.encode import Splitter
+from glm_cli.core.encode import Splitter, load_group_map
 
 SPEAKER = re.compile(r"([A-Z][A-Za-z'\- ]{0,28}[A-Za-z])\.")
 NOT_SPEAKERS = {"ACT", "SCENE", "Scene", "Scena", "Actus", "Enter", "Exit", "Exeunt", "FINIS", "THE END", "Epilogue",
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="as given to `glm tokenize encode`")
     parser.add_argument("--group-pattern", default="^(.*?)_gut", help="as given to `glm tokenize encode`")
+    parser.add_argument("--group-map", default=None, help="as given to `glm tokenize encode`")
     parser.add_argument("--split-seed", type=int, default=0, help="the --seed given to `glm tokenize encode`")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question sampling")
     parser.add_argument("--per-play", type=int, default=40, help="questions of each kind per training play")
@@ -187,7 +188,7 @@ def main() -> None:
                         help="fraction of questions about training plays kept out of the training files")
     args = parser.parse_args()
 
-    splitter = Splitter(args.val_fraction, args.group_pattern, args.split_seed)
+    splitter = Splitter(args.val_fraction, args.group_pattern, args.split_seed, load_group_map(args.group_map))
     rng = random.Random(args.seed)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ TEXT = ("HAMLET. To be, or not to be, that is the question. OPHELIA. Good my lor
 
 def make_tokenizer(directory: Path):
     """A byte-level BPE (vocab 300) with glm's special tokens at ids 0..5."""
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

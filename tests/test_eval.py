@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from eval_fixtures import make_checkpoint
+
 from glm_cli.core.checkpoint import load_model
 from glm_cli.core.evaluation import Scorer, evaluate_task, fewshot_prefix, load_task, rolling_windows
 from glm_cli.core.text_metrics import corpus_bleu, exact_match, normalize_answer, rouge_l, token_f1

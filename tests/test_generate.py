@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import run_glm
 from eval_fixtures import make_checkpoint
+
 from glm_cli.core.config import preset
 from glm_cli.core.generation import GenerationConfig, TextTracker, beam_search, generate
 from glm_cli.core.model import Transformer

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from glm_cli.core.errors import UsageError
 from glm_cli.core.sampling import (
     LogitsPipeline,

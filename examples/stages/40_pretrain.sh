@@ -5,13 +5,13 @@
 #   out: $DEMO/pretrain/ (final/ = the HF-loadable model, best/, checkpoints/, metrics.jsonl,
 #        curves.png), $DEMO/pretrain-summary.json
 # The run is a fixed number of steps (reproducible: same seed, same losses), calibrated to take about
-# four minutes on an idle 2-core machine; --time-budget caps it at PRETRAIN_SECONDS of training so the
+# 3.5 minutes on an idle 2-core machine; --time-budget caps it at PRETRAIN_SECONDS of training so the
 # stage stays within five minutes on a busy machine (the lr schedule then ends on time instead).
 set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
-STEPS="${PRETRAIN_STEPS:-2600}"
+STEPS="${PRETRAIN_STEPS:-2800}"
 SECONDS_CAP="${PRETRAIN_SECONDS:-255}"
 if [ ! -f "$DEMO/shards/index.json" ]; then
   echo "40_pretrain: no $DEMO/shards (run the tokenize stage first)" >&2

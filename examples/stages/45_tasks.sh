@@ -12,4 +12,4 @@ if [ ! -f "$DEMO/clean.jsonl" ]; then
   exit 1
 fi
 .venv/bin/python examples/make_tasks.py "$DEMO/clean.jsonl" -o "$DEMO/tasks" \
-  --val-fraction "${VAL_FRACTION:-0.1}" --group-pattern '^(.*?)_gut' --split-seed 0 --seed 0
+  --val-fraction "${VAL_FRACTION:-0.1}" --group-pattern '^(.*?)_gut' --group-map examples/shakespeare_editions.json --split-seed 0 --seed 0
