@@ -64,11 +64,11 @@ def command(
     """
     import time
 
-    from glm_cli.core.checkpoint import load_model
     from glm_cli.core.console import log, progress, set_quiet
     from glm_cli.core.corpus import read_records
     from glm_cli.core.errors import UsageError
     from glm_cli.core.evaluation import Scorer, evaluate_task, load_task, task_size
+    from glm_cli.core.peft import load_with_adapter
     from glm_cli.core.tokenizer import load_tokenizer
 
     set_quiet(quiet)
@@ -90,7 +90,7 @@ def command(
                            "num_fewshot": num_fewshot, "seed": seed,
                            "chat": chat}, "results": {}}
     for ckpt in checkpoints:
-        model = load_model(ckpt, device=device, dtype=torch_dtype)
+        model = load_with_adapter(ckpt, device=device, dtype=torch_dtype)  # picks up a saved adapter
         scorer = Scorer(model, load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size)
         report["results"][ckpt] = {}
         for t in tasks:

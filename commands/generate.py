@@ -100,6 +100,9 @@ def command(
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search with this many beams (1: off).")] = 1,
     length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam score = sum log p / "
                                                   "length ** this.")] = 1.0,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter directory from `glm finetune` "
+                                                "(LoRA, bottleneck adapters or prompt tuning) to load on the "
+                                                "checkpoint; one saved inside the checkpoint is picked up anyway.")] = None,
     amateur: Annotated[str | None, typer.Option("--amateur", help="Smaller checkpoint (same tokenizer) for "
                                                 "contrastive decoding.")] = None,
     contrastive_alpha: Annotated[float, typer.Option("--contrastive-alpha", help="Contrastive decoding keeps "
@@ -127,6 +130,7 @@ def command(
     from glm_cli.core.corpus import RecordWriter
     from glm_cli.core.errors import GlmError, UsageError
     from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
+    from glm_cli.core.peft import load_with_adapter
     from glm_cli.core.sampling import SamplingConfig
     from glm_cli.core.tokenizer import load_tokenizer
 
@@ -137,7 +141,7 @@ def command(
     if num_beams > 1 and amateur:
         raise UsageError("use just one of --num-beams and --amateur")
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = load_model(checkpoint, device=device, dtype=torch_dtype)
+    model = load_with_adapter(checkpoint, adapter, device=device, dtype=torch_dtype)
     tokenizer = load_tokenizer(checkpoint)
     amateur_model = load_model(amateur, device=device, dtype=torch_dtype) if amateur else None
     config = GenerationConfig(

@@ -200,3 +200,25 @@ def test_generate_usage_error_is_one_line_exit_2(ckpt):
     bad = run_glm("generate", ckpt, "x", "--num-beams", "2", "--temperature", "1")
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr.decode() and "beam search" in bad.stderr.decode()
+
+
+def test_generate_with_adapter_equals_the_merged_model(ckpt, tmp_path):
+    """`--adapter DIR` loads a LoRA onto the checkpoint; greedy output equals that of the merged weights."""
+    from glm_cli.core.checkpoint import load_model, save_checkpoint
+    from glm_cli.core.peft import PeftConfig, apply_peft, merge_lora, save_adapter
+
+    cfg = PeftConfig(method="lora", rank=4)
+    model = apply_peft(load_model(ckpt), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    save_adapter(tmp_path / "adapter", model, cfg)
+    save_checkpoint(tmp_path / "merged", merge_lora(model), tokenizer_dir=ckpt)
+    with_adapter = glm("generate", ckpt, "HAMLET. To be", "-n", "8", "--adapter", tmp_path / "adapter", "--json")
+    merged = glm("generate", tmp_path / "merged", "HAMLET. To be", "-n", "8", "--json")
+    plain = glm("generate", ckpt, "HAMLET. To be", "-n", "8", "--json")
+    assert with_adapter[0] == merged[0] == 0
+    assert json.loads(with_adapter[1])["completion"] == json.loads(merged[1])["completion"]
+    assert json.loads(with_adapter[1])["completion"] != json.loads(plain[1])["completion"]
