@@ -37,3 +37,14 @@ def write_jsonl(path: Path, records) -> Path:
 def read_jsonl(path_or_bytes) -> list[dict]:
     data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a 2-core machine running `pytest -n 2`, more threads oversubscribe and stall."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

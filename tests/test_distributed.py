@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _pretrain_util import losses, make_shards, run
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.usefixtures("one_thread")]
 
 STEPS, STOP = 6, 3
 
@@ -53,14 +54,6 @@ def two_process_runs(tmp_path_factory):
     mp.start_processes(_worker, args=(2, _free_port(), str(shards), str(root)), nprocs=2, join=True,
                        start_method="spawn")
     return root, shards
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_ddp_and_fsdp_match_one_process_and_resume_on_one(two_process_runs):

@@ -28,13 +28,7 @@ from glm_cli.core.pretrain_task import PretrainTask
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_losses.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

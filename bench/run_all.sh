@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every CPU benchmark, each against its named peer in the same run; results in bench/results/.
+# Run after `make demo` so the quantize and finetune benchmarks use the demo's trained models.
+# GPU-only benchmarks (bench/attention.py, the 124m pretrain row) run where CUDA is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+DEMO=${DEMO:-runs/demo}
+mkdir -p bench/results
+run() { echo "=== $*" >&2; "$@"; }
+run $PY bench/clean.py --repeats 2 --json-out bench/results/clean.json
+run $PY bench/dedup.py --json > bench/results/dedup.json
+run $PY bench/tokenize_encode.py --repeats 3 --json > bench/results/tokenize.json
+run $PY bench/pretrain.py --presets tiny,cpu
+run $PY bench/generate.py --repeats 2
+run $PY bench/lm_eval_agreement.py
+if [ -d "$DEMO/pretrain" ]; then run $PY bench/quantize.py; fi
+if [ -d "$DEMO/tasks" ] && [ -d "$DEMO/pretrain/final" ]; then
+  run $PY bench/finetune.py "$DEMO/pretrain/final" --data "$DEMO/tasks/sft_train.jsonl" \
+    --val "$DEMO/tasks/sft_val.jsonl" --prefs "$DEMO/tasks/prefs_val.jsonl" --methods full,lora,adapter,prompt
+fi
+if .venv/bin/python -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  run $PY bench/attention.py
+fi
