@@ -8,7 +8,6 @@ a torn one. Temporary names start with `.tmp-` so a later run (or `git clean`) c
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile

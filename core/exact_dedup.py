@@ -12,6 +12,7 @@ import unicodedata
 
 import numpy as np
 
+
 def normalize_text(text: str) -> str:
     if not text.isascii():  # NFKC leaves ASCII unchanged; skipping it is most of the speed on English lines
         text = unicodedata.normalize("NFKC", text)

@@ -25,8 +25,18 @@ import torch.nn as nn
 
 from glm_cli.core.console import log
 from glm_cli.core.errors import GlmError
-from glm_cli.core.quant import (INT8_MAX, QuantScheme, finish, group_size_for, int4_scale_zero, int8_scales,
-                                install, pack_int4, quantize_int4_column, targets_for)
+from glm_cli.core.quant import (
+    INT8_MAX,
+    QuantScheme,
+    finish,
+    group_size_for,
+    install,
+    int4_scale_zero,
+    int8_scales,
+    pack_int4,
+    quantize_int4_column,
+    targets_for,
+)
 
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,

@@ -5,15 +5,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_glm, write_jsonl
 
 from glm_cli.core.checkpoint import load_model, save_checkpoint
 from glm_cli.core.config import preset
 from glm_cli.core.gptq import gptq_quantize_weight, quantize_model_gptq
 from glm_cli.core.model import Transformer
-from glm_cli.core.quant import (QuantLinear, QuantScheme, dequantize, pack_int4, quantize_int4, quantize_int8,
-                                quantize_model_rtn, quantized_state_dict, save_quantized, unpack_int4)
+from glm_cli.core.quant import (
+    QuantLinear,
+    QuantScheme,
+    dequantize,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model_rtn,
+    quantized_state_dict,
+    save_quantized,
+    unpack_int4,
+)
 from glm_cli.core.quant_data import calibration_batches, perplexity
-from conftest import run_glm, write_jsonl
 
 WORDS = ("the king and queen of denmark speak to hamlet in the castle while horatio watches the ghost "
          "walk on the cold battlements at night").split()

@@ -9,8 +9,8 @@ from conftest import read_jsonl, run_glm, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm_cli.core.encode import Splitter, encode_corpus
 from glm_cli.core.corpus import Document
+from glm_cli.core.encode import Splitter, encode_corpus
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.shards import ShardIndex, ShardSet, is_shard_dir
 from glm_cli.core.tokenizer import (
