@@ -22,3 +22,7 @@ fi
 if .venv/bin/python -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   run $PY bench/attention.py
 fi
+# llama.cpp runs glm's GGUF (needs `pip install llama-cpp-python`, which compiles llama.cpp: not in .[bench]).
+if [ -f "$DEMO/model-q8_0.gguf" ] && $PY -c 'import llama_cpp' 2>/dev/null; then
+  run $PY bench/gguf_llamacpp.py "$DEMO/model-q8_0.gguf" "$DEMO/align/final"
+fi
