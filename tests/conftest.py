@@ -48,3 +48,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_tiny_tokenizer(directory: Path, text: str, vocab_size: int, repeat: int = 10):
+    """A byte-level BPE with glm's special tokens (ids 0..5) trained on `text`, saved with its HF config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text] * repeat, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    write_hf_tokenizer_config(directory)
+    return tok

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import torch
+from conftest import train_tiny_tokenizer
 
 TEXT = ("HAMLET. To be, or not to be, that is the question. OPHELIA. Good my lord, how does your honour? "
         "MACBETH. Is this a dagger which I see before me? LADY MACBETH. Out, damned spot! "
@@ -11,20 +12,7 @@ TEXT = ("HAMLET. To be, or not to be, that is the question. OPHELIA. Good my lor
 
 def make_tokenizer(directory: Path):
     """A byte-level BPE (vocab 300) with glm's special tokens at ids 0..5."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 10, trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    write_hf_tokenizer_config(directory)
-    return tok
+    return train_tiny_tokenizer(directory, TEXT, vocab_size=300, repeat=10)
 
 
 def make_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import train_tiny_tokenizer
 
 TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
         "the slings and arrows of outrageous fortune. Who speaks? Hamlet. Which play? Macbeth, Othello.\n")
@@ -12,20 +13,7 @@ PLAYS = ["Hamlet", "Macbeth", "Othello"]
 
 def make_tokenizer(directory: Path):
     """A small byte-level BPE with glm's special tokens, and its HF tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    write_hf_tokenizer_config(directory)
-    return tok
+    return train_tiny_tokenizer(directory, TEXT, vocab_size=400, repeat=20)
 
 
 def make_base(directory: Path) -> Path:
