@@ -75,6 +75,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     # SDPA's `is_causal` aligns the mask to the top-left; with a KV cache (Tq < Tk) we need bottom-right.
+    # A single query (a decode step) is the last position and may see every key: no mask at all.
+    if causal and q.shape[-2] == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
     if causal and q.shape[-2] != k.shape[-2]:
         tq, tk = q.shape[-2], k.shape[-2]
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)

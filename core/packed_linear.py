@@ -1,0 +1,75 @@
+"""Linear layers pre-packed for fast CPU inference.
+
+Why this exists: decoding multiplies a handful of rows (the batch) by every weight matrix, once per new
+token. On CPU PyTorch sends `F.linear` to MKL, whose small-batch kernels are far from memory bandwidth on
+many machines (on AMD EPYC, a 24576x384 output head ran at 9 GB/s from MKL against 30 GB/s of DRAM
+bandwidth). oneDNN, which PyTorch also ships, reaches bandwidth once the weight is reordered into its
+blocked layout. Inductor does the same reorder when it freezes a model for CPU inference; here it is
+done once, eagerly, after loading, so `glm generate` needs no compile step.
+
+The weights are the same numbers: only their memory layout changes, so results agree with `F.linear`
+up to float summation order. Training never sees these modules (packed weights have no gradient).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+MIN_MODEL_BYTES = 16 << 20
+"""Models whose linear weights total less than this are left with `F.linear`. Such a model stays in the
+last-level cache, where MKL's small kernels win on call overhead (a oneDNN call costs ~15 us more). A
+bigger one streams its weights from DRAM every token, and there oneDNN's layout wins by 1.2-2x. Measured on
+a 2-core EPYC (32 MB L3): the 4 MB demo model decodes 1.3x slower packed, a 44 MB one 1.1-1.7x faster."""
+
+
+class PackedLinear(nn.Module):
+    """A frozen, bias-free `nn.Linear` whose weight lives in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("PackedLinear packs bias-free layers only (glm's model has no biases)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # batch_size=None asks for a layout that is good for any number of rows (decode and prefill).
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
+
+
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where packing applies: CPU, fp32/bf16, a PyTorch built with oneDNN, and not switched off
+    with GLM_PACK_LINEAR=0 (the escape hatch for comparing against plain `F.linear`)."""
+    if os.environ.get("GLM_PACK_LINEAR", "1") == "0":
+        return False
+    return (device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@torch.no_grad()
+def pack_for_cpu_inference(model: nn.Module, min_bytes: int = MIN_MODEL_BYTES) -> int:
+    """Replace every plain `nn.Linear` of an inference model by a `PackedLinear`, in place.
+
+    Wrappers (LoRA, quantized layers) are left as they are; a plain Linear inside a wrapper is packed,
+    since wrappers call it as a module. A tied output head gets its own packed copy while the
+    embedding keeps the dense matrix for lookups. Returns how many layers were packed: 0 where packing
+    does not apply (GPU, a model smaller than `min_bytes`).
+    """
+    first = next(model.parameters(), None)
+    if first is None or not packing_available(first.device, first.dtype):
+        return 0
+    eligible = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                if type(child) is nn.Linear and child.bias is None and child.weight.dtype in PACKABLE_DTYPES]
+    if sum(c.weight.numel() * c.weight.element_size() for _, _, c in eligible) < min_bytes:
+        return 0
+    for parent, name, child in eligible:
+        setattr(parent, name, PackedLinear(child))
+    return len(eligible)

@@ -1,0 +1,101 @@
+"""Packed CPU linears: same numbers as `F.linear`, same greedy tokens, wrappers and quantized layers kept."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glm_cli.core.config import preset
+from glm_cli.core.generation import GenerationConfig, generate
+from glm_cli.core.model import Transformer
+from glm_cli.core.packed_linear import PackedLinear, pack_for_cpu_inference, packing_available
+from glm_cli.core.peft import LoRALinear, PeftConfig, apply_peft
+from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
+                                reason="this PyTorch has no oneDNN linear packing")
+
+
+def tiny(seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", tie_embeddings=True)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)  # sharp logits, so greedy paths are not near-ties
+    return model
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 64)])
+def test_packed_linear_equals_f_linear(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=False)
+    x = torch.randn(shape)
+    torch.testing.assert_close(PackedLinear(linear)(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+    strided = torch.randn(*shape[:-1], 128)[..., ::2]  # a non-contiguous view, as after a transpose
+    torch.testing.assert_close(PackedLinear(linear)(strided), F.linear(strided, linear.weight),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_in_bfloat16():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    out = PackedLinear(linear)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.linear(x, linear.weight).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_packed_model_gives_the_same_logits_and_greedy_tokens():
+    reference, packed = tiny(), tiny()
+    n_layers = packed.config.n_layers
+    assert pack_for_cpu_inference(packed, min_bytes=0) == 7 * n_layers + 1  # q k v o gate up down per block, + head
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    ids = torch.randint(0, packed.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), reference(ids), rtol=1e-4, atol=1e-4)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    config = GenerationConfig(max_new_tokens=16)
+    assert [c.tokens for c in generate(packed, prompts, config)] == \
+        [c.tokens for c in generate(reference, prompts, config)]
+
+
+def test_tied_embedding_keeps_its_dense_table():
+    model = tiny()
+    table = model.model.embed_tokens.weight
+    pack_for_cpu_inference(model, min_bytes=0)
+    assert model.model.embed_tokens.weight is table and table.layout == torch.strided
+    assert isinstance(model.lm_head, PackedLinear)
+
+
+def test_lora_wrappers_stay_and_their_base_is_packed():
+    model = apply_peft(tiny(), PeftConfig(method="lora", targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.1)  # a non-zero update, so dropping the wrapper would show
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.inference_mode():
+        expected = model(ids)
+        pack_for_cpu_inference(model, min_bytes=0)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+    wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert wrappers and all(isinstance(w.base, PackedLinear) for w in wrappers)
+
+
+def test_quantized_layers_are_left_alone():
+    model = quantize_model_rtn(tiny(), QuantScheme(bits=8))
+    quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert pack_for_cpu_inference(model, min_bytes=0) == 1  # only the fp32 output head
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == quantized
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("GLM_PACK_LINEAR", "0")
+    model = tiny()
+    assert pack_for_cpu_inference(model, min_bytes=0) == 0
+    assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_a_model_that_fits_in_cache_is_left_alone():
+    model = tiny()  # well under MIN_MODEL_BYTES: F.linear's lower call overhead wins there
+    assert pack_for_cpu_inference(model) == 0
+    assert pack_for_cpu_inference(model, min_bytes=1) > 0
