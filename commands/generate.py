@@ -129,8 +129,7 @@ def command(
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import RecordWriter
     from glm_cli.core.errors import GlmError, UsageError
-    from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
-    from glm_cli.core.packed_linear import pack_for_cpu_inference
+    from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate, prepare_for_decoding
     from glm_cli.core.peft import load_with_adapter
     from glm_cli.core.sampling import SamplingConfig
     from glm_cli.core.tokenizer import load_tokenizer
@@ -147,7 +146,7 @@ def command(
     amateur_model = load_model(amateur, device=device, dtype=torch_dtype) if amateur else None
     for m in (model, amateur_model):
         if m is not None:
-            pack_for_cpu_inference(m)
+            prepare_for_decoding(m)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -29,9 +29,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 as Llama does, so bf16 training and HF parity both hold.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
@@ -93,13 +92,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # set by fuse_projections(), for inference only
         self.dropout = config.dropout
+
+    def fuse_projections(self) -> bool:
+        """Concatenate q/k/v into one matmul: at decode time each matmul call costs as much overhead as
+        arithmetic. Inference only; the separate weights (HF's names) are dropped. Skipped (False) when a
+        projection is wrapped (LoRA) or quantized."""
+        if not all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
+            return False
+        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def project_qkv(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_width = self.n_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, S, D), S = cached + T
@@ -115,9 +132,32 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections(), for inference only
+
+    def fuse_projections(self) -> bool:
+        """Concatenate gate and up into one matmul (see `Attention.fuse_projections`)."""
+        if not all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj)):
+            return False
+        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+        return True
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One bias-free Linear whose output is the given layers' outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+    fused.requires_grad_(False)
+    return fused
 
 
 class Block(nn.Module):
@@ -211,6 +251,13 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=ignore_index)
         return logits, loss
+
+    def fuse_projections(self) -> int:
+        """For inference: one matmul for q/k/v and one for gate/up in every block (fewer, larger calls
+        decode faster on any device). The model can no longer be trained or saved under HF's names
+        afterwards. Returns how many groups were fused."""
+        return sum(int(block.self_attn.fuse_projections()) + int(block.mlp.fuse_projections())
+                   for block in self.model.layers)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -55,19 +55,20 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def pack_for_cpu_inference(model: nn.Module, min_bytes: int = MIN_MODEL_BYTES) -> int:
+def pack_for_cpu_inference(model: nn.Module, min_bytes: int | None = None) -> int:
     """Replace every plain `nn.Linear` of an inference model by a `PackedLinear`, in place.
 
     Wrappers (LoRA, quantized layers) are left as they are; a plain Linear inside a wrapper is packed,
     since wrappers call it as a module. A tied output head gets its own packed copy while the
     embedding keeps the dense matrix for lookups. Returns how many layers were packed: 0 where packing
-    does not apply (GPU, a model smaller than `min_bytes`).
+    does not apply (GPU, a model smaller than `min_bytes`, by default `MIN_MODEL_BYTES`).
     """
     first = next(model.parameters(), None)
     if first is None or not packing_available(first.device, first.dtype):
         return 0
     eligible = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                 if type(child) is nn.Linear and child.bias is None and child.weight.dtype in PACKABLE_DTYPES]
+    min_bytes = MIN_MODEL_BYTES if min_bytes is None else min_bytes
     if sum(c.weight.numel() * c.weight.element_size() for _, _, c in eligible) < min_bytes:
         return 0
     for parent, name, child in eligible:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.config import preset
-from glm_cli.core.generation import GenerationConfig, generate
+from glm_cli.core.generation import GenerationConfig, generate, prepare_for_decoding
 from glm_cli.core.model import Transformer
 from glm_cli.core.packed_linear import PackedLinear, pack_for_cpu_inference, packing_available
 from glm_cli.core.peft import LoRALinear, PeftConfig, apply_peft
@@ -99,3 +99,34 @@ def test_a_model_that_fits_in_cache_is_left_alone():
     model = tiny()  # well under MIN_MODEL_BYTES: F.linear's lower call overhead wins there
     assert pack_for_cpu_inference(model) == 0
     assert pack_for_cpu_inference(model, min_bytes=1) > 0
+
+
+def test_fused_projections_give_the_same_logits_and_greedy_tokens():
+    reference, fused = tiny(), tiny()
+    assert fused.fuse_projections() == 2 * fused.config.n_layers
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    ids = torch.randint(0, fused.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids), reference(ids), rtol=1e-5, atol=1e-5)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    config = GenerationConfig(max_new_tokens=16)
+    assert [c.tokens for c in generate(fused, prompts, config)] == \
+        [c.tokens for c in generate(reference, prompts, config)]
+
+
+def test_fusion_skips_wrapped_projections():
+    model = apply_peft(tiny(), PeftConfig(method="lora", targets=["q_proj"]))
+    assert model.fuse_projections() == model.config.n_layers  # every MLP, no attention
+    assert all(isinstance(b.self_attn.q_proj, LoRALinear) for b in model.model.layers)
+
+
+def test_prepare_for_decoding_fuses_then_packs(monkeypatch):
+    monkeypatch.setattr("glm_cli.core.packed_linear.MIN_MODEL_BYTES", 0)
+    reference, model = tiny(), tiny()
+    n_layers = model.config.n_layers
+    assert prepare_for_decoding(model) == {"fused_projections": 2 * n_layers,
+                                           "packed_linears": 4 * n_layers + 1}  # qkv o gate_up down, head
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    config = GenerationConfig(max_new_tokens=16)
+    assert [c.tokens for c in generate(model, prompts, config)] == \
+        [c.tokens for c in generate(reference, prompts, config)]
