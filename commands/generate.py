@@ -146,7 +146,9 @@ def command(
     amateur_model = load_model(amateur, device=device, dtype=torch_dtype) if amateur else None
     for m in (model, amateur_model):
         if m is not None:
-            prepare_for_decoding(m)
+            prepared = prepare_for_decoding(m)
+            log(f"decoding with {prepared['fused_projections']} fused projection groups, "
+                f"{prepared['packed_linears']} oneDNN-packed linears")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
