@@ -13,10 +13,12 @@ up to float summation order. Training never sees these modules (packed weights h
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 MIN_MODEL_BYTES = 16 << 20
@@ -45,13 +47,31 @@ class PackedLinear(nn.Module):
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where packing applies: CPU, fp32/bf16, a PyTorch built with oneDNN, and not switched off
-    with GLM_PACK_LINEAR=0 (the escape hatch for comparing against plain `F.linear`)."""
+    """True where packing applies: CPU, fp32/bf16, a PyTorch whose oneDNN ops exist and compute what
+    `F.linear` computes here, and not switched off with GLM_PACK_LINEAR=0 (the escape hatch for
+    comparing against plain `F.linear`)."""
     if os.environ.get("GLM_PACK_LINEAR", "1") == "0":
         return False
-    return (device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return device.type == "cpu" and dtype in PACKABLE_DTYPES and _onednn_linear_works(dtype)
+
+
+@functools.cache
+def _onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Probe once per process: the ops are private to PyTorch, so a build (or CPU) that lacks them, or
+    gets them wrong, must fall back to `F.linear` rather than fail or decode garbage."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        rng = torch.Generator().manual_seed(0)  # never the global RNG: probing must not shift seeds
+        probe = nn.Linear(40, 24, bias=False, device="meta")
+        probe.weight = nn.Parameter(torch.randn(24, 40, generator=rng).to(dtype))
+        x = torch.randn(3, 40, generator=rng).to(dtype)
+        with torch.no_grad():
+            got, want = PackedLinear(probe)(x).float(), F.linear(x, probe.weight).float()
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
 
 
 @torch.no_grad()
