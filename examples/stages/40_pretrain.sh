@@ -5,14 +5,17 @@
 #   out: $DEMO/pretrain/ (final/ = the HF-loadable model, best/, checkpoints/, metrics.jsonl,
 #        curves.png), $DEMO/pretrain-summary.json
 # The run is a fixed number of steps (reproducible: same seed, same losses), calibrated to take about
-# 3.5 minutes on an idle 2-core machine; --time-budget caps it at PRETRAIN_SECONDS of training so the
-# stage stays within five minutes on a busy machine (the lr schedule then ends on time instead).
+# 3.7 minutes on an idle 2-core machine; --time-budget caps it at PRETRAIN_SECONDS of training so the
+# stage stays within about five minutes on a slow machine (the lr schedule then ends on time instead).
+# The cap leaves 25% headroom: the schedule follows the clock whenever the run is behind the cap's pace,
+# even for a moment, and then the numbers depend on the machine. At 255 s a run at 11.4K tokens/s
+# (a busy day) fell behind during its first 150 steps and ended at 2.1469 bits/byte instead of 2.1453.
 set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
 STEPS="${PRETRAIN_STEPS:-2800}"
-SECONDS_CAP="${PRETRAIN_SECONDS:-255}"
+SECONDS_CAP="${PRETRAIN_SECONDS:-280}"
 if [ ! -f "$DEMO/shards/index.json" ]; then
   echo "40_pretrain: no $DEMO/shards (run the tokenize stage first)" >&2
   exit 1
