@@ -28,8 +28,9 @@ import torch  # noqa: E402
 
 from glm_cli.core.checkpoint import load_model, save_checkpoint  # noqa: E402
 from glm_cli.core.config import ModelConfig, preset  # noqa: E402
-from glm_cli.core.generation import GenerationConfig, generate, prepare_for_decoding  # noqa: E402
+from glm_cli.core.generation import GenerationConfig, generate  # noqa: E402
 from glm_cli.core.model import Transformer  # noqa: E402
+from glm_cli.core.packed_linear import prepare_for_inference  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:
@@ -70,7 +71,7 @@ def main() -> None:
         save_checkpoint(Path(tmp) / "ckpt", Transformer(config))
         glm_model = load_model(Path(tmp) / "ckpt", device=device, dtype=dtype)
         params = sum(p.numel() for p in glm_model.parameters())
-        prepared = prepare_for_decoding(glm_model)  # as `glm generate` does; GLM_PACK_LINEAR=0: no packing
+        prepared = prepare_for_inference(glm_model)  # as `glm generate` does; GLM_PACK_LINEAR=0: no packing
         hf_model = LlamaForCausalLM.from_pretrained(Path(tmp) / "ckpt", torch_dtype=dtype).to(device).eval()
     results = {"device": str(device), "dtype": args.dtype, "params": params, "threads": torch.get_num_threads(),
                **prepared,

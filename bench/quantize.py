@@ -15,7 +15,7 @@ model's context, fp32 dequantize-then-matmul path (what `glm eval` measures); th
 evaluates again with the packed decode kernels forced on for every input (bf16 activations in the
 matmul). Decode: greedy `core.generation.generate`, batch 1, 16 prompt tokens, --new-tokens new tokens,
 tokens/s best of --repeats (prefill included), each variant prepared as `glm generate` prepares it
-(`prepare_for_decoding`: fused projections; fp32 layers of a big model packed for oneDNN), variants
+(`prepare_for_inference`: fused projections; fp32 layers of a big model packed for oneDNN), variants
 interleaved so machine load hits all alike, one torch thread by default (--threads).
 The optional speed model (--speed-dim) is random: only its speed columns mean anything.
 """
@@ -34,9 +34,10 @@ import torch
 
 from glm_cli.core.checkpoint import WEIGHTS, load_model, save_checkpoint
 from glm_cli.core.config import ModelConfig, preset
-from glm_cli.core.generation import GenerationConfig, generate, prepare_for_decoding
+from glm_cli.core.generation import GenerationConfig, generate
 from glm_cli.core.gptq import quantize_model_gptq
 from glm_cli.core.model import Transformer
+from glm_cli.core.packed_linear import prepare_for_inference
 from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
 from glm_cli.core.quant_data import calibration_batches, is_shard_dir, perplexity, token_stream
 
@@ -65,7 +66,7 @@ def decode_speed(models: dict, vocab: int, new_tokens: int, repeats: int) -> dic
     prompt = torch.randint(6, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).tolist()
     config = GenerationConfig(max_new_tokens=new_tokens)
     for model in models.values():
-        prepare_for_decoding(model)  # as `glm generate` does
+        prepare_for_inference(model)  # as `glm generate` does
         generate(model, prompt, config)  # warm-up (builds the kernels' weight layouts)
     times = {name: [] for name in models}
     for _ in range(repeats):

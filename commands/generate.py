@@ -129,7 +129,8 @@ def command(
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import RecordWriter
     from glm_cli.core.errors import GlmError, UsageError
-    from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate, prepare_for_decoding
+    from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
+    from glm_cli.core.packed_linear import prepare_for_inference
     from glm_cli.core.peft import load_with_adapter
     from glm_cli.core.sampling import SamplingConfig
     from glm_cli.core.tokenizer import load_tokenizer
@@ -146,7 +147,7 @@ def command(
     amateur_model = load_model(amateur, device=device, dtype=torch_dtype) if amateur else None
     for m in (model, amateur_model):
         if m is not None:
-            prepared = prepare_for_decoding(m)
+            prepared = prepare_for_inference(m)
             log(f"decoding with {prepared['fused_projections']} fused projection groups, "
                 f"{prepared['packed_linears']} oneDNN-packed linears")
     config = GenerationConfig(

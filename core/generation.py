@@ -119,18 +119,6 @@ def eos_ids_for(model_config, tokenizer=None) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def prepare_for_decoding(model) -> dict[str, int]:
-    """Make a loaded model decode faster; done once by `glm generate` (and the benchmarks), never by
-    training. q/k/v and gate/up become one matmul each, and on CPU a model too big for the cache gets its
-    weights packed for oneDNN (`core.packed_linear`). The model can no longer be trained or saved."""
-    from glm_cli.core.packed_linear import pack_for_cpu_inference
-    from glm_cli.core.peft import base_of
-
-    base = base_of(model)
-    fused = base.fuse_projections() if hasattr(base, "fuse_projections") else 0
-    return {"fused_projections": fused, "packed_linears": pack_for_cpu_inference(model)}
-
-
 def _decoder(tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 

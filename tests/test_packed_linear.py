@@ -6,9 +6,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.config import preset
-from glm_cli.core.generation import GenerationConfig, generate, prepare_for_decoding
+from glm_cli.core.generation import GenerationConfig, generate
 from glm_cli.core.model import Transformer
-from glm_cli.core.packed_linear import PackedLinear, pack_for_cpu_inference, packing_available
+from glm_cli.core.packed_linear import (
+    PackedLinear,
+    pack_for_cpu_inference,
+    packing_available,
+    prepare_for_inference,
+)
 from glm_cli.core.peft import LoRALinear, PeftConfig, apply_peft
 from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn
 
@@ -120,11 +125,11 @@ def test_fusion_skips_wrapped_projections():
     assert all(isinstance(b.self_attn.q_proj, LoRALinear) for b in model.model.layers)
 
 
-def test_prepare_for_decoding_fuses_then_packs(monkeypatch):
+def test_prepare_for_inference_fuses_then_packs(monkeypatch):
     monkeypatch.setattr("glm_cli.core.packed_linear.MIN_MODEL_BYTES", 0)
     reference, model = tiny(), tiny()
     n_layers = model.config.n_layers
-    assert prepare_for_decoding(model) == {"fused_projections": 2 * n_layers,
+    assert prepare_for_inference(model) == {"fused_projections": 2 * n_layers,
                                            "packed_linears": 4 * n_layers + 1}  # qkv o gate_up down, head
     prompts = [[5, 6, 7, 8], [9, 10]]
     config = GenerationConfig(max_new_tokens=16)
