@@ -29,6 +29,15 @@ def tiny(seed=0) -> Transformer:
     return model
 
 
+def assert_same_logits_and_greedy_tokens(model, reference, tol: float) -> None:
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=tol, atol=tol)
+    prompts, config = [[5, 6, 7, 8], [9, 10]], GenerationConfig(max_new_tokens=16)
+    assert [c.tokens for c in generate(model, prompts, config)] == \
+        [c.tokens for c in generate(reference, prompts, config)]
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 64)])
 def test_packed_linear_equals_f_linear(shape):
     torch.manual_seed(0)
@@ -54,13 +63,7 @@ def test_packed_model_gives_the_same_logits_and_greedy_tokens():
     n_layers = packed.config.n_layers
     assert pack_for_cpu_inference(packed, min_bytes=0) == 7 * n_layers + 1  # q k v o gate up down per block, + head
     assert not any(type(m) is nn.Linear for m in packed.modules())
-    ids = torch.randint(0, packed.config.vocab_size, (2, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(packed(ids), reference(ids), rtol=1e-4, atol=1e-4)
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    config = GenerationConfig(max_new_tokens=16)
-    assert [c.tokens for c in generate(packed, prompts, config)] == \
-        [c.tokens for c in generate(reference, prompts, config)]
+    assert_same_logits_and_greedy_tokens(packed, reference, tol=1e-4)
 
 
 def test_tied_embedding_keeps_its_dense_table():
@@ -110,13 +113,7 @@ def test_fused_projections_give_the_same_logits_and_greedy_tokens():
     reference, fused = tiny(), tiny()
     assert fused.fuse_projections() == 2 * fused.config.n_layers
     assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
-    ids = torch.randint(0, fused.config.vocab_size, (2, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(fused(ids), reference(ids), rtol=1e-5, atol=1e-5)
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    config = GenerationConfig(max_new_tokens=16)
-    assert [c.tokens for c in generate(fused, prompts, config)] == \
-        [c.tokens for c in generate(reference, prompts, config)]
+    assert_same_logits_and_greedy_tokens(fused, reference, tol=1e-5)
 
 
 def test_fusion_skips_wrapped_projections():
@@ -131,7 +128,4 @@ def test_prepare_for_inference_fuses_then_packs(monkeypatch):
     n_layers = model.config.n_layers
     assert prepare_for_inference(model) == {"fused_projections": 2 * n_layers,
                                            "packed_linears": 4 * n_layers + 1}  # qkv o gate_up down, head
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    config = GenerationConfig(max_new_tokens=16)
-    assert [c.tokens for c in generate(model, prompts, config)] == \
-        [c.tokens for c in generate(reference, prompts, config)]
+    assert_same_logits_and_greedy_tokens(model, reference, tol=1e-4)
