@@ -9,7 +9,8 @@
 # stage stays within about five minutes on a slow machine (the lr schedule then ends on time instead).
 # The cap leaves 25% headroom: the schedule follows the clock whenever the run is behind the cap's pace,
 # even for a moment, and then the numbers depend on the machine. At 255 s a run at 11.4K tokens/s
-# (a busy day) fell behind during its first 150 steps and ended at 2.1469 bits/byte instead of 2.1453.
+# (a busy day) fell behind during its first 150 steps and ended at 2.1469 bits/byte instead of 2.1453
+# (the cosine-schedule preset of the time).
 set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
