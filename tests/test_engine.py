@@ -260,3 +260,17 @@ def test_time_budget_stops_on_time_with_the_schedule_annealed(shards, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert recs[-1]["lr"] < 0.2 * 1e-2  # decayed towards min_lr (0.1 x lr) by the end of the budget
     assert (tmp_path / "t" / "final" / "model.safetensors").exists()
+
+
+def test_clock_takes_over_the_schedule_only_beyond_the_slack():
+    from glm_cli.core.engine import CLOCK_SLACK, TrainConfig, clock_progress, lr_factor
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=0, max_steps=1000, schedule="linear", min_lr_ratio=0.0)
+    # a run slightly behind pace (the clock leads the steps by less than the slack): the step schedule rules
+    step, budget = 200, 100.0
+    behind = clock_progress(0.2 * budget + 0.5 * CLOCK_SLACK * budget, budget)
+    assert behind < 0.2 and lr_factor(step, cfg, behind) == lr_factor(step, cfg)
+    # far behind: the clock rules, and the budget's end means fully annealed
+    assert lr_factor(step, cfg, clock_progress(0.6 * budget, budget)) < lr_factor(step, cfg)
+    assert clock_progress(budget, budget) == 1.0 and lr_factor(step, cfg, 1.0) == 0.0
+    assert clock_progress(0.5 * CLOCK_SLACK * budget, budget) == 0.0
