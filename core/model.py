@@ -152,12 +152,11 @@ class MLP(nn.Module):
 
 
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One bias-free Linear whose output is the given layers' outputs side by side."""
+    """One bias-free Linear whose output is the given layers' outputs side by side. Built on the meta
+    device so no throwaway random init runs (nor draws from the global RNG) before the weights arrive."""
     weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-    fused.requires_grad_(False)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused
 
 
