@@ -1,10 +1,12 @@
 """The one checkpoint format of glm: a directory Hugging Face `transformers` loads as it is.
 
     ckpt/
-      model.safetensors        weights, Llama parameter names
+      model.safetensors        weights, Llama parameter names (a transformers-written checkpoint may
+                               instead shard them, listed in model.safetensors.index.json)
       config.json              Llama config (+ a "glm" section transformers ignores)
       tokenizer.json           the HF tokenizers file the model was trained with
-      tokenizer_config.json    so AutoTokenizer works too (and carries the chat template)
+      tokenizer_config.json    so AutoTokenizer works too (and carries the chat template, or
+      chat_template.jinja      transformers 5 keeps it in a file of its own)
       generation_config.json
       checksums.json           sha256 of every file above: a flipped byte fails loudly on load
       extra files              e.g. adapters.safetensors, glm_quant.json, training state (see engine)
@@ -29,10 +31,13 @@ from glm_cli.core.config import ModelConfig
 from glm_cli.core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 MANIFEST = "checksums.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -125,8 +130,10 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, tokenizer_
     with atomic_dir(directory) as tmp:
         save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf_config or config.to_hf(dtype_name), indent=2) + "\n")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        eos = list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_id
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos,
                "pad_token_id": config.pad_token_id, "do_sample": False, "max_new_tokens": 256}
+        gen.update(source_generation_config(tokenizer_dir))
         gen.update(generation or {})
         (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -147,14 +154,28 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, tokenizer_
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:
-    """Copy tokenizer.json (+ tokenizer_config.json) from a directory or take a tokenizer.json path."""
+    """Copy tokenizer.json and the files that go with it (its config, special tokens, a chat template
+    kept in a file of its own) from a directory, or take a tokenizer.json path."""
     tok = source if source.is_file() else source / TOKENIZER
     if not tok.exists():
         raise CheckpointError(f"{tok}: no tokenizer.json")
     shutil.copyfile(tok, target / TOKENIZER)
-    tok_config = tok.parent / TOKENIZER_CONFIG
-    if tok_config.exists():
-        shutil.copyfile(tok_config, target / TOKENIZER_CONFIG)
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE):
+        if (tok.parent / name).exists():
+            shutil.copyfile(tok.parent / name, target / name)
+
+
+def source_generation_config(source: str | Path | None) -> dict:
+    """The generation_config.json of the checkpoint a tokenizer is taken from (its end-of-turn ids,
+    its sampling defaults), so a model fine-tuned from a pretrained one keeps them; {} when none."""
+    if source is None or not Path(source).is_dir() or not (Path(source) / GENERATION_CONFIG).exists():
+        return {}
+    path = Path(source) / GENERATION_CONFIG
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return {k: v for k, v in gen.items() if k != "transformers_version"}
 
 
 def check_checkpoint_dir(directory: str | Path) -> Path:
@@ -162,7 +183,7 @@ def check_checkpoint_dir(directory: str | Path) -> Path:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory (expected {WEIGHTS} and {CONFIG}; "
                               "`glm pretrain` writes one)")
-    if not (directory / WEIGHTS).exists():
+    if not (directory / WEIGHTS).exists() and not (directory / WEIGHTS_INDEX).exists():
         pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise CheckpointError(f"{directory}: has only pickle weights ({', '.join(pickles)}), which can run "
@@ -171,34 +192,67 @@ def check_checkpoint_dir(directory: str | Path) -> Path:
     return directory
 
 
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: model.safetensors, or the shards model.safetensors.index.json lists
+    (transformers shards anything over a few GB)."""
+    index_path = directory / WEIGHTS_INDEX
+    if (directory / WEIGHTS).exists() or not index_path.exists():
+        return load_tensors(directory / WEIGHTS)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is outside the checkpoint directory")
+        tensors = load_tensors(directory / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        if set(tensors) != listed:
+            raise CheckpointError(f"{directory / shard}: holds other tensors than {WEIGHTS_INDEX} lists "
+                                  f"(e.g. {sorted(set(tensors) ^ listed)[:3]})")
+        state.update(tensors)
+    return state
+
+
+def stored_dtype(state: dict[str, torch.Tensor], where: Path) -> torch.dtype:
+    """The one floating dtype the weights were saved in (a model is kept in it unless asked otherwise)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise CheckpointError(f"{where}: weights mix dtypes {sorted(map(str, dtypes))}; give --dtype")
+    return dtypes.pop() if dtypes else torch.float32
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                verify: bool = True):
-    """Load a (non-quantized) checkpoint as a `Transformer` in eval mode."""
+    """Load a (non-quantized) checkpoint, glm's or one transformers wrote, as a `Transformer` in eval
+    mode, in the dtype its weights were saved in unless `dtype` says otherwise."""
     from glm_cli.core.model import Transformer
 
     directory = check_checkpoint_dir(directory)
     if verify:
         verify_manifest(directory)
     config = ModelConfig.load(directory)
-    state = load_tensors(directory / WEIGHTS)
+    state = load_weights(directory)
     quant_config = json.loads((directory / CONFIG).read_text()).get("quantization_config")
     if quant_config is not None:  # a `glm quantize` checkpoint: packed weights become QuantLinear modules
         from glm_cli.core.quant import load_quantized_model
 
         return load_quantized_model(directory, config, quant_config, state, device=device, dtype=dtype)
+    # transformers never needs these: older versions saved the rotary table, glm recomputes it
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    dtype = dtype or stored_dtype(state, directory)
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)
     model.init_weights()  # fills the non-persistent rotary buffer; the weights are overwritten below
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{directory / WEIGHTS}: weights do not match config.json "
+        raise CheckpointError(f"{directory}: weights do not match config.json "
                               f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()

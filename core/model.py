@@ -1,7 +1,9 @@
 """The decoder-only Transformer every model command shares.
 
 The modern Llama form: pre-RMSNorm, rotary position embeddings, SwiGLU feed-forward, grouped-query
-attention, no biases, optionally tied input/output embeddings. Module and parameter names match Hugging
+attention, no biases, optionally tied input/output embeddings. The same module runs the Llama family's
+variants that glm loads (`config.py` refuses the rest): q/k/v biases (Qwen2), rotary scaling (linear,
+dynamic NTK, Llama 3), a head width other than dim / n_heads, and a sliding window within its length. Module and parameter names match Hugging
 Face's `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...), so a glm state dict *is* a
 Llama state dict: no renaming on save or load.
 
@@ -19,6 +21,7 @@ import torch.utils.checkpoint
 
 from glm_cli.core.attention import attention
 from glm_cli.core.config import ModelConfig
+from glm_cli.core.errors import GlmError
 
 
 class RMSNorm(nn.Module):
@@ -34,8 +37,40 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+def rope_frequencies(head_dim: int, theta: float | torch.Tensor) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def scaled_rope_frequencies(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (D/2,) in float32 with the config's rotary scaling, computed as HF does.
+
+    - linear: every frequency divided by `factor` (positions interpolated);
+    - llama3: low frequencies (wavelength above original_max / low_freq_factor) divided by `factor`, high
+      ones kept, a smooth blend between;
+    - dynamic (NTK): once a sequence is longer than max_seq_len, theta grows with its length `seq_len`,
+      so the frequencies depend on the longest position of the forward pass.
+    """
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    head_dim, theta = config.head_dim, config.rope_theta
+    if kind == "dynamic" and seq_len is not None and seq_len > config.max_seq_len:
+        # in float32 tensor arithmetic, as transformers does it, so the angles agree to the last bit
+        factor, length = float(scaling["factor"]), torch.tensor(seq_len)
+        theta = theta * ((factor * length / config.max_seq_len) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = rope_frequencies(head_dim, theta)
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -89,10 +124,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
         self.qkv_proj: nn.Module | None = None  # set by fuse_projections(), for inference only
         self.dropout = config.dropout
 
@@ -130,9 +165,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=config.mlp_bias)
         self.gate_up_proj: nn.Module | None = None  # set by fuse_projections(), for inference only
 
     def fuse_projections(self) -> bool:
@@ -152,11 +187,15 @@ class MLP(nn.Module):
 
 
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One bias-free Linear whose output is the given layers' outputs side by side. Built on the meta
-    device so no throwaway random init runs (nor draws from the global RNG) before the weights arrive."""
+    """One Linear whose output is the given layers' outputs side by side (biases too, when they have
+    them). Built on the meta device so no throwaway random init runs (nor draws from the global RNG)
+    before the weights arrive."""
     weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
     return fused
 
 
@@ -192,7 +231,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", scaled_rope_frequencies(config), persistent=False)
         self.gradient_checkpointing = False
         self.init_weights()
 
@@ -203,18 +242,29 @@ class Transformer(nn.Module):
         - every Linear and the embedding: normal(0, init_std), init_std = 0.02;
         - the two projections that write into the residual stream (o_proj, down_proj): init_std divided
           by sqrt(2 * n_layers), so the residual's variance stays O(1) however deep the stack (GPT-2);
-        - RMSNorm weights: 1. No biases exist.
+        - RMSNorm weights: 1; biases (only in loaded Qwen2-style models): 0.
         """
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, residual_std)
             else:
                 nn.init.normal_(p, 0.0, std)
-        self.inv_freq.copy_(rope_frequencies(self.config.head_dim, self.config.rope_theta))
+        self.inv_freq = scaled_rope_frequencies(self.config).to(self.inv_freq.device)  # float32 always
+
+    def _apply(self, fn, recurse=True):
+        """Rotary frequencies stay float32 when the weights are cast to bf16/fp16 (as in HF): rounded
+        to 8 bits of mantissa they would rotate late positions by visibly wrong angles."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.is_floating_point() and self.inv_freq.dtype != torch.float32 \
+                and self.inv_freq.device.type != "meta":
+            self.inv_freq = scaled_rope_frequencies(self.config).to(self.inv_freq.device)
+        return self
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(idx)
@@ -227,10 +277,20 @@ class Transformer(nn.Module):
         given, is a bool (B or 1, 1, T, S) tensor, True where a query may attend to a key.
         """
         B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        window = self.config.sliding_window
+        if window is not None and start + T > window:
+            raise GlmError(f"sequence of {start + T} tokens is longer than the model's sliding_window "
+                           f"({window}); glm implements the window only where it equals full attention, "
+                           "so it refuses longer sequences rather than attend differently")
         if positions is None:
-            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            longest = int(positions.max()) + 1
+            if longest > self.config.max_seq_len:
+                inv_freq = scaled_rope_frequencies(self.config, longest).to(x.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)

@@ -29,18 +29,17 @@ a 2-core EPYC (32 MB L3): the 4 MB demo model decodes 1.3x slower packed, a 44 M
 
 
 class PackedLinear(nn.Module):
-    """A frozen, bias-free `nn.Linear` whose weight lives in oneDNN's blocked layout."""
+    """A frozen `nn.Linear` whose weight lives in oneDNN's blocked layout (its bias, if any, as it is)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear packs bias-free layers only (glm's model has no biases)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # batch_size=None asks for a layout that is good for any number of rows (decode and prefill).
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
@@ -64,11 +63,12 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
         return False
     try:
         rng = torch.Generator().manual_seed(0)  # never the global RNG: probing must not shift seeds
-        probe = nn.Linear(40, 24, bias=False, device="meta")
+        probe = nn.Linear(40, 24, device="meta")
         probe.weight = nn.Parameter(torch.randn(24, 40, generator=rng).to(dtype))
+        probe.bias = nn.Parameter(torch.randn(24, generator=rng).to(dtype))
         x = torch.randn(3, 40, generator=rng).to(dtype)
         with torch.no_grad():
-            got, want = PackedLinear(probe)(x).float(), F.linear(x, probe.weight).float()
+            got, want = PackedLinear(probe)(x).float(), F.linear(x, probe.weight, probe.bias).float()
     except RuntimeError:
         return False
     return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
@@ -87,7 +87,7 @@ def pack_for_cpu_inference(model: nn.Module, min_bytes: int | None = None) -> in
     if first is None or not packing_available(first.device, first.dtype):
         return 0
     eligible = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-                if type(child) is nn.Linear and child.bias is None and child.weight.dtype in PACKABLE_DTYPES]
+                if type(child) is nn.Linear and child.weight.dtype in PACKABLE_DTYPES]
     min_bytes = MIN_MODEL_BYTES if min_bytes is None else min_bytes
     if sum(c.weight.numel() * c.weight.element_size() for _, _, c in eligible) < min_bytes:
         return 0

@@ -49,6 +49,17 @@ def test_packed_linear_equals_f_linear(shape):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_packed_linear_keeps_a_bias():
+    """Qwen2's q/k/v projections have biases; packing must not drop them."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
+                    reason="oneDNN's bf16 linear needs avx512bw/vl/dq or avx_ne_convert, which this CPU lacks")
 def test_packed_linear_in_bfloat16():
     torch.manual_seed(0)
     linear = nn.Linear(64, 96, bias=False).to(torch.bfloat16)
