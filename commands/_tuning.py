@@ -107,8 +107,9 @@ def steps_for(n_items: int, micro_batch: int, grad_accum: int, epochs: float, ma
 
 
 def load_base_and_tokenizer(base: str):
-    """The base checkpoint (quantized ones too) and its tokenizer, with a chat encoder."""
-    from glm_cli.core.chat import ChatEncoder
+    """The base checkpoint (quantized ones too) and its tokenizer, with the chat encoder of its template
+    (glm's own format, or the template a pretrained model ships)."""
+    from glm_cli.core.chat_template import chat_encoder_for
     from glm_cli.core.errors import CheckpointError
     from glm_cli.core.peft import ADAPTER_CONFIG, load_base
     from glm_cli.core.tokenizer import load_tokenizer
@@ -121,7 +122,7 @@ def load_base_and_tokenizer(base: str):
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise CheckpointError(f"{base}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
                               f"{model.config.vocab_size}")
-    return model, tokenizer, ChatEncoder(tokenizer)
+    return model, tokenizer, chat_encoder_for(base, tokenizer)
 
 
 def pad_id(model, tokenizer) -> int:

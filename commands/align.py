@@ -173,11 +173,14 @@ def command(
         cfg = PPOConfig(rollout_size=rollout_size, minibatch_size=micro_batch_size, ppo_epochs=ppo_epochs,
                         max_new_tokens=max_new_tokens, temperature=temperature, kl_coef=kl_coef, clip=clip,
                         vf_coef=vf_coef)
-        from glm_cli.core.tokenizer import END_OF_TURN
+        if encoder.end_id is None:
+            from glm_cli.core.errors import CheckpointError
 
+            raise CheckpointError(f"{base}: the chat template ends an answer with no single end-of-turn token, "
+                             "which PPO rollouts need to stop at")
         common.pop("micro_batch_size")
         task = PPOTask(model, prompts, val_prompts, RewardModelScorer(rm, pid), config=cfg,
-                       stop_id=tokenizer.token_to_id(END_OF_TURN), **common)
+                       stop_id=encoder.end_id, **common)
         n_items = len(prompts) * ppo_epochs
         info.update(prompts=len(prompts), val_prompts=len(val_prompts), reward_model=reward_model)
         log(f"align (ppo, {peft_method}): {len(prompts)} prompts, {len(val_prompts)} held out, "

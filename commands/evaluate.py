@@ -91,7 +91,8 @@ def command(
                            "chat": chat}, "results": {}}
     for ckpt in checkpoints:
         model = load_with_adapter(ckpt, device=device, dtype=torch_dtype)  # picks up a saved adapter
-        scorer = Scorer(model, load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size)
+        scorer = Scorer(model, load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size,
+                        checkpoint_dir=ckpt)
         report["results"][ckpt] = {}
         for t in tasks:
             started = time.perf_counter()

@@ -63,6 +63,7 @@ def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
 
 def read_prompt_records(path: str) -> list[dict]:
     """--prompts JSONL: {"prompt": str} or {"messages": [...]}, other fields (e.g. id) are kept."""
+    from glm_cli.core.chat import check_messages
     from glm_cli.core.corpus import read_records
     from glm_cli.core.errors import DataError, GlmError
 
@@ -72,6 +73,8 @@ def read_prompt_records(path: str) -> list[dict]:
     for number, record in enumerate(read_records(path), start=1):
         if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
             raise DataError(path, number, 'expected {"prompt": str} or {"messages": [...]}')
+        if record.get("messages") is not None:
+            check_messages(record["messages"], path, number)
         records.append(record)
     return records
 
@@ -128,7 +131,7 @@ def command(
     from glm_cli.core.checkpoint import load_model
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.corpus import RecordWriter
-    from glm_cli.core.errors import GlmError, UsageError
+    from glm_cli.core.errors import DataError, GlmError, UsageError
     from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
     from glm_cli.core.packed_linear import prepare_for_inference
     from glm_cli.core.peft import load_with_adapter
@@ -156,14 +159,17 @@ def command(
                                 repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty,
                                 logit_bias=parse_logit_bias(logit_bias or [], tokenizer)),
-        stop=list(stop or []), eos_ids=eos_ids_for(model.config, tokenizer), num_beams=num_beams,
+        stop=list(stop or []), eos_ids=eos_ids_for(model.config, tokenizer, checkpoint), num_beams=num_beams,
         length_penalty=length_penalty, contrastive_alpha=contrastive_alpha)
     config.validate()
     encoder = None
     if chat:
-        from glm_cli.core.chat import ChatEncoder
+        from glm_cli.core.chat_template import chat_encoder_for
 
-        encoder = ChatEncoder(tokenizer)
+        encoder = chat_encoder_for(checkpoint, tokenizer)
+        end_id = encoder.end_id  # the template's end of turn, in case the checkpoint does not list it
+        if end_id is not None and end_id not in config.eos_ids:
+            config.eos_ids = sorted(config.eos_ids + [end_id])
 
     def encode(record: dict) -> list[int]:
         if encoder is not None:
@@ -173,8 +179,16 @@ def command(
             return encoder.prompt_ids(messages)
         if "prompt" not in record:
             raise UsageError("a {\"messages\": ...} prompt needs --chat")
-        ids = tokenizer.encode(record["prompt"], add_special_tokens=False).ids
+        # The tokenizer's own post-processor adds what the model expects in front (Llama 3's BOS), as
+        # `transformers` does for tokenizer(prompt); glm's tokenizers have none and add nothing.
+        ids = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
         return ids or [model.config.bos_token_id or 0]
+
+    def encode_at(record: dict, number: int) -> list[int]:
+        try:
+            return encode(record)
+        except DataError as e:  # the chat template refused it: say which line
+            raise DataError(prompts, number, e.reason) from None
 
     generator = torch.Generator(device=device).manual_seed(seed)
     started = time.perf_counter()
@@ -184,7 +198,7 @@ def command(
         with RecordWriter(output) as writer:
             for start in range(0, len(records), batch_size):
                 batch = records[start:start + batch_size]
-                ids = [encode(r) for r in batch]
+                ids = [encode_at(r, start + i + 1) for i, r in enumerate(batch)]
                 results = generate(model, ids, config, tokenizer=tokenizer, amateur=amateur_model,
                                    generator=generator)
                 for record, result in zip(batch, results, strict=True):

@@ -10,6 +10,9 @@ Why this equals tokenizing the whole rendered text: the tokenizer splits its inp
 before any pre-tokenization or merge, so the pieces between specials (`\\n{content}` and `\\n`) are
 tokenized independently either way. The mask is taken from character offsets: a token belongs to the
 response if it holds any character of the content (the leading `\\n` is part of the prompt).
+
+Checkpoints of other models bring their own template: `glm_cli.core.chat_template` renders those with
+the same interface, and `chat_encoder_for` picks between the two.
 """
 
 from __future__ import annotations
@@ -41,11 +44,7 @@ def messages_from_record(record: dict, source: str = "<data>", line: int = 0) ->
     """
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(source, line, "'messages' must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise DataError(source, line, f"each message needs a role in {list(ROLES)} and a string content")
+        check_messages(messages, source, line)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(source, line, "conversation has no assistant turn to learn from")
         return messages
@@ -56,6 +55,15 @@ def messages_from_record(record: dict, source: str = "<data>", line: int = 0) ->
     if isinstance(record.get("system"), str):
         messages.insert(0, {"role": "system", "content": record["system"]})
     return messages
+
+
+def check_messages(messages, source: str = "<data>", line: int = 0) -> None:
+    """A non-empty list of {"role", "content"} with the roles every chat format here knows."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(source, line, "'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise DataError(source, line, f"each message needs a role in {list(ROLES)} and a string content")
 
 
 def prompt_messages(prompt: str, system: str | None = None) -> list[dict]:

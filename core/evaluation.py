@@ -48,6 +48,8 @@ class Scorer:
     max_length: int = 0
     batch_size: int = 16
     prefix_token_id: int = 0
+    checkpoint_dir: str | None = None
+    """Where the model came from: its chat template and generation_config.json (end-of-turn ids)."""
 
     def __post_init__(self):
         if self.max_length <= 0:
@@ -339,12 +341,14 @@ def evaluate_gen(scorer: Scorer, task: Task, fewshot: list[dict] | None = None, 
     records = task.records[:limit] if limit else task.records
     stop = ["\n"] if stop is None else stop
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop=stop,
-                              eos_ids=eos_ids_for(scorer.model.config, scorer.tokenizer))
+                              eos_ids=eos_ids_for(scorer.model.config, scorer.tokenizer, scorer.checkpoint_dir))
     encoder = None
     if chat:
-        from glm_cli.core.chat import ChatEncoder
+        from glm_cli.core.chat_template import chat_encoder_for
 
-        encoder = ChatEncoder(scorer.tokenizer)
+        encoder = chat_encoder_for(scorer.checkpoint_dir, scorer.tokenizer)
+        if encoder.end_id is not None:
+            config.eos_ids = sorted(set(config.eos_ids) | {encoder.end_id})
     prompts = []
     for index, record in enumerate(records):
         prefix = fewshot_prefix(fewshot or [], "gen", num_fewshot, seed, index, record) if num_fewshot else ""

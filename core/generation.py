@@ -108,15 +108,42 @@ class TextTracker:
         return delta
 
 
-def eos_ids_for(model_config, tokenizer=None) -> list[int]:
-    """Ids that end a completion: the config's eos_token_id, `<|endoftext|>` and the end-of-turn `<|end|>`
-    (a chat model's answer ends there)."""
+def eos_ids_for(model_config, tokenizer=None, checkpoint_dir=None) -> list[int]:
+    """Ids that end a completion: every end-of-sequence id the model declares, and glm's own.
+
+    Chat models end a turn with a token other than their document end (Llama 3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`) and list it only in generation_config.json, so that file of `checkpoint_dir` counts
+    beside config.json. glm's `<|endoftext|>` and end-of-turn `<|end|>` count when the tokenizer has them.
+    """
     from glm_cli.core.tokenizer import END_OF_TURN, ENDOFTEXT
 
-    ids = [model_config.eos_token_id] if model_config.eos_token_id is not None else []
+    ids = [*getattr(model_config, "eos_token_ids", ()), model_config.eos_token_id]
+    if checkpoint_dir is not None:
+        ids += generation_config_eos_ids(checkpoint_dir)
     if tokenizer is not None:
         ids += [tokenizer.token_to_id(t) for t in (ENDOFTEXT, END_OF_TURN)]
     return sorted({i for i in ids if i is not None})
+
+
+def generation_config_eos_ids(checkpoint_dir) -> list[int]:
+    """`eos_token_id` of the checkpoint's generation_config.json (an int or a list); [] without the file."""
+    import json
+    from pathlib import Path
+
+    from glm_cli.core.checkpoint import GENERATION_CONFIG
+    from glm_cli.core.errors import CheckpointError
+
+    path = Path(checkpoint_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as a JSON object ({e})") from None
+    values = value if isinstance(value, list) else [value]
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, not {value!r}")
+    return [v for v in values if v is not None]
 
 
 def _decoder(tokenizer) -> Callable[[list[int]], str]:

@@ -2,7 +2,7 @@
 
 Data: JSONL `{"prompt", "chosen", "rejected"}` (an optional `system`). A pair is rendered with the chat
 template as two sequences, prompt + chosen and prompt + rejected, each scored on its answer tokens only
-(content + `<|end|>`).
+(content + the end-of-turn marker, `<|end|>` in glm's format).
 
 DPO (Rafailov et al. 2023), with z = beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]:
     sigmoid (cDPO, label smoothing eps):  loss = -(1 - eps) log s(z) - eps log s(-z)
@@ -21,15 +21,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glm_cli.core.chat import ChatEncoder, prompt_messages
+from glm_cli.core.chat import prompt_messages
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import CheckpointError, DataError
 from glm_cli.core.sft_data import IGNORE
+
+if TYPE_CHECKING:
+    from glm_cli.core.chat import ChatEncoder
+    from glm_cli.core.chat_template import TemplateChatEncoder
+
+    ChatEncoderLike = ChatEncoder | TemplateChatEncoder
 
 VALUE_HEAD = "value_head.safetensors"
 REWARD_CONFIG = "reward_model.json"
@@ -45,7 +52,7 @@ class Pair:
     rejected: list[int]
 
 
-def load_pairs(path: str, encoder: ChatEncoder, max_len: int) -> tuple[list[Pair], int]:
+def load_pairs(path: str, encoder: ChatEncoderLike, max_len: int) -> tuple[list[Pair], int]:
     """Read `{prompt, chosen, rejected}` records; prompts are cut from the left to fit max_len."""
     pairs, dropped = [], 0
     for number, record in enumerate(read_records(path), start=1):
@@ -53,8 +60,11 @@ def load_pairs(path: str, encoder: ChatEncoder, max_len: int) -> tuple[list[Pair
         if not all(isinstance(f, str) for f in fields):
             raise DataError(path, number, "expected {\"prompt\": str, \"chosen\": str, \"rejected\": str}")
         messages = prompt_messages(record["prompt"], record.get("system"))
-        prompt, chosen = encoder.prompt_and_response(messages, record["chosen"])
-        _, rejected = encoder.prompt_and_response(messages, record["rejected"])
+        try:
+            prompt, chosen = encoder.prompt_and_response(messages, record["chosen"])
+            _, rejected = encoder.prompt_and_response(messages, record["rejected"])
+        except DataError as e:  # the model's chat template refused this conversation
+            raise DataError(path, number, e.reason) from None
         longest = max(len(chosen), len(rejected))
         if longest >= max_len:
             dropped += 1

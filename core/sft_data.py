@@ -1,8 +1,9 @@
 """Instruction data for supervised fine-tuning: tokenized conversations, packed rows, a resumable cursor.
 
-Each example is a rendered conversation (`glm_cli.core.chat`); the model predicts token t+1 from tokens
-..t, and the target is kept only where token t+1 belongs to an assistant answer (-100 elsewhere), so the
-loss covers exactly the answers (every assistant turn) and their `<|end|>`.
+Each example is a rendered conversation (`glm_cli.core.chat`, or the model's own template through
+`glm_cli.core.chat_template`); the model predicts token t+1 from tokens ..t, and the target is kept only
+where token t+1 belongs to an assistant answer (-100 elsewhere), so the loss covers exactly the answers
+(every assistant turn) and their end-of-turn marker (`<|end|>` in glm's format).
 
 Packing puts several short examples into one row of `seq_len` tokens. Each row carries a segment id per
 token; attention is causal *within* a segment only (a block-diagonal causal mask) and positions restart
@@ -18,12 +19,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from glm_cli.core.chat import ChatEncoder, messages_from_record
+from glm_cli.core.chat import messages_from_record
 from glm_cli.core.corpus import read_records
 from glm_cli.core.errors import DataError
+
+if TYPE_CHECKING:
+    from glm_cli.core.chat import ChatEncoder
+    from glm_cli.core.chat_template import TemplateChatEncoder
+
+    ChatEncoderLike = ChatEncoder | TemplateChatEncoder
 
 IGNORE = -100
 
@@ -52,7 +60,7 @@ def make_example(ids: list[int], mask: list[bool], max_len: int) -> Example | No
     return Example(ids[:-1], targets)
 
 
-def load_examples(path: str, encoder: ChatEncoder, max_len: int) -> tuple[list[Example], int]:
+def load_examples(path: str, encoder: ChatEncoderLike, max_len: int) -> tuple[list[Example], int]:
     """Read a JSONL file of conversations or prompt/response pairs; returns (examples, n dropped).
 
     Dropped examples are those with no answer token left in the window (an answer longer than it).
@@ -60,7 +68,10 @@ def load_examples(path: str, encoder: ChatEncoder, max_len: int) -> tuple[list[E
     examples, dropped = [], 0
     for number, record in enumerate(read_records(path), start=1):
         messages = messages_from_record(record, path, number)
-        rendered = encoder.render(messages)
+        try:
+            rendered = encoder.render(messages)
+        except DataError as e:  # the model's chat template refused this conversation
+            raise DataError(path, number, e.reason) from None
         example = make_example(rendered.ids, rendered.mask, max_len)
         if example is None:
             dropped += 1
