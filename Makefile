@@ -47,3 +47,12 @@ cuda_ext: install
 
 clean-data:
 	rm -rf data runs
+
+# Every GPU step in one time-boxed command, one report in OUT (bench/gpu_check.py; docs/cuda_ext.md).
+# Without this venv (a lent GPU machine runs its own python3 and CUDA torch) the system python3 runs
+# it; without CUDA it is a dry run. Extra flags: GPU_CHECK_ARGS="--only env,kernel --budget 300".
+.PHONY: gpu-check
+OUT ?= gpu-report
+GPU_CHECK_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(OUT) $(GPU_CHECK_ARGS)

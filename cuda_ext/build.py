@@ -2,8 +2,9 @@
 
 `build()` compiles `binding.cpp` + `flash_attn.cu` with `torch.utils.cpp_extension.load` (or, where
 ninja is missing, with nvcc and c++ directly: `build_without_ninja`) into a cache directory (`$GLM_CUDA_EXT_DIR`, else `$XDG_CACHE_HOME/glm/cuda_ext/<torch>-<cuda>-<python>`); torch
-rebuilds only when a source or flag changes. `python -m glm_cli.cuda_ext.build` (what `make cuda_ext`
-runs) builds ahead of time; `--check` only runs nvcc/c++ over the sources, which needs no GPU and no
+rebuilds only when a source or flag changes, and every build leaves a copy keyed by sources, torch, CUDA
+and architectures (`prebuilt_path()`) that is imported without compiling, also in another copy of the
+tree. `python -m glm_cli.cuda_ext.build` (what `make cuda_ext` runs) builds ahead of time; `--check` only runs nvcc/c++ over the sources, which needs no GPU and no
 CUDA build of torch.
 
 `compile_check(arch)` runs `nvcc -c` on the kernel translation unit for one architecture (sm_80, sm_90)
@@ -199,8 +200,41 @@ def build_dir() -> Path:
     return cache / "glm" / "cuda_ext" / tag
 
 
+def prebuilt_key() -> str:
+    """What a built extension depends on, hashed: the kernel and binding sources, the torch and CUDA
+    versions and the target architectures. No paths, so a build made in one checkout (or on one
+    machine) is found again in another copy of the same tree with the same torch."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for src in (KERNEL_SOURCE, BINDING_SOURCE, HERE / "flash_attn.h"):
+        digest.update(src.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{','.join(_cuda_archs())}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prebuilt_path(directory: Path | None = None) -> Path:
+    """`<build dir>/glm_flash_attn-<prebuilt_key()>.so`: every successful build leaves a copy there, and
+    `build()` imports it without compiling when it exists (carry the build directory to skip the build)."""
+    return Path(directory or build_dir()) / f"{EXTENSION_NAME}-pre-{prebuilt_key()}.so"
+
+
+def _import_extension(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(verbose: bool = False):
-    """Compile (or reuse the cached build of) the extension and import it. Raises on any failure."""
+    """Compile (or reuse the cached build of) the extension and import it. Raises on any failure.
+
+    A prebuilt copy for these exact sources, torch, CUDA and architectures (`prebuilt_path()`) is
+    imported as it is; after a compile, the result is copied there for the next process or machine."""
     import torch
     from torch.utils import cpp_extension
 
@@ -211,20 +245,33 @@ def build(verbose: bool = False):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    prebuilt = prebuilt_path(directory)
+    if prebuilt.is_file():
+        return _import_extension(prebuilt)
     if not cpp_extension.is_ninja_available():
         # torch's JIT loader insists on ninja; machines without it (and without a package registry
         # to fetch it) still get the kernel through a direct nvcc + c++ build.
-        return build_without_ninja(directory, verbose=verbose)
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(BINDING_SOURCE), str(KERNEL_SOURCE)],
-        extra_cflags=EXTRA_CFLAGS,
-        extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
-        extra_include_paths=[str(HERE)],
-        build_directory=str(directory),
-        with_cuda=True,
-        verbose=verbose,
-    )
+        module = build_without_ninja(directory, verbose=verbose)
+    else:
+        module = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(BINDING_SOURCE), str(KERNEL_SOURCE)],
+            extra_cflags=EXTRA_CFLAGS,
+            extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+            extra_include_paths=[str(HERE)],
+            build_directory=str(directory),
+            with_cuda=True,
+            verbose=verbose,
+        )
+    built = getattr(module, "__file__", None)
+    if built and Path(built).is_file():
+        try:  # best effort: a read-only cache still has a working module
+            tmp = prebuilt.with_suffix(f".tmp{os.getpid()}")
+            shutil.copy2(built, tmp)
+            os.replace(tmp, prebuilt)
+        except OSError:
+            pass
+    return module
 
 
 def _cuda_archs() -> list[str]:
@@ -246,7 +293,6 @@ def build_without_ninja(directory: Path, verbose: bool = False):
     flags, torch version and architectures.
     """
     import hashlib
-    import importlib.util
 
     import torch
 
@@ -294,10 +340,7 @@ def build_without_ninja(directory: Path, verbose: bool = False):
                 if not result.ok:
                     raise RuntimeError(f"{Path(cmd[0]).name} failed:\n{' '.join(cmd)}\n{result.output}")
             os.replace(lib, target)
-    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _import_extension(target)
 
 
 def _report(label: str, result: CompileCheck) -> None:
@@ -342,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: building the fused attention extension failed: {exc}", file=sys.stderr)
         return 1
     print(f"built {EXTENSION_NAME}: {module.__file__}", file=sys.stderr)
+    if prebuilt_path().is_file():
+        print(f"prebuilt copy: {prebuilt_path()} (carry {build_dir()} to skip the build elsewhere)",
+              file=sys.stderr)
     return 0
 
 

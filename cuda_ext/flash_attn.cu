@@ -138,6 +138,13 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
                : "r"(smem_u32(p))
                : "memory");
 }
+
+// Every store to global memory goes through here: a plain store on the GPU; under the CPU emulation
+// it is checked for races with the other blocks of the launch (flash_emulate.h).
+template <typename V>
+__device__ __forceinline__ void store_global(V* p, const V& v) {
+  *p = v;
+}
 #endif  // GLM_FLASH_EMULATE
 
 // ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i, and register i of every lane
@@ -414,8 +421,8 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
       }
       const int row = q0 + row_local;
       if (t == 0 && row < p.seq_q) {
-        p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row] =
-            sum > 0.f ? m[mt][r] * p.scale + logf(sum) : -INFINITY;
+        store_global(p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row,
+                     sum > 0.f ? m[mt][r] * p.scale + logf(sum) : -INFINITY);
       }
     }
   }
@@ -426,8 +433,8 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const int row = q0 + r;
     if (row < p.seq_q) {
-      *reinterpret_cast<uint4*>(og + row * p.o.seq_stride + col) =
-          *reinterpret_cast<const uint4*>(sQ + r * LDS + col);
+      store_global(reinterpret_cast<uint4*>(og + row * p.o.seq_stride + col),
+                   *reinterpret_cast<const uint4*>(sQ + r * LDS + col));
     }
   }
 }
@@ -455,7 +462,7 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdParams p)
   }
 #pragma unroll
   for (int w = 16; w > 0; w /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, w);
-  if (lane == 0) p.delta[row] = acc;
+  if (lane == 0) store_global(p.delta + row, acc);
 }
 
 // Backward, part 2. Block = NWARPS warps = Bc = 16 * NWARPS key rows of one (batch, kv head); each
@@ -645,10 +652,10 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
         const int col = dn * 8 + 2 * t;
-        *reinterpret_cast<uint32_t*>(dkg + kvi * p.dk.seq_stride + col) =
-            Elem<T>::pack(dk[dn][2 * r] * p.scale, dk[dn][2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvg + kvi * p.dv.seq_stride + col) =
-            Elem<T>::pack(dv[dn][2 * r], dv[dn][2 * r + 1]);
+        store_global(reinterpret_cast<uint32_t*>(dkg + kvi * p.dk.seq_stride + col),
+                     Elem<T>::pack(dk[dn][2 * r] * p.scale, dk[dn][2 * r + 1] * p.scale));
+        store_global(reinterpret_cast<uint32_t*>(dvg + kvi * p.dv.seq_stride + col),
+                     Elem<T>::pack(dv[dn][2 * r], dv[dn][2 * r + 1]));
       }
     }
   }

@@ -2,13 +2,19 @@
 // kernel source runs on a CPU (g++ -DGLM_FLASH_EMULATE -x c++ flash_attn.cu emulate_api.cpp). Used by
 // tests/test_cuda_ext.py to execute the kernels without a GPU; never part of the real build.
 //
-// Every CUDA thread is a fiber (ucontext) of one OS thread; a block always resumes its first runnable
-// fiber in a fixed priority order (ascending or descending), switching only at barriers, so one warp
-// runs as far ahead of the others as the program's __syncthreads allow. Warp-collective instructions (mma.sync, ldmatrix, shfl) exchange operands through per-warp
-// slots between two warp barriers and are computed from the PTX ISA's fragment layouts, written here
-// independently of the kernel's index math. Shared memory starts as NaN bytes; ldmatrix and cp.async
-// check alignment and shared-memory bounds; cp.async copies land either at issue or only at the
-// cp.async.wait that covers them (both orders are legal on hardware; the tests run both).
+// Every CUDA thread is a fiber of one OS thread, switching only at barriers. Several blocks are
+// resident at once (kResidentBlocks, admitted in ascending or descending grid order) and take turns
+// fiber by fiber; inside a block the first runnable fiber in a fixed priority order (ascending or
+// descending thread index) runs, so one warp runs as far ahead of the others as the program's
+// __syncthreads allow. Warp-collective instructions (mma.sync, ldmatrix, shfl) exchange operands
+// through per-warp slots between two warp barriers and are computed from the PTX ISA's fragment
+// layouts, written here independently of the kernel's index math; every lane must reach the same
+// collective (same instruction, same count): a lane that skips one, or a partial shfl mask, fails.
+// Shared memory starts as NaN bytes; ldmatrix and cp.async check alignment and shared-memory bounds;
+// cp.async copies land either at issue or only at the cp.async.wait that covers them (both orders
+// are legal on hardware; the tests run both). Global memory is checked for races between blocks of
+// one launch: a word written (store_global) by one block and written, updated (atomicAdd) or read
+// (cp.async) by another fails, as does a word both updated atomically and read.
 #pragma once
 
 #if !defined(__x86_64__) || defined(GLM_EMU_UCONTEXT)
@@ -24,6 +30,9 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #define __global__
@@ -136,10 +145,10 @@ struct Context {
   ucontext_t uc;
 };
 inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
-inline void init_context(Context& c, std::vector<char>& stack, void (*entry)()) {
+inline void init_context(Context& c, char* stack, size_t size, void (*entry)()) {
   getcontext(&c.uc);
-  c.uc.uc_stack.ss_sp = stack.data();
-  c.uc.uc_stack.ss_size = stack.size();
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
   c.uc.uc_link = nullptr;
   makecontext(&c.uc, entry, 0);
 }
@@ -151,8 +160,8 @@ struct Context {
   void* sp = nullptr;
 };
 inline void switch_context(Context& from, Context& to) { glm_emu_switch(&from.sp, to.sp); }
-inline void init_context(Context& c, std::vector<char>& stack, void (*entry)()) {
-  auto top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~static_cast<uintptr_t>(15);
+inline void init_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~static_cast<uintptr_t>(15);
   void** sp = reinterpret_cast<void**>(top);
   *--sp = nullptr;                         // where entry's return address would be (never used)
   *--sp = reinterpret_cast<void*>(entry);  // glm_emu_switch's `ret` lands here
@@ -161,9 +170,12 @@ inline void init_context(Context& c, std::vector<char>& stack, void (*entry)()) 
 }
 #endif
 
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kResidentBlocks = 3;
+
 struct Fiber {
   Context ctx;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // uninitialized: only the pages a fiber touches are mapped
   uint3 tid;
   bool done = false;
   unsigned collectives = 0;  // warp-collective instructions executed: picks the slot set
@@ -177,7 +189,11 @@ struct Slot {
   uint32_t u[6];
   float f[4];
   const void* ptr;
+  int op;             // which warp-wide instruction the lane is at (kOp* below)
+  unsigned sequence;  // how many warp-wide instructions the lane executed before this one
 };
+
+enum : int { kOpMmaF16 = 1, kOpMmaBF16, kOpLdmatrix, kOpLdmatrixTrans, kOpShfl = 64 };
 
 // Two slot sets used alternately: a lane can only rewrite a set after the next barrier, which every
 // lane reaches only once it has read the previous contents, so one barrier per instruction suffices.
@@ -186,22 +202,35 @@ struct WarpState {
   Slot slots[2][32];
 };
 
-struct State {
-  // Configuration set by the driver.
-  int device_major = 9;
-  bool copies_land_at_wait = false;
-  bool descending = false;  // scheduling priority: thread 0 first, or the last thread first
-  size_t smem_limit = 227 * 1024;
-  // The running launch.
-  dim3 grid, block_dim;
-  uint3 block_idx;
+struct Block {
+  uint3 idx;
+  int id = 0;  // linear block index
   std::vector<unsigned char> smem;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   Barrier block_barrier;
-  int current = -1;
+  int remaining = 0;  // fibers not finished
+};
+
+// Who touched a 4-byte word of global memory in the running launch (block ids; -1 none, -2 several).
+struct WordAccess {
+  int writer = -1, atomic = -1, reader = -1;
+};
+
+struct State {
+  // Configuration set by the driver.
+  int device_major = 9;
+  bool copies_land_at_wait = false;
+  bool descending = false;  // last block first and last thread first, instead of the first ones
+  size_t smem_limit = 227 * 1024;
+  // The running launch.
+  dim3 grid, block_dim;
+  std::vector<std::unique_ptr<Block>> resident;
+  Block* block = nullptr;  // the block of the running fiber
+  int current = -1;        // the running fiber's index in it
   Context scheduler;
   std::function<void()> body;
+  std::unordered_map<uintptr_t, WordAccess> global;
   cudaError_t last_error = cudaSuccess;
 };
 
@@ -210,7 +239,7 @@ inline State& state() {
   return s;
 }
 
-inline Fiber& self() { return state().fibers[state().current]; }
+inline Fiber& self() { return state().block->fibers[state().current]; }
 
 inline void yield_until(const Barrier& b, long generation) {
   Fiber& f = self();
@@ -229,11 +258,42 @@ inline void arrive_and_wait(Barrier& b) {
   yield_until(b, generation);
 }
 
-inline unsigned char* dynamic_smem() { return state().smem.data(); }
+inline unsigned char* dynamic_smem() { return state().block->smem.data(); }
+
+[[noreturn]] inline void race(const char* what, const void* p, int a, int b) {
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "race between blocks %d and %d at global address %p: %s", a, b, p, what);
+  fail(msg);
+}
+
+// The race checks on global memory (4-byte words; see the header comment).
+enum class Access { kStore, kAtomic, kRead };
+
+inline void touch_global(const void* p, size_t bytes, Access kind) {
+  State& st = state();
+  const int me = st.block->id;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{3};
+  for (uintptr_t w = first; w < reinterpret_cast<uintptr_t>(p) + bytes; w += 4) {
+    WordAccess& a = st.global[w];
+    const auto other = [me](int who) { return who != -1 && who != me; };
+    if (other(a.writer)) race("a word one block stores to is accessed by another", p, a.writer, me);
+    if (kind == Access::kStore) {
+      if (other(a.atomic)) race("a plain store to a word another block updates atomically", p, a.atomic, me);
+      if (other(a.reader)) race("a store to a word another block reads", p, a.reader, me);
+      a.writer = me;
+    } else if (kind == Access::kAtomic) {
+      if (a.reader != -1) race("an atomic update of a word read in the same launch", p, a.reader, me);
+      a.atomic = a.atomic == -1 || a.atomic == me ? me : -2;
+    } else {
+      if (a.atomic != -1) race("a read of a word updated atomically in the same launch", p, a.atomic, me);
+      a.reader = a.reader == -1 || a.reader == me ? me : -2;
+    }
+  }
+}
 
 inline void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
   const auto* c = static_cast<const unsigned char*>(p);
-  const auto& smem = state().smem;
+  const auto& smem = state().block->smem;
   if (c < smem.data() || c + bytes > smem.data() + smem.size()) fail(what);
   if (reinterpret_cast<uintptr_t>(c) % align != 0) fail(what);
 }
@@ -241,6 +301,7 @@ inline void check_smem(const void* p, size_t bytes, size_t align, const char* wh
 inline void do_copy(const Copy& c) {
   if (c.valid) {
     if (reinterpret_cast<uintptr_t>(c.src) % 16 != 0) fail("cp.async: global source not 16-byte aligned");
+    touch_global(c.src, 16, Access::kRead);
     std::memcpy(c.dst, c.src, 16);
   } else {
     std::memset(c.dst, 0, 16);
@@ -255,9 +316,31 @@ inline void flush_committed(size_t keep) {
   }
 }
 
-inline WarpState& warp() { return state().warps[self().tid.x / 32]; }
-inline Slot* slots(WarpState& w) { return w.slots[self().collectives++ & 1]; }
+inline WarpState& warp() { return state().block->warps[self().tid.x / 32]; }
 inline int lane() { return static_cast<int>(self().tid.x % 32); }
+
+// The slot set of this lane's next warp-wide instruction `op`; records op and the lane's count.
+inline Slot* slots(WarpState& w, int op) {
+  Fiber& f = self();
+  Slot* set = w.slots[f.collectives & 1];
+  set[lane()].op = op;
+  set[lane()].sequence = f.collectives++;
+  return set;
+}
+
+// After the warp barrier: every lane must be at the same instruction, as its same occurrence.
+inline void check_converged(const Slot* set) {
+  if (lane() != 0) return;
+  for (int i = 1; i < 32; ++i) {
+    if (set[i].op != set[0].op || set[i].sequence != set[0].sequence) {
+      char msg[200];
+      std::snprintf(msg, sizeof msg,
+                    "warp %u: lanes at different warp-wide instructions (lane 0: op %d #%u, lane %d: op %d #%u)",
+                    self().tid.x / 32, set[0].op, set[0].sequence, i, set[i].op, set[i].sequence);
+      fail(msg);
+    }
+  }
+}
 
 // ---- PTX instructions.
 
@@ -293,13 +376,14 @@ inline float value(uint32_t reg, int half, Kind kind) {
 // C/D (16x8): lane holds (row lane/4 [+8], cols 2 (lane%4) [+1]) as c0 c1 [c2 c3].
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, Kind kind) {
   WarpState& w = warp();
-  Slot* slot = slots(w);
+  Slot* slot = slots(w, kind == kFloat16 ? kOpMmaF16 : kOpMmaBF16);
   const int me = lane();
   Slot& s = slot[me];
   for (int i = 0; i < 4; ++i) s.u[i] = a[i];
   s.u[4] = b0;
   s.u[5] = b1;
   arrive_and_wait(w.barrier);
+  check_converged(slot);
   float out[4];
   for (int e = 0; e < 4; ++e) {
     const int row = me / 4 + (e >= 2 ? 8 : 0), col = 2 * (me % 4) + (e & 1);
@@ -322,10 +406,11 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   check_smem(p, 16, 16, "ldmatrix: row address out of shared memory or not 16-byte aligned");
   WarpState& w = warp();
-  Slot* slot = slots(w);
+  Slot* slot = slots(w, trans ? kOpLdmatrixTrans : kOpLdmatrix);
   const int me = lane();
   slot[me].ptr = p;
   arrive_and_wait(w.barrier);
+  check_converged(slot);
   for (int i = 0; i < 4; ++i) {
     uint16_t v[2];
     for (int j = 0; j < 2; ++j) {
@@ -337,18 +422,21 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   }
 }
 
-inline float shfl_xor(float x, int mask) {
+inline float shfl_xor(unsigned member_mask, float x, int lane_mask) {
+  if (member_mask != 0xffffffffu) fail("shfl.sync with a partial member mask (the emulation runs full warps)");
+  if (lane_mask < 0 || lane_mask > 31) fail("shfl.sync.bfly: lane mask out of range");
   WarpState& w = warp();
-  Slot* slot = slots(w);
+  Slot* slot = slots(w, kOpShfl + lane_mask);
   const int me = lane();
   slot[me].f[0] = x;
   arrive_and_wait(w.barrier);
-  return slot[me ^ mask].f[0];
+  check_converged(slot);
+  return slot[me ^ lane_mask].f[0];
 }
 
-inline void syncthreads() { arrive_and_wait(state().block_barrier); }
+inline void syncthreads() { arrive_and_wait(state().block->block_barrier); }
 
-// ---- Launch: every block in turn, its threads as fibers.
+// ---- Launch: blocks admitted in grid order (or reversed), kResidentBlocks at a time, taking turns.
 
 inline void fiber_entry() {
   state().body();
@@ -358,6 +446,47 @@ inline void fiber_entry() {
   f.done = true;
   switch_context(f.ctx, state().scheduler);  // never resumed
   fail("a finished thread was resumed");
+}
+
+inline std::unique_ptr<Block> make_block(int id, const dim3& grid, int n, size_t smem_bytes) {
+  auto b = std::make_unique<Block>();
+  b->id = id;
+  b->idx = {id % grid.x, (id / grid.x) % grid.y, id / (grid.x * grid.y)};
+  b->smem.assign(smem_bytes, 0xff);  // 0xff.. is NaN in fp32, fp16 and bf16
+  b->fibers = std::vector<Fiber>(n);
+  b->warps = std::vector<WarpState>(n / 32);
+  for (auto& w : b->warps) w.barrier.size = 32;
+  b->block_barrier.size = n;
+  b->remaining = n;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b->fibers[i];
+    f.tid = {static_cast<unsigned>(i), 0, 0};
+    f.stack.reset(new char[kStackBytes]);
+    init_context(f.ctx, f.stack.get(), kStackBytes, fiber_entry);
+  }
+  return b;
+}
+
+// The first runnable fiber of b in priority order, or -1.
+inline int pick(const Block& b, bool descending) {
+  const int n = static_cast<int>(b.fibers.size());
+  for (int j = 0; j < n; ++j) {
+    const int i = descending ? n - 1 - j : j;
+    const Fiber& f = b.fibers[i];
+    if (f.done || (f.waiting_on && f.waiting_on->generation == f.waiting_generation)) continue;
+    return i;
+  }
+  return -1;
+}
+
+[[noreturn]] inline void deadlock(const Block& b) {
+  char msg[200];
+  int exited = 0;
+  for (const Fiber& f : b.fibers) exited += f.done;
+  std::snprintf(msg, sizeof msg,
+                "deadlock in block %d: threads wait at a barrier or warp-wide instruction that others never "
+                "reach (%d of %zu threads exited)", b.id, exited, b.fibers.size());
+  fail(msg);
 }
 
 template <typename Params>
@@ -371,58 +500,45 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
   st.grid = grid;
   st.block_dim = block;
   st.body = [kernel, &params] { kernel(params); };
+  st.global.clear();
   const int n = static_cast<int>(block.x);
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        st.block_idx = {bx, by, bz};
-        st.smem.assign(smem_bytes, 0xff);  // 0xff.. is NaN in fp32, fp16 and bf16
-        st.fibers.assign(n, Fiber{});
-        st.warps.assign(n / 32, WarpState{});
-        for (auto& w : st.warps) w.barrier.size = 32;
-        st.block_barrier = Barrier{};
-        st.block_barrier.size = n;
-        for (int i = 0; i < n; ++i) {
-          Fiber& f = st.fibers[i];
-          f.tid = {static_cast<unsigned>(i), 0, 0};
-          f.stack.resize(256 * 1024);
-          init_context(f.ctx, f.stack, fiber_entry);
-        }
-        // Schedule: always resume the first runnable thread in priority order (ascending or
-        // descending thread index), so one warp runs as far ahead of the others as the barriers
-        // allow; a missing __syncthreads then shows up as a wrong result.
-        int remaining = n;
-        while (remaining > 0) {
-          int pick = -1;
-          for (int j = 0; j < n && pick < 0; ++j) {
-            const int i = st.descending ? n - 1 - j : j;
-            const Fiber& f = st.fibers[i];
-            if (f.done || (f.waiting_on && f.waiting_on->generation == f.waiting_generation)) continue;
-            pick = i;
-          }
-          if (pick < 0) fail("deadlock: threads wait at a barrier that the others never reach");
-          Fiber& f = st.fibers[pick];
-          f.waiting_on = nullptr;
-          st.current = pick;
-          switch_context(st.scheduler, f.ctx);
-          if (f.done) --remaining;
-        }
-        st.current = -1;
-      }
+  const int blocks = static_cast<int>(grid.x * grid.y * grid.z);
+  int admitted = 0;
+  size_t turn = 0;
+  // Blocks take turns one fiber run at a time (a run ends at the fiber's next barrier), so their
+  // global-memory accesses interleave; inside a block the priority order decides, as described above.
+  while (admitted < blocks || !st.resident.empty()) {
+    while (admitted < blocks && static_cast<int>(st.resident.size()) < kResidentBlocks) {
+      const int id = st.descending ? blocks - 1 - admitted : admitted;
+      st.resident.push_back(make_block(id, grid, n, smem_bytes));
+      ++admitted;
     }
+    const size_t which = turn++ % st.resident.size();
+    Block& b = *st.resident[which];
+    const int i = pick(b, st.descending);
+    if (i < 0) deadlock(b);
+    Fiber& f = b.fibers[i];
+    f.waiting_on = nullptr;
+    st.block = &b;
+    st.current = i;
+    switch_context(st.scheduler, f.ctx);
+    st.block = nullptr;
+    st.current = -1;
+    if (f.done && --b.remaining == 0) st.resident.erase(st.resident.begin() + static_cast<long>(which));
   }
 }
 
 }  // namespace emu
 
 #define threadIdx (emu::self().tid)
-#define blockIdx (emu::state().block_idx)
+#define blockIdx (emu::state().block->idx)
 #define gridDim (emu::state().grid)
 #define blockDim (emu::state().block_dim)
 
 inline void __syncthreads() { emu::syncthreads(); }
-inline float __shfl_xor_sync(unsigned, float x, int mask) { return emu::shfl_xor(x, mask); }
+inline float __shfl_xor_sync(unsigned members, float x, int mask) { return emu::shfl_xor(members, x, mask); }
 inline float atomicAdd(float* p, float v) {
+  emu::touch_global(p, sizeof(float), emu::Access::kAtomic);
   const float old = *p;
   *p = old + v;
   return old;
@@ -449,6 +565,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 // The kernel's PTX wrappers, mapped onto the emulation.
 namespace glm_flash {
 namespace {
+template <typename V>
+inline void store_global(V* p, const V& v) {
+  emu::touch_global(p, sizeof(V), emu::Access::kStore);
+  *p = v;
+}
 inline void cp_async16(void* dst, const void* src, bool valid) { emu::cp_async16(dst, src, valid); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
