@@ -104,8 +104,24 @@ def tokenizer_metadata(tokenizer_dir: Path, vocab_size: int) -> dict:
     config_path = tokenizer_dir / "tokenizer_config.json"
     if config_path.exists():
         chat_template = json.loads(config_path.read_text()).get("chat_template")
+    if (tokenizer_dir / "chat_template.jinja").exists():  # transformers 5 keeps it in a file of its own
+        chat_template = (tokenizer_dir / "chat_template.jinja").read_text()
+    if isinstance(chat_template, list):  # named templates: llama.cpp's key holds the default one
+        chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
     return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_tokenizer_name(tok),
-            "chat_template": chat_template}
+            "chat_template": chat_template, "add_bos": _adds_bos(tok)}
+
+
+def _adds_bos(tok: dict) -> bool:
+    """Whether the tokenizer puts a special token before every text (Llama 3's post-processor does), so
+    llama.cpp is told to do the same."""
+    post = tok.get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        single = (step.get("single") or []) if step.get("type") == "TemplateProcessing" else []
+        if single and "SpecialToken" in single[0]:
+            return True
+    return False
 
 
 def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8_0",
@@ -122,6 +138,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
     if getattr(model, "quant_scheme", None) is not None:
         raise UsageError(f"{checkpoint}: already quantized; export GGUF from the full-precision checkpoint")
     config = model.config
+    refuse_unexportable(config, checkpoint)
     qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
               "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
     file_types = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -147,6 +164,9 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
         writer.add_head_count(config.n_heads)
         writer.add_head_count_kv(config.n_kv_heads)
         writer.add_rope_dimension_count(config.head_dim)
+        if config.head_dim * config.n_heads != config.dim:  # llama.cpp assumes dim / heads otherwise
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_vocab_size(config.vocab_size)
@@ -163,7 +183,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
             value = getattr(config, key)
             if value is not None:
                 add(int(value))
-        writer.add_add_bos_token(False)
+        writer.add_add_bos_token(bool(tok and tok["add_bos"]))
         for name, tensor in state.items():
             if name.endswith("q_proj.weight"):
                 tensor = permute_rotary(tensor, config.n_heads)
@@ -196,6 +216,17 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
         os.chmod(tmp, 0o666 & ~umask)  # a regular file's permissions, not the temporary file's 0600
     return {"format": "gguf", "gguf_type": gguf_type, "output": str(output), "tensors": len(state),
             "tensor_types": counts, "bytes": output.stat().st_size}
+
+
+def refuse_unexportable(config, checkpoint: Path) -> None:
+    """The export writes llama.cpp's plain `llama` architecture: a model whose math needs more (biases,
+    a rotary scaling, a sliding window) would load there and answer differently, so it is refused."""
+    problems = {"rope_scaling": config.rope_scaling, "attention/MLP biases":
+                config.qkv_bias or config.o_bias or config.mlp_bias, "sliding_window": config.sliding_window}
+    for field, value in problems.items():
+        if value:
+            raise UsageError(f"{checkpoint}: {field}={value} is not written by glm's GGUF export (llama.cpp's "
+                             "llama architecture would run the model without it); use the safetensors formats")
 
 
 def load_gguf_model(path: str | Path, like):
