@@ -29,6 +29,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike):
     """Yields a temporary path beside `final`; on success it is renamed to `final`, on error removed."""
@@ -41,6 +47,7 @@ def atomic_path(final: str | os.PathLike):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # a regular file's mode, not mkstemp's private 0600
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
@@ -83,6 +90,7 @@ def atomic_dir(final: str | os.PathLike):
             if child.is_file():
                 with open(child, "rb+") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # a regular directory's mode, not mkdtemp's private 0700
         if final.exists():
             old = final.parent / f".old-{final.name}.{os.getpid()}"
             os.replace(final, old)

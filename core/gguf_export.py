@@ -14,7 +14,6 @@ inverse, used by the tests to check the file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +66,29 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _pre_tokenizer_name(tok: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer: GPT-2's byte-level regex split is 'gpt-2'."""
-    pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-        return "gpt-2"
-    return "default"
+# llama.cpp's names for the pre-tokenizers glm can write, by the kind `gguf_import` rebuilds for each.
+EXPORT_PRE_NAMES = {"gpt2": "gpt-2", "digits+gpt2": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
+PRE_TOKENIZER_PROBE = ("Hello world's 12345 apples,\n\n  they'll  COST $3.50!! Ünïcödé 日本語 x1y22\tend\r\n"
+                       "   I'M 7 'Ve  \n 1234567 ...?! ")
+
+
+def _pre_tokenizer_name(path: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, found by behaviour: the kind whose splits of a
+    probe text (digits, contractions, runs of spaces, newlines, unicode) equal the tokenizer's own. A
+    wrong name would make llama.cpp cut numbers or contractions differently, so no match is an error."""
+    from tokenizers import Tokenizer
+
+    from glm_cli.core.gguf_import import pre_tokenizer_of_kind
+
+    pre = Tokenizer.from_file(str(path)).pre_tokenizer
+    if pre is not None:
+        splits = [piece for piece, _ in pre.pre_tokenize_str(PRE_TOKENIZER_PROBE)]
+        for kind, name in EXPORT_PRE_NAMES.items():
+            candidate = pre_tokenizer_of_kind(kind).pre_tokenize_str(PRE_TOKENIZER_PROBE)
+            if [piece for piece, _ in candidate] == splits:
+                return name
+    raise UsageError(f"{path}: its pre_tokenizer splits text like none of llama.cpp's "
+                     f"{', '.join(EXPORT_PRE_NAMES.values())}; GGUF export would tokenize differently")
 
 
 def tokenizer_metadata(tokenizer_dir: Path, vocab_size: int) -> dict:
@@ -108,7 +123,7 @@ def tokenizer_metadata(tokenizer_dir: Path, vocab_size: int) -> dict:
         chat_template = (tokenizer_dir / "chat_template.jinja").read_text()
     if isinstance(chat_template, list):  # named templates: llama.cpp's key holds the default one
         chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_tokenizer_name(tok),
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_tokenizer_name(path),
             "chat_template": chat_template, "add_bos": _adds_bos(tok)}
 
 
@@ -211,9 +226,6 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a regular file's permissions, not the temporary file's 0600
     return {"format": "gguf", "gguf_type": gguf_type, "output": str(output), "tensors": len(state),
             "tensor_types": counts, "bytes": output.stat().st_size}
 

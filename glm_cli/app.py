@@ -27,6 +27,7 @@ COMMANDS = [
     ("quantize", "quantize", "Quantize a checkpoint to int8/int4 (safetensors or GGUF)."),
     ("generate", "generate", "Generate text from a checkpoint."),
     ("eval", "evaluate", "Evaluate checkpoints: perplexity, multiple choice, generation tasks."),
+    ("convert", "convert", "Convert a Hugging Face directory or a GGUF file to a glm checkpoint."),
 ]
 
 app = typer.Typer(

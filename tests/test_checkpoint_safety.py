@@ -153,3 +153,20 @@ def test_mutated_headers_give_clean_errors(tmp_path, valid_safetensors, pos, val
 def test_structured_hostile_headers_give_clean_errors(tmp_path, header):
     raw = json.dumps(header).encode()
     _check(tmp_path, struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary names are private (mkstemp/mkdtemp make them 0600/0700); what they become is not."""
+    import os
+
+    from glm_cli.core.atomic import atomic_dir, write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "inner").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
