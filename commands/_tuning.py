@@ -117,7 +117,11 @@ def load_base_and_tokenizer(base: str):
     if (Path(base) / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"{base}: holds an adapter; fine-tune from a plain checkpoint (write one with "
                               "`glm finetune --method lora --merge`)")
-    model = load_base(base)
+    # float32 master weights whatever the base was stored in (a bf16 model from the Hub, say): the
+    # engine's `dtype` setting decides the compute precision by autocast, as in pretraining.
+    import torch
+
+    model = load_base(base, dtype=torch.float32)
     tokenizer = load_tokenizer(base)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise CheckpointError(f"{base}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model "

@@ -378,9 +378,10 @@ def attach_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_base(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A checkpoint as a Transformer: full precision, or with QuantLinear layers if it is quantized
-    (`glm quantize` output), the frozen base of QLoRA-style fine-tuning."""
+def load_base(directory: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> nn.Module:
+    """A checkpoint as a Transformer: full precision (in `dtype`, else as stored), or with QuantLinear
+    layers if it is quantized (`glm quantize` output), the frozen base of QLoRA-style fine-tuning."""
     from glm_cli.core.checkpoint import (
         CONFIG,
         WEIGHTS,
@@ -396,7 +397,7 @@ def load_base(directory: str | Path, device: str | torch.device = "cpu") -> nn.M
     except (OSError, json.JSONDecodeError):
         hf = {}
     if not hf.get("quantization_config"):
-        return load_model(directory, device=device)
+        return load_model(directory, device=device, dtype=dtype)
     from glm_cli.core.config import ModelConfig
     from glm_cli.core.quant import load_quantized_model
 
