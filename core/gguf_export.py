@@ -22,6 +22,7 @@ import torch
 from glm_cli.core.atomic import atomic_path
 from glm_cli.core.console import warn
 from glm_cli.core.errors import GlmError, UsageError
+from glm_cli.core.optional import require
 from glm_cli.core.tokenizer import SPECIAL_TOKENS
 
 GGUF_TYPES = ("q8_0", "q4_0", "f16", "f32")
@@ -142,7 +143,7 @@ def _adds_bos(tok: dict) -> bool:
 def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8_0",
                 keep_embeddings: bool = True) -> dict:
     """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary."""
-    import gguf
+    gguf = require("gguf", "GGUF files")
 
     from glm_cli.core.checkpoint import load_model
 
@@ -247,7 +248,7 @@ def load_gguf_model(path: str | Path, like):
     `like` is the source model (its config is reused; the file's shapes are checked against it). Used to
     measure the perplexity of exactly the weights llama.cpp will run, and by the tests.
     """
-    import gguf
+    gguf = require("gguf", "GGUF files")
 
     from glm_cli.core.model import Transformer
 

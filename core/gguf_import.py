@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from glm_cli.core.errors import CheckpointError
+from glm_cli.core.optional import require
 
 if TYPE_CHECKING:
     import torch
@@ -269,7 +270,7 @@ def check_tensors(reader, n_layers: int, problems: list[str]) -> None:
 
 def dequantize_tensor(t) -> torch.Tensor:
     """A GGUF tensor as float32 in PyTorch's dimension order (the reverse of GGUF's)."""
-    import gguf
+    gguf = require("gguf", "reading GGUF files")
     import torch
 
     values = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -404,7 +405,7 @@ def tokenizer_config(meta: dict, config: dict) -> dict:
 
 def read_gguf(path: str | Path) -> GgufModel:
     """Read and check a llama GGUF file; raises CheckpointError listing every unsupported field."""
-    import gguf
+    gguf = require("gguf", "reading GGUF files")
 
     path = Path(path)
     if not path.is_file():

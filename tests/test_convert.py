@@ -384,3 +384,13 @@ def test_export_names_the_pre_tokenizer_that_import_rebuilds(tmp_path, kind):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(UsageError, match="pre_tokenizer"):
         tokenizer_metadata(tmp_path, 2)
+
+
+def test_missing_gguf_package_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    import sys
+
+    from glm_cli.core.errors import GlmError
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(GlmError, match=r"pip install gguf"):
+        read_gguf(tmp_path / "model.gguf")
