@@ -274,3 +274,11 @@ def test_clock_takes_over_the_schedule_only_beyond_the_slack():
     assert lr_factor(step, cfg, clock_progress(0.6 * budget, budget)) < lr_factor(step, cfg)
     assert clock_progress(budget, budget) == 1.0 and lr_factor(step, cfg, 1.0) == 0.0
     assert clock_progress(0.5 * CLOCK_SLACK * budget, budget) == 0.0
+
+
+def test_log_estimates_the_time_left_from_the_pace_after_the_first_step():
+    from glm_cli.core.engine import TrainConfig, _Display
+
+    display = _Display(TrainConfig(max_steps=100), start=0, enabled=True)
+    assert display.remaining(1, 5.0) == ""  # the first step pays for warm-up: not a pace
+    assert display.remaining(11, 15.0) == ", ~1m29s left"  # 1 s a step, 89 steps to go

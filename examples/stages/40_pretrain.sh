@@ -4,20 +4,18 @@
 #   in:  $DEMO/shards, $DEMO/tokenizer (stage 30)
 #   out: $DEMO/pretrain/ (final/ = the HF-loadable model, best/, checkpoints/, metrics.jsonl,
 #        curves.png), $DEMO/pretrain-summary.json
-# The run is a fixed number of steps (reproducible: same seed, same losses), calibrated to take about
-# 3.7 minutes on an idle 2-core machine; --time-budget caps it at PRETRAIN_SECONDS of training so the
-# stage stays within about five minutes on a slow machine (the lr schedule then ends on time instead).
-# The cap leaves 25% headroom, and the engine lets the schedule follow the clock only when a run is more
-# than 5% of the budget behind the cap's pace (core/engine.py: clock_progress): a busy machine's slow
-# stretches then change nothing. Without that slack, and with a 255 s cap, a run at 11.4K tokens/s fell
-# behind for a moment in its first 150 steps and ended at 2.1469 bits/byte instead of 2.1453 (the
-# cosine-schedule preset of the time).
+# The run is a fixed number of steps (reproducible: same seed, same losses, the same digits on any
+# machine), about 4 minutes on an idle 2-core machine; a slower one takes longer and prints the same
+# numbers (the log estimates the time left after the first steps). PRETRAIN_SECONDS=N caps training at N
+# seconds instead (--time-budget: the lr schedule then ends on time, so the numbers depend on the
+# machine's speed; docs/pretrain.md).
 set -euo pipefail
 : "${DEMO:=runs/demo}"
 if command -v glm >/dev/null 2>&1; then GLM=glm; else GLM=.venv/bin/glm; fi
 
 STEPS="${PRETRAIN_STEPS:-2800}"
-SECONDS_CAP="${PRETRAIN_SECONDS:-280}"
+CAP=()
+if [ -n "${PRETRAIN_SECONDS:-}" ]; then CAP=(--time-budget "$PRETRAIN_SECONDS"); fi
 if [ ! -f "$DEMO/shards/index.json" ]; then
   echo "40_pretrain: no $DEMO/shards (run the tokenize stage first)" >&2
   exit 1
@@ -27,7 +25,7 @@ if [ -f "$DEMO/tokenizer/tokenizer.json" ]; then TOK=(--tokenizer "$DEMO/tokeniz
 rm -rf "$DEMO/pretrain"   # a fresh run each time the demo runs (use `glm pretrain ... --resume` to continue)
 
 $GLM pretrain "$DEMO/shards" -o "$DEMO/pretrain" "${TOK[@]}" --preset cpu \
-  --max-steps "$STEPS" --time-budget "$SECONDS_CAP" --json > "$DEMO/pretrain-summary.json"
+  --max-steps "$STEPS" "${CAP[@]}" --json > "$DEMO/pretrain-summary.json"
 
 .venv/bin/python - "$DEMO/pretrain-summary.json" <<'PY'
 import json, sys
