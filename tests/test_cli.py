@@ -25,6 +25,27 @@ def test_help_has_an_example_and_defaults(name):
     assert proc.returncode == 0, proc.stderr.decode()
     text = proc.stdout.decode()
     assert "Example" in text or "example" in text, f"`glm {name} --help` shows no example"
+    for words, params in _commands(name):
+        valued = [p for p in params if p.param_type_name == "option" and not p.is_flag
+                  and p.default is not None and not p.hidden]
+        hidden = [p.name for p in valued if p.show_default is False]
+        assert not hidden, f"`glm {words} --help` hides the default of {hidden}"
+        if valued:
+            from typer.testing import CliRunner
+
+            shown = CliRunner().invoke(app, [*words.split(), "--help"], env={"COLUMNS": "200"}).stdout
+            assert "[default:" in shown, f"`glm {words} --help` shows no default"
+
+
+def _commands(name):
+    """(words, click parameters) of `glm NAME`, or of each subcommand when NAME is a group."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands[name]
+    subcommands = getattr(command, "commands", {})
+    if not subcommands:
+        return [(name, command.params)]
+    return [(f"{name} {sub}", c.params) for sub, c in subcommands.items()]
 
 
 def test_unknown_option_is_a_usage_error():

@@ -17,8 +17,6 @@ from glm_cli.core.packed_linear import (
 from glm_cli.core.peft import LoRALinear, PeftConfig, apply_peft
 from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn
 
-pytestmark = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
-                                reason="this PyTorch has no oneDNN linear packing")
 
 
 def tiny(seed=0) -> Transformer:
@@ -140,3 +138,21 @@ def test_prepare_for_inference_fuses_then_packs(monkeypatch):
     assert prepare_for_inference(model) == {"fused_projections": 2 * n_layers,
                                            "packed_linears": 4 * n_layers + 1}  # qkv o gate_up down, head
     assert_same_logits_and_greedy_tokens(model, reference, tol=1e-4)
+
+
+def test_fp32_packing_is_available_on_this_torch():
+    """The CPU build glm pins (torch 2.13) has the oneDNN ops and they compute F.linear's numbers; a
+    failing probe here is the regression these tests exist to catch, so it fails instead of skipping."""
+    assert packing_available(torch.device("cpu"), torch.float32)
+
+
+def test_a_failed_probe_falls_back_to_f_linear(monkeypatch):
+    import glm_cli.core.packed_linear as packed
+
+    monkeypatch.setattr(packed, "_onednn_linear_works", lambda dtype: False)
+    model, reference = tiny(), tiny()
+    assert pack_for_cpu_inference(model, min_bytes=0) == 0
+    assert any(type(m) is nn.Linear for m in model.modules())
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids))
