@@ -18,7 +18,6 @@ from glm_cli.core.peft import LoRALinear, PeftConfig, apply_peft
 from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn
 
 
-
 def tiny(seed=0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(preset("tiny", tie_embeddings=True)).eval()
