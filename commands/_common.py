@@ -22,7 +22,23 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and 
 Shard = Annotated[str | None, typer.Option("--shard", help="Process only shard I of N of the inputs (I/N, "
                                            "0-based); concatenated shard outputs equal one full run.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
-Inputs = Annotated[list[str], typer.Argument(help="Files, directories, globs, or '-' for stdin.")]
+Inputs = Annotated[list[str], typer.Argument(help="Files (.jsonl, .txt, .parquet; .zst/.gz compressed), "
+                                             "directories, globs, or '-' for JSONL on stdin.")]
+TextColumn = Annotated[str, typer.Option("--text-column", help="The JSONL field or parquet column holding each "
+                                         "document's text; outputs keep the name.")]
+IdColumn = Annotated[str, typer.Option("--id-column", help="The JSONL field or parquet column holding each "
+                                       "document's id (without one: FILE:LINE, or FILE:ROW in parquet); "
+                                       "outputs keep the name.")]
+RowGroupSize = Annotated[int, typer.Option("--row-group-size", min=1, help="Parquet output (-o ….parquet): rows "
+                                           "per row group (a group also closes at 128 MiB of text); bounds "
+                                           "memory, and is the unit --shard splits a parquet file by.")]
+
+
+def columns_for(text_column: str, id_column: str):
+    """The `Columns` the readers and writers of a data command use (validated: non-empty, different)."""
+    from glm_cli.core.corpus import Columns
+
+    return Columns(text=text_column, id=id_column)
 
 
 def errors_path_for(output: str, errors: str | None) -> str:

@@ -12,23 +12,28 @@ import typer
 
 from glm_cli.commands._common import (
     ErrorsPath,
+    IdColumn,
     JsonSummary,
     OnError,
     Output,
     Quiet,
+    RowGroupSize,
     Shard,
+    TextColumn,
     Workers,
+    columns_for,
     emit_summary,
     errors_path_for,
 )
 
 # The command's help text comes from glm_cli.app, so the examples live in the INPUTS help.
 CleanInputs = Annotated[list[str], typer.Argument(help=(
-    "Files (.txt/.html: one document each; .jsonl with a 'text' field; any of them .zst), directories, "
-    "globs, or '-' for JSONL on stdin.  Examples:  "
+    "Files (.txt/.html: one document each; .jsonl with a 'text' field; any of them .zst or .gz; .parquet "
+    "with a 'text' column), directories, globs, or '-' for JSONL on stdin.  Examples:  "
     "`glm clean data/raw -o clean.jsonl --rejected rejected.jsonl`;  "
     "`glm clean 'crawl/*.jsonl.zst' --lang en --workers 4 -o clean.jsonl.zst --json`;  "
     "`glm clean data/raw -o - | head -c 300`;  "
+    "`glm clean 'web/*.parquet' --text-column content -o clean.parquet`;  "
     "`glm clean corpus/ --shard 3/8 -o out/3.jsonl` (task 3 of a Slurm array of 8)."))]
 Rejected = Annotated[str | None, typer.Option("--rejected", help="Also write the dropped documents (JSONL, "
                                               "with a 'reason' field) to this path.")]
@@ -175,6 +180,9 @@ def command(
     gopher_repetition: GopherR = True,
     max_dup_line_fraction: MaxDupLines = 0.4,
     pii: Pii = True,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
+    row_group_size: RowGroupSize = 10_000,
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     workers: Workers = 1,
@@ -205,23 +213,25 @@ def command(
                      lang_threshold=lang_threshold, pii=pii)
     if rejected is not None and rejected in (output, "-") and rejected != "":
         raise UsageError("--rejected must be a file other than the output (and not '-')")
+    columns = columns_for(text_column, id_column)
     policy = ErrorPolicy(on_error, errors_path_for(output, errors))
     shard_spec = parse_shard(shard)
     stats = CleanStats()
 
-    docs = read_documents(inputs, policy, shard_spec)
+    docs = read_documents(inputs, policy, shard_spec, columns)
     results = map_ordered(partial(clean_batch, config), batches(docs), workers, chunk_size=1)
     try:
         # closing(): on any error (a closed stdout pipe included) the worker pool is shut down at once.
-        with closing(results), RecordWriter(output) as out, \
-                (RecordWriter(rejected) if rejected else _NoWriter()) as rej, progress("cleaning") as advance:
+        with closing(results), RecordWriter(output, columns, row_group_size) as out, \
+                (RecordWriter(rejected, columns, row_group_size) if rejected else _NoWriter()) as rej, \
+                progress("cleaning") as advance:
             for batch in results:
                 for result in batch:
                     stats.add(result)
                     if result.reason is None:
                         out.write_document(result.doc)
                     else:
-                        rej.write({**result.doc.to_record(), "reason": result.reason})
+                        rej.write_document(result.doc, reason=result.reason)
                 advance(len(batch))
     except BaseException:
         policy.close(ok=False)  # no errors file from a failed run
@@ -236,7 +246,7 @@ def command(
 
 
 class _NoWriter:
-    def write(self, record: dict) -> None:
+    def write_document(self, doc, **extra) -> None:
         pass
 
     def __enter__(self):

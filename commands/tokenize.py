@@ -12,6 +12,7 @@ import typer
 
 from glm_cli.commands._common import (
     ErrorsPath,
+    IdColumn,
     Inputs,
     JsonSummary,
     OnError,
@@ -19,7 +20,9 @@ from glm_cli.commands._common import (
     Quiet,
     Seed,
     Shard,
+    TextColumn,
     Workers,
+    columns_for,
     emit_summary,
     errors_path_for,
 )
@@ -65,6 +68,8 @@ def train(
     group_map: GroupMap = None,
     max_length: Annotated[int, typer.Option("--model-max-length", help="model_max_length written to "
                                             "tokenizer_config.json.")] = 2048,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     shard: Shard = None,
@@ -94,13 +99,14 @@ def train(
     if not output or output == "-":
         raise UsageError("-o/--output: give the directory to write the tokenizer into")
     splitter = Splitter(val_fraction, group_pattern, seed, load_group_map(group_map))
+    columns = columns_for(text_column, id_column)
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/train", errors)
     start = time.perf_counter()
     stats = {"documents": 0, "bytes": 0, "held_out": 0}
 
     def texts():
-        for doc in read_documents(inputs, policy, shard_spec):
+        for doc in read_documents(inputs, policy, shard_spec, columns):
             if splitter.split(doc.id) != "train":
                 stats["held_out"] += 1
                 continue
@@ -151,6 +157,8 @@ def encode(
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", min=1, help="Close a shard file once it holds "
                                               "this many tokens (documents are never split).")] = 1 << 24,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Documents per encode_batch call.")] = 256,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     workers: Workers = 1,
@@ -189,7 +197,7 @@ def encode(
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/encode", errors)
     start = time.perf_counter()
-    docs = read_documents(inputs, policy, shard_spec)
+    docs = read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column))
     if shard_spec:
         directory = Path(output)
         if (directory / INDEX).exists():

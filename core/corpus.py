@@ -1,23 +1,35 @@
 """Reading and writing corpora: the one place that knows file formats, stdin/stdout and bad lines.
 
 A corpus is a stream of `Document`s. Inputs may be `.txt`/`.html` files (one document each), `.jsonl`
-files (one JSON object a line, with at least a string `text`), any of them compressed as `.zst`,
-directories (walked recursively, sorted), globs, or `-` for stdin (JSONL, optionally zstd-compressed).
-Everything streams: nothing holds more than one line (or one `.txt` document) in memory.
+files (one JSON object a line, with at least a string `text`), any of them compressed as `.zst` or `.gz`
+(recognized by suffix or by magic bytes), `.parquet` files (`core.parquet_io`: a `text` column, an `id`
+column, the other columns kept), directories (walked recursively, sorted), globs, or `-` for stdin (JSONL,
+optionally compressed). `Columns` names the field or column holding the text and the id (`--text-column`,
+`--id-column`); writers use the same names, so a corpus keeps its shape through every command. Everything
+streams: nothing holds more than one line, one `.txt` document or one parquet batch in memory.
 
-Bad input is never dropped silently. Each problem becomes a `BadRecord` with its `path:line`; the
-`ErrorPolicy` either raises it as a `DataError` (the default, `--on-error fail`) or counts it, appends it
-to an errors file and goes on with the next line (`--on-error skip`), so one bad line never costs the
-lines after it.
+Bad input is never dropped silently. Each problem becomes a `BadRecord` with its place (`path:line`, or
+`path:row-group G:row R` in parquet); the `ErrorPolicy` either raises it as a `DataError` (the default,
+`--on-error fail`) or counts it, appends it to an errors file and goes on with the next record
+(`--on-error skip`), so one bad record never costs the records after it.
+
+`--shard I/N` gives shard I a contiguous block of the inputs' units: a file, or one row group of a parquet
+file, so a single big parquet file still spreads over N machines, and the concatenated outputs of shards
+0..N-1 equal one unsharded run.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import glob
+import gzip
 import io
 import json
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +41,34 @@ from glm_cli.core.errors import DataError, UsageError
 
 ONE_DOCUMENT_SUFFIXES = (".txt", ".html", ".htm", ".xml", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIX = ".parquet"
+COMPRESSED_SUFFIXES = (".zst", ".gz")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
 STDIN = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Which JSONL field or parquet column holds a document's text and which its id.
+
+    Readers take the text and id from these names, and writers write them back under the same names, so
+    `--text-column content` reads and writes `content`. Without an id a document is named `FILE:LINE`
+    (JSONL, 1-based) or `FILE:ROW` (parquet, 0-based row of the file).
+    """
+
+    text: str = "text"
+    id: str = "id"
+
+    def __post_init__(self):
+        if not self.text or not self.id:
+            raise UsageError("--text-column/--id-column: give a non-empty name")
+        if self.text == self.id:
+            raise UsageError(f"--text-column and --id-column are both {self.text!r}: give two different names")
+
+
+DEFAULT_COLUMNS = Columns()
 
 
 @dataclass(slots=True)
@@ -41,16 +79,16 @@ class Document:
     text: str
     meta: dict = field(default_factory=dict)
     source: str = ""
-    line: int = 0
+    line: int = 0  # JSONL: 1-based line; parquet: 0-based row of the file
 
-    def to_record(self) -> dict:
-        return {"id": self.id, "text": self.text, **self.meta}
+    def to_record(self, columns: Columns = DEFAULT_COLUMNS) -> dict:
+        return {columns.id: self.id, columns.text: self.text, **self.meta}
 
 
 @dataclass(slots=True)
 class BadRecord:
     source: str
-    line: int
+    line: int | str  # a line number, or a place such as "row-group 3:row 17" (parquet)
     reason: str
     raw: str
 
@@ -58,13 +96,32 @@ class BadRecord:
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _strip_zst(name: str) -> str:
-    return name[:-4] if name.endswith(".zst") else name
+def _strip_compression(name: str) -> str:
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def is_corpus_file(path: Path) -> bool:
-    name = _strip_zst(path.name.lower())
-    return name.endswith(ONE_DOCUMENT_SUFFIXES + JSONL_SUFFIXES)
+    name = path.name.lower()
+    return name.endswith(PARQUET_SUFFIX) or _strip_compression(name).endswith(ONE_DOCUMENT_SUFFIXES + JSONL_SUFFIXES)
+
+
+def is_parquet(source: str) -> bool:
+    """A `.parquet` file, or a file of no known corpus suffix that starts with parquet's magic bytes."""
+    if source == STDIN:
+        return False
+    name = source.lower()
+    if name.endswith(PARQUET_SUFFIX):
+        return True
+    if _strip_compression(name).endswith(ONE_DOCUMENT_SUFFIXES + JSONL_SUFFIXES):
+        return False
+    try:
+        with open(source, "rb") as f:
+            return f.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
 
 
 def expand_inputs(specs: Iterable[str]) -> list[str]:
@@ -84,7 +141,8 @@ def expand_inputs(specs: Iterable[str]) -> list[str]:
             found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_corpus_file(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise UsageError(f"{spec}: directory holds no corpus files (.txt, .jsonl, .jsonl.zst, ...)")
+                raise UsageError(f"{spec}: directory holds no corpus files (.txt, .jsonl, .jsonl.zst, "
+                                 ".parquet, ...)")
             sources.extend(found)
         elif path.is_file():
             sources.append(str(path))
@@ -102,17 +160,46 @@ def expand_inputs(specs: Iterable[str]) -> list[str]:
     return unique
 
 
+def _block(items: list, shard: tuple[int, int]) -> list:
+    index, count = shard
+    start, stop = (len(items) * index) // count, (len(items) * (index + 1)) // count
+    return items[start:stop]
+
+
 def shard_sources(sources: list[str], shard: tuple[int, int] | None) -> list[str]:
     """Shard I of N gets a contiguous block of the sorted sources.
 
     Contiguous blocks (not round-robin) mean that concatenating the outputs of shards 0..N-1 gives
     exactly the output of one unsharded run, which is what the tests check.
     """
+    return sources if shard is None else _block(sources, shard)
+
+
+def shard_units(sources: list[str], shard: tuple[int, int] | None) -> list[tuple[str, range | None]]:
+    """What shard I of N reads: `(source, row groups)` pairs, `None` meaning the whole source.
+
+    The units are the sources in order, except that a parquet file counts as one unit per row group
+    (read from its footer); shard I takes a contiguous block of units, as `shard_sources` does with files.
+    So one big parquet file still spreads over N shards, and shard outputs concatenated in order equal
+    one run. A parquet file whose footer cannot be read stays one unit, and the shard holding it reports it.
+    """
     if shard is None:
-        return sources
-    index, count = shard
-    start, stop = (len(sources) * index) // count, (len(sources) * (index + 1)) // count
-    return sources[start:stop]
+        return [(source, None) for source in sources]
+    from glm_cli.core.parquet_io import row_group_count
+
+    units: list[tuple[str, int | None]] = []
+    for source in sources:
+        groups = row_group_count(source) if is_parquet(source) else None
+        units.extend((source, g) for g in range(groups)) if groups else units.append((source, None))
+    merged: list[tuple[str, range | None]] = []
+    for source, group in _block(units, shard):
+        if group is None:
+            merged.append((source, None))
+        elif merged and merged[-1][0] == source and merged[-1][1] is not None:
+            merged[-1] = (source, range(merged[-1][1].start, group + 1))
+        else:
+            merged.append((source, range(group, group + 1)))
+    return merged
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -129,7 +216,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 class CorruptInput(Exception):
-    """A compressed stream that is truncated or not zstd at all (raised while reading)."""
+    """A compressed stream that is truncated or not zstd/gzip at all (raised while reading)."""
 
 
 class _ZstdRaw(io.RawIOBase):
@@ -172,20 +259,48 @@ class _ZstdRaw(io.RawIOBase):
         super().close()
 
 
+class _GzipRaw(io.RawIOBase):
+    """Decompresses gzip (all members), turning a truncated or non-gzip stream into `CorruptInput`."""
+
+    def __init__(self, binary):
+        self._binary = binary
+        self._gzip = gzip.GzipFile(fileobj=binary, mode="rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._gzip.readinto(buffer)
+        except EOFError:
+            raise CorruptInput("compressed stream is truncated (ends in the middle of a gzip member)") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise CorruptInput(f"not a valid gzip stream ({e})") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gzip.close()
+            self._binary.close()
+        super().close()
+
+
 def _open_binary(source: str) -> io.BufferedIOBase:
-    """A binary stream for a source, transparently decompressing zstd (by suffix or magic bytes)."""
+    """A binary stream for a source, transparently decompressing zstd or gzip (by suffix or magic bytes)."""
     try:
         raw = sys.stdin.buffer if source == STDIN else open(source, "rb")
     except OSError as e:
         raise DataError(source, 0, f"cannot read: {e.strerror or e}") from None
     peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
-    if source.endswith(".zst") or peekable.peek(4)[:4] == ZSTD_MAGIC:
+    magic = peekable.peek(4)[:4]
+    if source.endswith(".zst") or magic == ZSTD_MAGIC:
         return io.BufferedReader(_ZstdRaw(peekable), buffer_size=1 << 16)
+    if source.endswith(".gz") or magic[:2] == GZIP_MAGIC:
+        return io.BufferedReader(_GzipRaw(peekable), buffer_size=1 << 16)
     return peekable
 
 
 def _doc_id(source: str, line: int | None = None) -> str:
-    base = _strip_zst(os.path.basename(source)) if source != STDIN else "stdin"
+    base = _strip_compression(os.path.basename(source)) if source != STDIN else "stdin"
     base = base.rsplit(".", 1)[0] if line is None else base
     return base if line is None else f"{base}:{line}"
 
@@ -212,7 +327,7 @@ def _read_one_document(source: str) -> Iterator[Document | BadRecord]:
     yield Document(id=_doc_id(source), text=text, source=source, line=1)
 
 
-def _parse_json_line(source: str, number: int, raw: bytes) -> Document | BadRecord:
+def _parse_json_line(source: str, number: int, raw: bytes, columns: Columns = DEFAULT_COLUMNS) -> Document | BadRecord:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -226,24 +341,24 @@ def _parse_json_line(source: str, number: int, raw: bytes) -> Document | BadReco
         return BadRecord(source, number, f"broken JSON ({e.msg} at column {e.colno})", line)
     if not isinstance(record, dict):
         return BadRecord(source, number, f"expected a JSON object, got {type(record).__name__}", line)
-    text = record.pop("text", None)
+    text = record.pop(columns.text, None)
     if not isinstance(text, str):
-        reason = "no 'text' field" if text is None else f"'text' is {type(text).__name__}, not a string"
-        record["text"] = text
+        reason = (f"no {columns.text!r} field" if text is None
+                  else f"{columns.text!r} is {type(text).__name__}, not a string")
         return BadRecord(source, number, reason, line)
     if "\\u" in line:  # only a \u escape can bring in a lone surrogate, which no writer can encode
-        for name, value in (("'text'", text), ("a field", json.dumps(record, ensure_ascii=False))):
+        for name, value in ((repr(columns.text), text), ("a field", json.dumps(record, ensure_ascii=False))):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
                 surrogate = f"\\u{ord(value[e.start]):04x}"
                 return BadRecord(source, number, f"{name} holds an unpaired surrogate ({surrogate})", line)
-    doc_id = record.pop("id", None)
+    doc_id = record.pop(columns.id, None)
     doc_id = _doc_id(source, number) if doc_id is None else str(doc_id)
     return Document(id=doc_id, text=text, meta=record, source=source, line=number)
 
 
-def _read_jsonl(source: str) -> Iterator[Document | BadRecord]:
+def _read_jsonl(source: str, columns: Columns) -> Iterator[Document | BadRecord]:
     with _open_binary(source) as f:
         number = 0
         lines = iter(f)
@@ -262,17 +377,22 @@ def _read_jsonl(source: str) -> Iterator[Document | BadRecord]:
                     raw = raw[:-1]
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            yield _parse_json_line(source, number, raw)
+            yield _parse_json_line(source, number, raw, columns)
         if number == 0:
             yield BadRecord(source, 0, "empty file", "")
 
 
-def read_source(source: str) -> Iterator[Document | BadRecord]:
-    """Documents and bad records of one source, in file order."""
-    name = _strip_zst(source.lower())
+def read_source(source: str, columns: Columns = DEFAULT_COLUMNS,
+                row_groups: range | None = None) -> Iterator[Document | BadRecord]:
+    """Documents and bad records of one source, in file order (of a parquet file: only `row_groups`)."""
+    name = _strip_compression(source.lower())
     if source != STDIN and name.endswith(ONE_DOCUMENT_SUFFIXES):
         return _read_one_document(source)
-    return _read_jsonl(source)
+    if is_parquet(source):
+        from glm_cli.core.parquet_io import read_parquet
+
+        return read_parquet(source, columns, row_groups)
+    return _read_jsonl(source, columns)
 
 
 class ErrorPolicy:
@@ -296,7 +416,7 @@ class ErrorPolicy:
 
     def handle(self, bad: BadRecord) -> None:
         if self.mode == "fail":
-            raise DataError(bad.source, bad.line, bad.reason + " (use --on-error skip to skip such lines)")
+            raise DataError(bad.source, bad.line, bad.reason + " (use --on-error skip to skip such records)")
         self.count += 1
         if not self.errors_path:
             return
@@ -325,11 +445,11 @@ class ErrorPolicy:
 
 
 def read_documents(specs: Iterable[str], policy: ErrorPolicy | None = None,
-                   shard: tuple[int, int] | None = None) -> Iterator[Document]:
+                   shard: tuple[int, int] | None = None, columns: Columns = DEFAULT_COLUMNS) -> Iterator[Document]:
     """Stream the documents of all inputs; bad records go to `policy` (default: fail)."""
     policy = policy or ErrorPolicy()
-    for source in shard_sources(expand_inputs(specs), shard):
-        for item in read_source(source):
+    for source, row_groups in shard_units(expand_inputs(specs), shard):
+        for item in read_source(source, columns, row_groups):
             if isinstance(item, BadRecord):
                 policy.handle(item)
             else:
@@ -377,6 +497,19 @@ class _Zstd:
         self._writer.close()
 
 
+class _Gzip:
+    """A sink compressing into `binary` with gzip (no name or time in the header: same input, same bytes)."""
+
+    def __init__(self, binary):
+        self._writer = gzip.GzipFile(filename="", mode="wb", fileobj=binary, compresslevel=6, mtime=0)
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.close()  # writes the trailer; leaves `binary` open
+
+
 class _Plain:
     def __init__(self, binary):
         self._binary = binary
@@ -388,11 +521,28 @@ class _Plain:
         self._binary.flush()
 
 
-class RecordWriter:
-    """Writes JSONL records to a path (atomically, zstd if it ends in `.zst`) or to stdout (`-`)."""
+def json_default(value):
+    """JSON for the values parquet columns bring that JSON has no type for (dates, decimals, bytes)."""
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
-    def __init__(self, path: str):
-        self.path = path
+
+class RecordWriter:
+    """Writes records to a path, atomically, or to stdout (`-`): JSONL, zstd if the path ends in `.zst`,
+    gzip if in `.gz`, or parquet if in `.parquet` (`core.parquet_io`, `row_group_size` rows a row group).
+
+    Documents are written with their text and id under the names in `columns`, other fields beside them.
+    """
+
+    def __init__(self, path: str, columns: Columns = DEFAULT_COLUMNS, row_group_size: int | None = None):
+        self.path, self.columns = path, columns
         self.count = 0
         self.bytes = 0
         self._ctx = None
@@ -401,19 +551,46 @@ class RecordWriter:
         else:
             self._ctx = atomic_open(path, "wb")
             binary = self._ctx.__enter__()
-        self._sink = _Zstd(binary) if path.endswith(".zst") else _Plain(binary)
+        if path != STDIN and path.lower().endswith(PARQUET_SUFFIX):
+            from glm_cli.core.parquet_io import ParquetSink
+
+            self._sink = ParquetSink(binary, path, columns, row_group_size)
+        elif path.endswith(".zst"):
+            self._sink = _Zstd(binary)
+        elif path.endswith(".gz"):
+            self._sink = _Gzip(binary)
+        else:
+            self._sink = _Plain(binary)
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        self._sink.write(data)
+        if hasattr(self._sink, "write_record"):
+            self.bytes += self._sink.write_record(record)
+        else:
+            data = (json.dumps(record, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+            self._sink.write(data)
+            self.bytes += len(data)
         self.count += 1
-        self.bytes += len(data)
 
-    def write_document(self, doc: Document) -> None:
-        self.write(doc.to_record())
+    def write_document(self, doc: Document, **extra) -> None:
+        """Write `doc` (with `extra` fields added, such as a rejection reason)."""
+        self.write({**doc.to_record(self.columns), **extra} if extra else doc.to_record(self.columns))
 
     def close(self, ok: bool = True) -> None:
-        self._sink.close()
+        """Finish the output (`ok`), or discard it: a file that failed halfway never appears."""
+        try:
+            if ok:
+                self._sink.close()
+            else:
+                getattr(self._sink, "abort", self._sink.close)()
+        except BaseException:
+            if ok and hasattr(self._sink, "abort"):
+                self._sink.abort()
+            ok = False
+            raise
+        finally:
+            self._finish(ok)
+
+    def _finish(self, ok: bool) -> None:
         if self._ctx is not None:
             if ok:
                 self._ctx.__exit__(None, None, None)
@@ -432,6 +609,7 @@ class RecordWriter:
 
 
 def write_records(path: str, records: Iterable[dict]) -> int:
+    """Write plain records (any fields) to `path`; returns how many."""
     with RecordWriter(path) as writer:
         for record in records:
             writer.write(record)
