@@ -13,6 +13,7 @@ and the concatenated `out/*.jsonl` equal the single run's output.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
@@ -20,14 +21,18 @@ from typer.core import TyperGroup
 
 from glm_cli.commands._common import (
     ErrorsPath,
+    IdColumn,
     Inputs,
     JsonSummary,
     OnError,
     Output,
     Quiet,
+    RowGroupSize,
     Seed,
     Shard,
+    TextColumn,
     Workers,
+    columns_for,
     emit_summary,
     errors_path_for,
 )
@@ -80,6 +85,9 @@ Clusters = Annotated[str | None, typer.Option("--clusters", help="Write JSONL: e
 LocalShard = Annotated[str | None, typer.Option("--shard", help="Deduplicate only shard I of N of the inputs "
                                                 "(I/N, 0-based), within itself. For one dedup across all "
                                                 "shards use signatures/cluster/filter.")]
+MemoryMb = Annotated[int, typer.Option("--memory-mb", help="Memory for the clustering step besides 5 bytes "
+                                       "a document (9 past 2**31): a column that does not fit is grouped "
+                                       "through hash partitions spilled to the temporary directory.")]
 Contaminated = Annotated[str | None, typer.Option("--contaminated", help="Write JSONL: each contaminated "
                                                   "document, the first evaluation record it overlaps, how "
                                                   "many n-grams.")]
@@ -98,7 +106,7 @@ def _policy(on_error: str, output: str, errors: str | None):
     return ErrorPolicy(on_error, errors_path_for(output, errors))
 
 
-def _write_jsonl(path: str | None, records: list[dict]) -> None:
+def _write_jsonl(path: str | None, records: Iterable[dict]) -> None:
     if path:
         from glm_cli.core.corpus import write_records
 
@@ -145,6 +153,10 @@ def run(
     contamination: ContamAction = "drop",
     clusters: Clusters = None,
     contaminated: Contaminated = None,
+    memory_mb: MemoryMb = 1024,
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
+    row_group_size: RowGroupSize = 10_000,
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     workers: Workers = 1,
@@ -169,8 +181,11 @@ def run(
     from glm_cli.core.console import set_quiet
     from glm_cli.core.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
     from glm_cli.core.dedup import apply_plan, cluster, compute_signatures
+    from glm_cli.core.errors import UsageError
 
     set_quiet(quiet)
+    if memory_mb < 1:
+        raise UsageError(f"--memory-mb {memory_mb}: need at least 1")
     config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
                      unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,
                      line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
@@ -180,20 +195,25 @@ def run(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
         # stdin can be read once: keep a copy of the parsed documents for the second pass
-        spool = RecordWriter(f"{tmp}/spool.jsonl") if "-" in inputs else None
+        columns = columns_for(text_column, id_column)
+        spool = RecordWriter(f"{tmp}/spool.jsonl", columns) if "-" in inputs else None
         try:
-            sigs = compute_signatures(read_documents(inputs, policy, shard_spec), config, workers, spool=spool)
+            sigs = compute_signatures(read_documents(inputs, policy, shard_spec, columns), config, workers,
+                                      spool=spool)
         finally:
             if spool is not None:
                 spool.close()
         sigs.bad_records = policy.count
-        plan, cluster_records, contamination_records = cluster([sigs])
+        # the same file and clustering as `glm dedup signatures` + `glm dedup cluster`
+        sigs.save(f"{tmp}/signatures.npz")
+        del sigs
+        plan, cluster_records, contamination_records = cluster([f"{tmp}/signatures.npz"], memory_mb, tmp)
         second = [f"{tmp}/spool.jsonl"] if spool is not None else inputs
         second_shard = None if spool is not None else shard_spec
-        with RecordWriter(output) as writer:
-            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard), plan, 0, writer)
+        with RecordWriter(output, columns, row_group_size) as writer:
+            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard, columns), plan, 0, writer)
+        _write_jsonl(clusters, cluster_records)
     policy.close()
-    _write_jsonl(clusters, cluster_records)
     _write_jsonl(contaminated, contamination_records)
     seconds = time.perf_counter() - start
     _log_result(plan.stats, counts, seconds)
@@ -223,6 +243,8 @@ def signatures(
     against: Against = None,
     contamination_ngram: ContamNgram = 13,
     contamination: ContamAction = "drop",
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     workers: Workers = 1,
@@ -252,7 +274,8 @@ def signatures(
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
-    sigs = compute_signatures(read_documents(inputs, policy, shard_spec), config, workers, shard=shard_spec)
+    sigs = compute_signatures(read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column)),
+                              config, workers, shard=shard_spec)
     sigs.bad_records = policy.count
     sigs.save(output)
     policy.close()
@@ -270,6 +293,7 @@ def cluster_step(
     output: Annotated[str, typer.Option("--output", "-o", help="Plan file to write (JSON).")] = "",
     clusters: Clusters = None,
     contaminated: Contaminated = None,
+    memory_mb: MemoryMb = 1024,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
 ) -> None:
@@ -281,7 +305,7 @@ def cluster_step(
     """
     from glm_cli.core.console import set_quiet
     from glm_cli.core.corpus import expand_inputs
-    from glm_cli.core.dedup import Signatures, cluster
+    from glm_cli.core.dedup import cluster
     from glm_cli.core.errors import UsageError
 
     set_quiet(quiet)
@@ -291,13 +315,13 @@ def cluster_step(
     files = []
     for spec in signature_files:
         files.extend(expand_inputs([spec]) if any(c in spec for c in "*?[") else [spec])
-    plan, cluster_records, contamination_records = cluster([Signatures.load(f) for f in files])
+    plan, cluster_records, contamination_records = cluster(files, memory_mb)
     plan.save(output)
     _write_jsonl(clusters, cluster_records)
     _write_jsonl(contaminated, contamination_records)
     seconds = time.perf_counter() - start
     _log_result(plan.stats, None, seconds)
-    emit_summary({"stage": "cluster", **plan.stats, "shards": plan.shards, "output": output,
+    emit_summary({"stage": "cluster", **plan.stats, "shards": plan.shards, "output": output, **plan.work,
                   "seconds": round(seconds, 3)}, json_summary, False)
 
 
@@ -306,6 +330,9 @@ def filter_step(
     inputs: Inputs,
     plan: Annotated[str, typer.Option("--plan", help="Plan written by `glm dedup cluster`.")] = "",
     output: Output = "-",
+    text_column: TextColumn = "text",
+    id_column: IdColumn = "id",
+    row_group_size: RowGroupSize = 10_000,
     on_error: OnError = "fail",
     errors: ErrorsPath = None,
     shard: Shard = None,
@@ -333,9 +360,10 @@ def filter_step(
         raise UsageError(f"--shard {shard or '(none)'}: the plan was made from {loaded.shards} shard(s)")
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
-    with RecordWriter(output) as writer:
-        counts = apply_plan(read_documents(inputs, policy, shard_spec), loaded, shard_spec[0] if shard_spec else 0,
-                            writer)
+    columns = columns_for(text_column, id_column)
+    with RecordWriter(output, columns, row_group_size) as writer:
+        counts = apply_plan(read_documents(inputs, policy, shard_spec, columns), loaded,
+                            shard_spec[0] if shard_spec else 0, writer)
     policy.close()
     seconds = time.perf_counter() - start
     log(f"dedup filter: {counts['documents']} documents in, dropped {counts['dropped']}, "

@@ -16,11 +16,17 @@ a 61-bit prime halves the memory traffic and avoids numpy's slow integer `%`; th
 already uniformly mixed; `tests/test_dedup.py` checks the estimates against exact Jaccard values and
 `bench/dedup.py` compares recall and precision with datasketch's (equal within sampling noise).
 
-Storage. A document keeps its band hashes (`bands` x uint64) for LSH and the low 16 bits of each
-signature value (`num_perm` x uint16, "b-bit minwise hashing") to verify candidate pairs: two different
-minima agree in their low 16 bits with probability 2**-16, so the fraction of agreeing positions still
-estimates the Jaccard similarity. With 128 permutations and the default bands that is about 330 bytes a
-document.
+Candidates and verification. LSH bands are cut for a candidate threshold below `threshold`
+(`lsh_params_for_recall`: the longest bands whose S-curve `1 - (1 - s**r)**b` still reaches 0.995 at
+`threshold`; 18 bands of 6 rows for 0.8 at 128 permutations), so nearly every pair at the threshold
+collides in some band, and each candidate pair is then verified against `threshold` with a bottom-k
+sketch: the k smallest distinct 32-bit shingle hashes of each document (`bottom_k_sketch`). Of the k
+smallest hashes of the union of two documents, the fraction found in both sketches estimates their
+Jaccard similarity without replacement; a document with at most k distinct shingles keeps all of them,
+so for such pairs the estimate is the exact Jaccard similarity (`sketch_jaccard`).
+
+Storage. A document keeps its band hashes (`bands` x uint64) for LSH and its sketch (`k` x uint32, padded
+with 0xFFFFFFFF) for verification: with the defaults 18 x 8 + 256 x 4 = 1,168 bytes a document.
 """
 
 from __future__ import annotations
@@ -162,6 +168,29 @@ def span_hashes(texts: list[str], n: int, unit: str = "word",
     return _ngrams(_prefix(values), doc, len(texts), n, whole_if_short)
 
 
+def s_curve(similarity, bands: int, rows: int):
+    """Probability that a pair of Jaccard similarity `similarity` shares at least one of `bands` bands."""
+    return 1.0 - (1.0 - np.asarray(similarity, dtype=np.float64) ** rows) ** bands
+
+
+def lsh_params_for_recall(threshold: float, num_perm: int, target: float = 0.995) -> tuple[int, int]:
+    """(bands, rows) for candidate generation ahead of verification against `threshold`.
+
+    The longest bands (most rows: fewest dissimilar candidates to verify) for which some number of bands,
+    within `num_perm` permutations, makes a pair at exactly `threshold` a candidate with probability at
+    least `target`; with those rows, the fewest such bands. If no rows reach the target, as many
+    one-row bands as there are permutations.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError("threshold must be in (0, 1)")
+    for rows in range(num_perm, 0, -1):
+        p = threshold ** rows
+        need = int(np.ceil(np.log1p(-target) / np.log1p(-p))) if p < 1 else 1
+        if need * rows <= num_perm:
+            return max(need, 1), rows
+    return num_perm, 1
+
+
 def optimal_lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5,
                        fn_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) with bands * rows <= num_perm minimizing the weighted false positive/negative area.
@@ -243,6 +272,47 @@ class MinHasher:
         return sig, nonempty
 
 
+SKETCH_PAD = np.uint32(0xFFFFFFFF)
+
+
+def bottom_k_sketch(hashes: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) uint32: the k smallest distinct 32-bit shingle hashes of each document, ascending, padded.
+
+    `hashes`/`counts` as `span_hashes` returns them. A hash equal to the padding value is read as one less
+    (one 32-bit value in 2**32 merged with its neighbour).
+    """
+    n = counts.size
+    out = np.full((n, k), SKETCH_PAD, dtype=np.uint32)
+    if hashes.size == 0 or k == 0:
+        return out
+    x = np.minimum(hashes >> np.uint64(32), np.uint64(0xFFFFFFFE))
+    doc = np.repeat(np.arange(n, dtype=np.uint64), counts)
+    keys = np.sort((doc << np.uint64(32)) | x)  # by document, then hash
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]  # distinct
+    doc_of = (keys >> np.uint64(32)).astype(np.int64)
+    first = np.searchsorted(doc_of, np.arange(n), side="left")
+    rank = np.arange(keys.size) - first[doc_of]
+    take = rank < k
+    out[doc_of[take], rank[take]] = (keys[take] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return out
+
+
+def sketch_jaccard(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Jaccard estimates of row pairs of two (m, k) bottom-k sketches (exact when both sets fit in k)."""
+    m, k = left.shape
+    if m == 0:
+        return np.zeros(0, dtype=np.float64)
+    both = np.sort(np.concatenate([left, right], axis=1), axis=1)  # (m, 2k)
+    valid = both != SKETCH_PAD
+    repeat = np.zeros_like(valid)
+    repeat[:, 1:] = both[:, 1:] == both[:, :-1]
+    new = valid & ~repeat
+    rank = np.cumsum(new, axis=1)  # rank of each distinct value in the union (a repeat shares its first's)
+    union = np.minimum(new.sum(axis=1), k)
+    inter = (repeat & valid & (rank <= k)).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
 def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n, bands) uint64: each band's `rows` signature values hashed to one number."""
     n = sig.shape[0]
@@ -267,39 +337,49 @@ def estimated_jaccard(sig16: np.ndarray, left: np.ndarray, right: np.ndarray, ba
     return out
 
 
-def candidate_pairs(bands: np.ndarray, rows_index: np.ndarray | None = None, small_bucket: int = 8) -> np.ndarray:
-    """Pairs (i < j) of rows that share a hash in at least one band; (k, 2) int64, sorted, unique.
+def bucket_pairs(keys: np.ndarray, index: np.ndarray, small_bucket: int = 8) -> np.ndarray:
+    """Candidate pairs from records sorted by (key, index): (k, 2) int64 of `index` values, left < right.
 
-    In every bucket each member is paired with the bucket's first member and with its predecessor;
-    buckets of at most `small_bucket` members give all their pairs. That is enough for the union-find
-    that follows, and bounded (linear) in the size of large buckets.
+    In every bucket (run of equal keys) each member is paired with the bucket's first member and with its
+    predecessor; buckets of at most `small_bucket` members give all their pairs. That is enough for the
+    union-find that follows, and bounded (linear) in the size of large buckets. No pair twice.
     """
+    n = keys.size
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    same = keys[1:] == keys[:-1]
+    if not same.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    run_start = np.concatenate([[True], ~same])
+    starts = np.flatnonzero(run_start)
+    sizes = np.diff(np.concatenate([starts, [n]]))
+    head = np.maximum.accumulate(np.where(run_start, np.arange(n), 0))
+    big = np.repeat(sizes > small_bucket, sizes)  # members of large buckets: head and predecessor pairs
+    members = np.flatnonzero(~run_start & big)
+    found = [np.stack([head[members], members], axis=1)]
+    members = members[members - 1 != head[members]]
+    found.append(np.stack([members - 1, members], axis=1))
+    pick = (sizes >= 2) & (sizes <= small_bucket)
+    for size in np.unique(sizes[pick]).tolist():  # all pairs of small buckets, one size at a time
+        ii, jj = np.triu_indices(size, 1)
+        s = starts[pick & (sizes == size)][:, None]
+        found.append(np.stack([(s + ii).ravel(), (s + jj).ravel()], axis=1))
+    pos = np.concatenate(found)
+    pairs = index[pos].astype(np.int64)
+    return np.sort(pairs, axis=1)
+
+
+def candidate_pairs(bands: np.ndarray, rows_index: np.ndarray | None = None, small_bucket: int = 8) -> np.ndarray:
+    """Pairs (i < j) of rows that share a hash in at least one band, all in memory; (k, 2) int64, unique."""
     n = bands.shape[0]
     index = np.arange(n) if rows_index is None else rows_index
     found = []
     for band in range(bands.shape[1]):
-        h = bands[:, band]
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
-        same = hs[1:] == hs[:-1]
-        if not same.any():
-            continue
-        run_start = np.concatenate([[True], ~same])
-        head = np.maximum.accumulate(np.where(run_start, np.arange(n), 0))
-        members = np.flatnonzero(~run_start)
-        found.append(np.stack([order[head[members]], order[members]], axis=1))
-        found.append(np.stack([order[members - 1], order[members]], axis=1))
-        starts = np.flatnonzero(run_start)
-        sizes = np.diff(np.concatenate([starts, [n]]))
-        for s, size in zip(starts[(sizes > 2) & (sizes <= small_bucket)], sizes[(sizes > 2) & (sizes <= small_bucket)],
-                           strict=True):
-            ii, jj = np.triu_indices(int(size), 1)
-            found.append(np.stack([order[s + ii], order[s + jj]], axis=1))
+        order = np.argsort(bands[:, band], kind="stable")
+        found.append(bucket_pairs(bands[order, band], index[order], small_bucket))
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = index[np.concatenate(found)]
-    pairs = np.sort(pairs, axis=1)
-    return np.unique(pairs, axis=0).astype(np.int64)
+    return np.unique(np.concatenate(found), axis=0).astype(np.int64)
 
 
 def union_find_representatives(n: int, pairs: np.ndarray) -> np.ndarray:

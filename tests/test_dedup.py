@@ -92,6 +92,41 @@ def test_lsh_parameters_and_union_find():
     assert reps.tolist() == [0, 1, 2, 2, 1, 1]
 
 
+def test_candidate_s_curve_reaches_the_threshold():
+    assert minhash.lsh_params_for_recall(0.8, 128) == (18, 6)  # the default, documented in docs/
+    assert minhash.s_curve(0.8, 18, 6) >= 0.995 and minhash.s_curve(0.3, 18, 6) < 0.02
+    assert DedupConfig().resolved().bands == 18
+    for t in (0.5, 0.7, 0.9):
+        b, r = minhash.lsh_params_for_recall(t, 128)
+        assert b * r <= 128 and minhash.s_curve(t, b, r) >= 0.995
+
+
+def test_vectorized_union_find_matches_the_reference():
+    from glm_cli.core import union_find
+
+    rng = np.random.default_rng(0)
+    for n, m in ((50, 30), (2000, 1500), (300, 1000)):
+        pairs = rng.integers(0, n, (m, 2))
+        parent = union_find.make_parent(n)
+        for part in np.array_split(pairs, 3):  # unions arrive in batches, as bands do
+            union_find.union(parent, part[:, 0], part[:, 1])
+        union_find.flatten(parent, chunk=64)
+        assert parent.tolist() == minhash.union_find_representatives(n, pairs).tolist()
+
+
+def test_bottom_k_sketch_is_exact_for_small_sets_and_estimates_large_ones():
+    rng = random.Random(4)
+    a = words(rng, 300)
+    texts = [" ".join(a), " ".join(edit(rng, a, 0.04)), " ".join(words(rng, 2000)), ""]
+    texts.append(" ".join(edit(rng, texts[2].split(), 0.03)))
+    hashes, counts = minhash.span_hashes(texts, 5)
+    small = minhash.bottom_k_sketch(hashes, counts, 512)
+    est = minhash.sketch_jaccard(small[[0, 2]], small[[1, 4]])
+    assert est[0] == pytest.approx(shingle_jaccard(texts[0], texts[1]), abs=1e-9)  # both under 512 shingles
+    assert abs(est[1] - shingle_jaccard(texts[2], texts[4])) < 0.06
+    assert (small[3] == minhash.SKETCH_PAD).all()
+
+
 def test_exact_and_line_helpers():
     assert exact_dedup.text_hash("Hello   World\n") == exact_dedup.text_hash("hello world")
     reps = exact_dedup.first_occurrences(np.array([5, 7, 5, 7, 9], np.uint64), np.array([1, 1, 1, 0, 1], bool))
@@ -292,3 +327,118 @@ def test_streaming_stdin_to_stdout_and_into_tokenize(corpus, tmp_path):
         assert dedup.wait() == 0 and encode.returncode == 0, encode.stderr.decode()
     summary = json.loads(encode.stdout)
     assert summary["splits"]["train"]["documents"] == 21
+
+
+# ------------------------------------------------------------------------------- verification, clustering
+
+
+def _near_corpus(n_docs=60, seed=5):
+    """Unrelated documents and edited copies whose true Jaccard spreads over 0.5-1.0."""
+    rng = random.Random(seed)
+    base = [words(rng, 150) for _ in range(n_docs)]
+    texts = [" ".join(b) for b in base]
+    for k in range(n_docs):
+        texts.append(" ".join(edit(rng, base[k % 20], rng.uniform(0.0, 0.12))))
+    return [Document(id=f"d{k}", text=t) for k, t in enumerate(texts)]
+
+
+def _reference_representatives(sigs, threshold):
+    """Brute force: every pair sharing a band whose sketch Jaccard reaches the threshold, then union-find."""
+    n = len(sigs)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+             if (sigs.bands[i] == sigs.bands[j]).any()
+             and minhash.sketch_jaccard(sigs.sketch[[i]], sigs.sketch[[j]])[0] >= threshold]
+    return minhash.union_find_representatives(n, np.array(pairs, dtype=np.int64).reshape(-1, 2))
+
+
+def _representatives(plan, records, n):
+    rep = np.arange(n)
+    for r in records:
+        rep[int(r["id"][1:])] = int(r["kept"][1:])
+    assert sorted(np.flatnonzero(rep != np.arange(n)).tolist()) == plan.dropped[0][0].tolist()
+    return rep
+
+
+def test_verification_merges_only_pairs_at_the_threshold():
+    rng = random.Random(6)
+    a = words(rng, 150)
+    texts = [" ".join(a), " ".join(edit(rng, a, 0.03)), " ".join(a), " ".join(edit(rng, a, 0.08))]
+    truth = [shingle_jaccard(texts[0], texts[1]), shingle_jaccard(texts[2], texts[3])]
+    assert truth[0] >= 0.8 > truth[1]
+    config = DedupConfig(exact=False, lines=False).resolved()
+    sigs = compute_signatures([Document(id=f"d{k}", text=t) for k, t in enumerate(texts)], config)
+    sigs.bands[1], sigs.bands[3] = sigs.bands[0], sigs.bands[2] + np.uint64(1)  # collide in every band
+    sigs.bands[2] = sigs.bands[3]
+    plan, records, _ = cluster([sigs])
+    records = list(records)
+    assert [(r["id"], r["kept"]) for r in records] == [("d1", "d0")]  # d3 collided with d2 and was refused
+    assert records[0]["similarity"] == pytest.approx(truth[0], abs=1e-4)  # under 512 shingles: exact
+    assert plan.stats["near_duplicates"] == 1 and plan.stats["near_candidate_pairs"] == 2 * config.bands
+
+
+def test_band_by_band_cluster_equals_brute_force_and_ignores_the_memory_setting(tmp_path, monkeypatch):
+    from glm_cli.core import spill_groups
+
+    docs = _near_corpus()
+    config = DedupConfig(exact=False, lines=False).resolved()
+    sigs = compute_signatures(docs, config)
+    sigs.save(tmp_path / "s.npz")
+    expected = _reference_representatives(sigs, config.threshold)
+    assert 10 < (expected != np.arange(len(docs))).sum() < 60  # some found, some refused
+    plan, records, _ = cluster([tmp_path / "s.npz"], memory_mb=1024)
+    assert plan.work["partitions"]["band"] == 1
+    assert _representatives(plan, records, len(docs)).tolist() == expected.tolist()
+    # a budget too small for one band: every column goes through spill files, same result
+    monkeypatch.setattr(spill_groups, "BYTES_PER_RECORD", 1 << 16)
+    spilled = []
+    real_grouped = spill_groups.grouped
+
+    def watch(chunks, records, memory_bytes, workdir, name="part"):
+        for group in real_grouped(chunks, records, memory_bytes, workdir, name):
+            spilled.append(len(list(tmp_path.glob("**/band*.bin"))))
+            yield group
+
+    monkeypatch.setattr(spill_groups, "grouped", watch)
+    small, small_records, _ = cluster([tmp_path / "s.npz"], memory_mb=1, workdir=tmp_path)
+    assert small.work["partitions"]["band"] > 1 and max(spilled) > 1
+    assert _representatives(small, small_records, len(docs)).tolist() == expected.tolist()
+    assert small.stats == plan.stats
+    assert not list(tmp_path.glob("**/*.bin"))  # spill files are gone
+
+
+def test_spill_groups_keep_runs_whole_and_in_index_order(tmp_path):
+    from glm_cli.core import spill_groups
+
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 50, 5000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    chunks = [(keys[lo:lo + 700], np.arange(lo, min(lo + 700, keys.size))) for lo in range(0, keys.size, 700)]
+    got = list(spill_groups.grouped(iter(chunks), keys.size, 16 * 1024, tmp_path))
+    assert len(got) == spill_groups.partitions_for(keys.size, 16 * 1024) > 1
+    seen = {}
+    for k, idx in got:
+        assert (np.diff(k.astype(np.float64)) >= 0).all()
+        for key in np.unique(k):
+            assert key not in seen
+            seen[key] = idx[k == key].tolist()
+    assert all(v == np.flatnonzero(keys == k).tolist() for k, v in seen.items())
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_file_lists_only_what_goes(corpus, tmp_path):
+    from glm_cli.core.dedup import DropPlan
+    from glm_cli.core.errors import GlmError
+
+    path, _ = corpus
+    glm("dedup", "signatures", path, "-o", tmp_path / "s.npz")
+    glm("dedup", "cluster", tmp_path / "s.npz", "-o", tmp_path / "plan.json", "--memory-mb", "4")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    assert raw["format"] == "glm-dedup-plan-v2"
+    assert raw["dropped"] == [{"positions": [20, 21], "reasons": "en"}]  # exact-of-d0, near-of-d1
+    plan = DropPlan.load(tmp_path / "plan.json")
+    assert plan.dropped[0][0].tolist() == [20, 21] and plan.dropped[0][1].tolist() == [2, 3]
+    raw["dropped"][0]["reasons"] = "e"
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(GlmError, match="bad.json"):
+        DropPlan.load(tmp_path / "bad.json")
+    proc = run_glm("dedup", "cluster", tmp_path / "plan.json", "-o", tmp_path / "p2.json")
+    assert proc.returncode == 1 and "plan.json: unreadable signature file" in proc.stderr.decode()

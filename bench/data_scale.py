@@ -1,0 +1,262 @@
+"""The data commands on 100 MB and more: `glm dedup`, `glm clean`, `glm tokenize encode` against their peers.
+
+    nice .venv/bin/python bench/data_scale.py --mb 100                  # generates bench/data/data_scale/ once
+    nice .venv/bin/python bench/data_scale.py --mb 100,300 --only dedup --repeats 1
+
+Input: --mb megabytes of JSONL made from the Shakespeare corpus (data/raw/texts, `make data`): all words
+of all texts, shuffled in runs of 5-40 lines and re-cut into documents of 200-1500 words, each with a
+random 0-5 % of its words edited; 10 % of the documents are edited copies (0-10 % of words) of an earlier
+one, so there are near duplicates at every similarity. Not committed (bench/data/ is ignored).
+
+Every row runs as its own process on the same file, rows alternating (repeats interleave), so machine
+load hits all alike. Measured: wall seconds and CPU seconds (user + system of the process and its
+children, from `getrusage(RUSAGE_CHILDREN)`), MB/s of input and CPU seconds per GB. Rows:
+
+  dedup   `glm dedup run IN -o OUT` (all defaults: exact, near, lines; --workers 1 and 2; and near
+          duplicates only, --no-exact --no-lines, the work datasketch's loop does) against
+          datasketch: read the JSONL, word 5-gram shingles (glm's normalization, in Python), `MinHash`
+          (128 permutations) `update_batch`, `MinHashLSH(threshold=0.8)` insert + query, candidates
+          verified by `MinHash.jaccard`, union-find, write the kept documents: one process.
+  clean   `glm clean IN -o OUT` (all defaults) --workers 1 and 2 against datatrove: read JSONL ->
+          GopherRepetitionFilter -> GopherQualityFilter -> write JSONL on a LocalPipelineExecutor with
+          1 and 2 tasks (glm does more: HTML, normalization, boilerplate, C4, language id, PII).
+          With 2 tasks datatrove's pool processes are not waited for by its process, so their CPU
+          time is missing from the CPU column (compare wall time there).
+  encode  `glm tokenize encode IN -t TOK -o DIR` --workers 1 and 2 against the `tokenizers` library:
+          read the JSONL, `encode_batch` in batches of 256 (RAYON_NUM_THREADS 1 and 2), write the ids
+          as uint16. TOK: a byte-level BPE of vocabulary 8192 trained by `glm tokenize train` on 20 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench/data/data_scale"
+PY = sys.executable
+
+
+def make_corpus(mb: int, seed: int) -> Path:
+    out = DATA / f"docs-{mb}mb-s{seed}.jsonl"
+    if out.exists():
+        return out
+    files = sorted((ROOT / "data/raw/texts").glob("*.txt"))
+    if not files:
+        raise SystemExit("no data/raw/texts/*.txt: run `make data` first")
+    rng = random.Random(seed)
+    lines = [ln for f in files for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    vocab = " ".join(lines[:200000]).split()
+    runs = []
+    i = 0
+    while i < len(lines):
+        n = rng.randint(5, 40)
+        runs.append(lines[i:i + n])
+        i += n
+
+    def edited(ws: list[str], rate: float) -> list[str]:
+        out = []
+        for w in ws:
+            r = rng.random()
+            if r < rate / 3:
+                continue
+            out.append(rng.choice(vocab) if r < 2 * rate / 3 else w)
+            if 2 * rate / 3 <= r < rate:
+                out.append(rng.choice(vocab))
+        return out
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    written, k, docs = 0, 0, []
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < mb * 1_000_000:
+            if docs and rng.random() < 0.1:
+                text = " ".join(edited(rng.choice(docs).split(), rng.uniform(0, 0.1)))
+            else:
+                target, body = rng.randint(200, 1500), []
+                while sum(len(b.split()) for b in body) < target:
+                    body.append("\n".join(" ".join(edited(ln.split(), rng.uniform(0, 0.05)))
+                                          for ln in rng.choice(runs)))
+                text = "\n\n".join(body)
+                docs = (docs + [text])[-2000:]
+            line = json.dumps({"id": f"doc{k}", "text": text}) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            k += 1
+    tmp.rename(out)
+    return out
+
+
+def datasketch_dedup(inp: str, out: str) -> None:
+    """The peer loop (run as `data_scale.py _datasketch IN OUT`)."""
+    from datasketch import MinHash, MinHashLSH
+
+    from glm_cli.core import minhash
+
+    records = [json.loads(line) for line in open(inp, encoding="utf-8")]
+    lsh = MinHashLSH(threshold=0.8, num_perm=128)
+    sketches = []
+    for i, r in enumerate(records):
+        w = minhash.normalize(r["text"]).split()
+        m = MinHash(num_perm=128)
+        m.update_batch([" ".join(w[j:j + 5]).encode("utf-8") for j in range(max(len(w) - 4, 1))])
+        lsh.insert(i, m)
+        sketches.append(m)
+    parent = list(range(len(records)))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, m in enumerate(sketches):
+        for j in lsh.query(m):
+            if j > i and m.jaccard(sketches[j]) >= 0.8:
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    with open(out, "w", encoding="utf-8") as f:
+        for i, r in enumerate(records):
+            if find(i) == i:
+                f.write(json.dumps(r) + "\n")
+
+
+def datatrove_clean(inp: str, out: str, tasks: int) -> None:
+    """datatrove's Gopher filters on a LocalPipelineExecutor; reading and writing JSONL are plain
+    callables (its JsonlReader/Writer need orjson, not installed here), each task taking every
+    tasks-th line."""
+    from datatrove.data import Document as DTDocument
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    def read(data, rank: int = 0, world_size: int = 1):
+        with open(inp, encoding="utf-8") as f:
+            for k, line in enumerate(f):
+                if k % world_size == rank:
+                    r = json.loads(line)
+                    yield DTDocument(text=r["text"], id=r["id"])
+
+    def write(data, rank: int = 0, world_size: int = 1):
+        with open(f"{out}/{rank:05d}.jsonl", "w", encoding="utf-8") as f:
+            for doc in data:
+                f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
+        return iter(())
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    LocalPipelineExecutor(pipeline=[read, GopherRepetitionFilter(), GopherQualityFilter(), write],
+                          tasks=tasks, workers=tasks, logging_dir=f"{out}/logs").run()
+
+
+def tokenizers_encode(inp: str, tok: str, out: str) -> None:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_file(f"{tok}/tokenizer.json")
+    with open(inp, encoding="utf-8") as f, open(out, "wb") as w:
+        batch = []
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 256:
+                for e in t.encode_batch(batch):
+                    np.asarray(e.ids, dtype=np.uint16).tofile(w)
+                batch = []
+        for e in t.encode_batch(batch):
+            np.asarray(e.ids, dtype=np.uint16).tofile(w)
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} ...: {proc.stderr.decode()[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def rows_for(only: set[str], inp: Path, work: Path, tok: Path) -> dict[str, tuple[list[str], dict]]:
+    glm = [PY, "-m", "glm_cli"]
+    me = [PY, str(Path(__file__).resolve())]
+    rows: dict[str, tuple[list[str], dict]] = {}
+    if "dedup" in only:
+        for w in (1, 2):
+            rows[f"dedup: glm, {w} worker(s)"] = (
+                [*glm, "dedup", "run", str(inp), "-o", str(work / "dedup.jsonl"), "--workers", str(w), "-q"], {})
+        rows["dedup: glm near only (--no-exact --no-lines), 1 worker"] = (
+            [*glm, "dedup", "run", str(inp), "-o", str(work / "dedup.jsonl"), "--no-exact", "--no-lines", "-q"], {})
+        rows["dedup: datasketch"] = ([*me, "_datasketch", str(inp), str(work / "ds.jsonl")], {})
+    if "clean" in only:
+        for w in (1, 2):
+            rows[f"clean: glm, {w} worker(s)"] = (
+                [*glm, "clean", str(inp), "-o", str(work / "clean.jsonl"), "--workers", str(w), "-q"], {})
+            rows[f"clean: datatrove, {w} task(s)"] = ([*me, "_datatrove", str(inp), str(work / f"dt{w}"), str(w)], {})
+    if "encode" in only:
+        for w in (1, 2):
+            rows[f"encode: glm, {w} worker(s)"] = (
+                [*glm, "tokenize", "encode", str(inp), "-t", str(tok), "-o", str(work / f"shards{w}"),
+                 "--workers", str(w), "-q"], {"RAYON_NUM_THREADS": str(w)})
+            rows[f"encode: tokenizers, {w} thread(s)"] = (
+                [*me, "_tokenizers", str(inp), str(tok), str(work / "ids.bin")], {"RAYON_NUM_THREADS": str(w)})
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        what, *args = sys.argv[1:]
+        {"_datasketch": datasketch_dedup, "_tokenizers": tokenizers_encode,
+         "_datatrove": lambda i, o, t: datatrove_clean(i, o, int(t))}[what](*args)
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", default="100", help="input sizes in MB, comma-separated")
+    ap.add_argument("--only", default="dedup,clean,encode")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", default=str(ROOT / "bench/results/data_scale.json"))
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    results = []
+    tok = DATA / "tok8192"
+    for mb in (int(m) for m in args.mb.split(",")):
+        inp = make_corpus(mb, args.seed)
+        size = inp.stat().st_size
+        if "encode" in only and not (tok / "tokenizer.json").exists():
+            sample = make_corpus(20, args.seed)
+            subprocess.run([PY, "-m", "glm_cli", "tokenize", "train", str(sample), "-o", str(tok),
+                            "--vocab-size", "8192", "-q"], check=True)
+        work = DATA / f"work-{mb}"
+        rows = rows_for(only, inp, work, tok)
+        best: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for name, (cmd, env) in rows.items():  # alternating
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                wall, cpu = timed(cmd, env)
+                old = best.get(name, [float("inf"), float("inf")])
+                best[name] = [min(old[0], wall), min(old[1], cpu)]
+                print(f"{mb} MB  {name}: {wall:.1f} s wall, {cpu:.1f} CPU s", file=sys.stderr, flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+        for name, (wall, cpu) in best.items():
+            results.append({"mb": round(size / 1e6, 1), "row": name, "seconds": round(wall, 2),
+                            "cpu_seconds": round(cpu, 2), "mb_per_s": round(size / 1e6 / wall, 2),
+                            "cpu_s_per_gb": round(cpu / (size / 1e9), 1)})
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    print("| input | row | wall s | CPU s | MB/s | CPU s per GB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mb']} MB | {r['row']} | {r['seconds']} | {r['cpu_seconds']} | {r['mb_per_s']} | "
+              f"{r['cpu_s_per_gb']} |")
+
+
+if __name__ == "__main__":
+    main()
