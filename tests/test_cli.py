@@ -59,3 +59,34 @@ def test_missing_input_is_one_line_not_a_traceback(tmp_path):
     err = proc.stderr.decode()
     assert "Traceback" not in err
     assert "nope.jsonl" in err
+
+
+FLAGS = __import__("pathlib").Path(__file__).parent / "golden" / "cli_flags.json"
+
+
+def _flag_set() -> dict[str, list[str]]:
+    """Every command's (and subcommand's) option names and arguments, as a user types them."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    flags = {}
+    for name in NAMES:
+        for words, params in _commands(name):
+            flags[words] = sorted(opt for p in params for opt in (p.opts + p.secondary_opts
+                                                                  if p.param_type_name == "option"
+                                                                  else [f"<{p.name}>"]))
+    assert root.commands  # the app built
+    return flags
+
+
+def test_the_flag_set_changes_only_on_purpose():
+    """A snapshot of the interface: adding, renaming or removing a flag is a deliberate diff of
+    tests/golden/cli_flags.json (regenerate with GLM_UPDATE_GOLDEN=1 and review it)."""
+    import json
+    import os
+
+    current = _flag_set()
+    if os.environ.get("GLM_UPDATE_GOLDEN"):
+        FLAGS.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"wrote {FLAGS}")
+    assert current == json.loads(FLAGS.read_text())
