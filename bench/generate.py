@@ -45,6 +45,47 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def best_times(fns: dict, repeats: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """The best wall time of each callable over `repeats` rounds, calling them in turn within a round so
+    that machine load affects all alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def compare_decode(glm_model, hf_model, prompts: torch.Tensor, new_tokens: int, repeats: int,
+                   device: torch.device, pad_token_id: int = 0) -> dict:
+    """Greedy decode of the same (batch, prompt_len) prompts by glm and by transformers, `new_tokens` each,
+    never stopping early: tokens/s of each (best of `repeats`, alternating, after one warm-up call each),
+    the speedup, and whether the greedy tokens are identical."""
+    gen_config = GenerationConfig(max_new_tokens=new_tokens)
+    prompt_len = prompts.shape[1]
+
+    def run_glm():
+        return generate(glm_model, prompts.tolist(), gen_config)
+
+    def run_hf():
+        with torch.inference_mode():
+            return hf_model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     eos_token_id=None, pad_token_id=pad_token_id)
+
+    glm_out, hf_out = run_glm(), run_hf()
+    same = all(c.tokens == row.tolist()[prompt_len:] for c, row in zip(glm_out, hf_out.cpu(), strict=True))
+    times = best_times({"glm": run_glm, "transformers": run_hf}, repeats, device)
+    tokens = prompts.shape[0] * new_tokens
+    row = {"glm_tok_s": tokens / times["glm"], "transformers_tok_s": tokens / times["transformers"],
+           "same_tokens": same}
+    row["speedup"] = row["glm_tok_s"] / row["transformers_tok_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,16")
@@ -76,37 +117,13 @@ def main() -> None:
     results = {"device": str(device), "dtype": args.dtype, "params": params, "threads": torch.get_num_threads(),
                **prepared,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": []}
-    gen_config = GenerationConfig(max_new_tokens=args.new_tokens)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = torch.randint(2, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
-
-        def run_glm(prompts=prompts):
-            return generate(glm_model, prompts.tolist(), gen_config)
-
-        def run_hf(prompts=prompts):
-            with torch.inference_mode():
-                return hf_model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                         do_sample=False, eos_token_id=None, pad_token_id=0)
-
-        glm_out, hf_out = run_glm(), run_hf()
-        same = all(c.tokens == row.tolist()[args.prompt_len:] for c, row in zip(glm_out, hf_out.cpu(), strict=True))
-        times = {"glm": [], "transformers": []}
-        for _ in range(args.repeats):
-            for name, fn in (("glm", run_glm), ("transformers", run_hf)):
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-        tokens = batch * args.new_tokens
-        row = {"batch": batch, "glm_tok_s": tokens / min(times["glm"]),
-               "transformers_tok_s": tokens / min(times["transformers"]), "same_tokens": same}
-        row["speedup"] = row["glm_tok_s"] / row["transformers_tok_s"]
+        row = {"batch": batch, **compare_decode(glm_model, hf_model, prompts, args.new_tokens, args.repeats, device)}
         results["batches"].append(row)
         if not args.json:
             print(f"batch {batch:3d}: glm {row['glm_tok_s']:8.1f} tok/s   transformers {row['transformers_tok_s']:8.1f}"
-                  f" tok/s   speedup {row['speedup']:.2f}x   identical greedy tokens: {same}", flush=True)
+                  f" tok/s   speedup {row['speedup']:.2f}x   identical greedy tokens: {row['same_tokens']}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

