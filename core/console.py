@@ -24,11 +24,11 @@ def set_quiet(quiet: bool) -> None:
 def log(message: str) -> None:
     """An informational line on stderr (rich markup allowed)."""
     if not _quiet:
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one log line stays one line in a log file
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def interactive() -> bool:
