@@ -227,8 +227,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
                verify: bool = True):
     """Load a (non-quantized) checkpoint, glm's or one transformers wrote, as a `Transformer` in eval
     mode, in the dtype its weights were saved in unless `dtype` says otherwise."""
-    from glm_cli.core.model import Transformer
-
     directory = check_checkpoint_dir(directory)
     if verify:
         verify_manifest(directory)
@@ -241,17 +239,30 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         return load_quantized_model(directory, config, quant_config, state, device=device, dtype=dtype)
     # transformers never needs these: older versions saved the rotary table, glm recomputes it
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    dtype = dtype or stored_dtype(state, directory)
+    return model_from_state(config, state, directory, device=device, dtype=dtype or stored_dtype(state, directory))
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str | Path,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A `Transformer` in eval mode holding `state` (HF names), every name and shape checked against
+    `config`; built on the meta device, so no random init runs before the weights arrive."""
+    from glm_cli.core.model import Transformer
+
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to(dtype).to_empty(device=device)
     model.init_weights()  # fills the non-persistent rotary buffer; the weights are overwritten below
+    state = dict(state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{source}: tensor shapes do not match the model config ({detail})") from None
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not match config.json "
+        raise CheckpointError(f"{source}: weights do not match the model config "
                               f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

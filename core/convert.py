@@ -23,31 +23,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def build_model(config: dict, tensors: dict[str, torch.Tensor], source: str | Path):
     """A glm `Transformer` holding `tensors` (HF names), checked against `config` (a Llama config dict)."""
-    import torch
-
+    from glm_cli.core.checkpoint import model_from_state
     from glm_cli.core.config import ModelConfig
-    from glm_cli.core.model import Transformer
 
-    model_config = ModelConfig.from_hf(config)
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    model = model.to_empty(device="cpu")
-    model.init_weights()  # fills the non-persistent rotary buffer; the weights are overwritten below
-    state = dict(tensors)
-    if model_config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a shape mismatch
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{source}: tensor shapes do not match the model config ({detail})") from None
-    missing = [m for m in missing if not (model_config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: tensors do not match the model config "
-                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-    if model_config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return model_from_state(ModelConfig.from_hf(config), tensors, source)
 
 
 def _from_gguf(src: Path, work: Path) -> tuple[torch.nn.Module, Path, dict, dict]:
