@@ -87,7 +87,7 @@ def test_generate_greedy_equals_transformers(pretrained, tmp_path):
 def test_generate_every_strategy_runs(pretrained, strategy):
     directory, _, _ = pretrained
     result = invoke("generate", directory, "To be", "-n", "6", *strategy)
-    assert result.stdout.strip() != "" or result.exit_code == 0
+    assert result.stdout.rstrip("\n") != ""  # the completion (a random model: any six tokens)
 
 
 def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(pretrained, tmp_path):
@@ -139,7 +139,8 @@ def test_finetune_on_the_pretrained_model(pretrained, chat_data, tmp_path, metho
     summary = json.loads(invoke("finetune", directory, "--data", chat_data / "sft.jsonl", "-o", out,
                                 "--method", method, "--max-steps", "2", "--set", "peak_flops=1",
                                 "--json").stdout)
-    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"] if "train_loss" in summary else 0.0)
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    assert summary["trainable_params"] < summary["total_params"] / (5 if method == "lora" else 0.99)
     final = out / "final"
     # the fine-tuned model keeps the base's template and end-of-turn id, so it chats the same way
     assert (final / "tokenizer.json").exists()
