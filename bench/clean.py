@@ -25,10 +25,10 @@ import sys
 import time
 from functools import partial
 
-from glm_cli.core.clean_pipeline import CleanConfig, batches, clean_batch
-from glm_cli.core.corpus import Document, read_documents
-from glm_cli.core.parallel import map_ordered
-from glm_cli.core.quality_filters import GopherQuality, GopherRepetition
+from glm_cli.core.clean.pipeline import CleanConfig, batches, clean_batch
+from glm_cli.core.clean.quality import GopherQuality, GopherRepetition
+from glm_cli.core.io.corpus import Document, read_documents
+from glm_cli.core.io.parallel import map_ordered
 
 
 def _copy(docs: list[Document]) -> list[Document]:

@@ -99,7 +99,7 @@ def datasketch_dedup(inp: str, out: str) -> None:
     """The peer loop (run as `data_scale.py _datasketch IN OUT`)."""
     from datasketch import MinHash, MinHashLSH
 
-    from glm_cli.core import minhash
+    from glm_cli.core.dedup import minhash
 
     records = [json.loads(line) for line in open(inp, encoding="utf-8")]
     lsh = MinHashLSH(threshold=0.8, num_perm=128)

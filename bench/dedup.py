@@ -13,7 +13,7 @@ Truth: the exact Jaccard similarity of the word 5-gram sets of each copy and its
 here for every evaluated pair.
 
 Both sides use 128 permutations and word 5-grams in one process, at the default threshold 0.8:
-  glm:        `core.dedup.compute_signatures` + `core.dedup.cluster` at default settings (LSH 18 x 6,
+  glm:        `core.dedup.pipeline.compute_signatures` + `core.dedup.pipeline.cluster` at default settings (LSH 18 x 6,
               candidates verified with the bottom-256 sketch; exact/line/contamination off)
   datasketch: `MinHash.update_batch` per document (shingles built in Python, as its docs show) +
               `MinHashLSH(threshold=0.8)` insert + query, candidates verified by `MinHash.jaccard`,
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from glm_cli.core import minhash
-from glm_cli.core.corpus import Document
-from glm_cli.core.dedup import DedupConfig, cluster, compute_signatures
+from glm_cli.core.dedup import minhash
+from glm_cli.core.dedup.pipeline import DedupConfig, cluster, compute_signatures
+from glm_cli.core.io.corpus import Document
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKETS = ((0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0001))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glm_cli.core.dedup import DedupConfig, Signatures
-from glm_cli.core.minhash import mix64
+from glm_cli.core.dedup.minhash import mix64
+from glm_cli.core.dedup.pipeline import DedupConfig, Signatures
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT_COPY, NEAR_COPY = 0.05, 0.10

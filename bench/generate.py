@@ -26,11 +26,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from glm_cli.core.checkpoint import load_model, save_checkpoint  # noqa: E402
-from glm_cli.core.config import ModelConfig, preset  # noqa: E402
-from glm_cli.core.generation import GenerationConfig, generate  # noqa: E402
-from glm_cli.core.model import Transformer  # noqa: E402
-from glm_cli.core.packed_linear import prepare_for_inference  # noqa: E402
+from glm_cli.core.checkpoint.directory import load_model, save_checkpoint  # noqa: E402
+from glm_cli.core.infer.generation import GenerationConfig, generate  # noqa: E402
+from glm_cli.core.model.config import ModelConfig, preset  # noqa: E402
+from glm_cli.core.model.packed_linear import prepare_for_inference  # noqa: E402
+from glm_cli.core.model.transformer import Transformer  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:

@@ -33,9 +33,9 @@ def main() -> None:
     except ImportError:
         sys.exit("needs llama-cpp-python: .venv/bin/pip install llama-cpp-python")
 
-    from glm_cli.core.checkpoint import load_model
-    from glm_cli.core.generation import GenerationConfig, generate
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.infer.generation import GenerationConfig, generate
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     llm = Llama(model_path=args.gguf, logits_all=True, n_ctx=128, verbose=False, n_threads=2)
     ll_ids = llm.tokenize(args.text.encode(), add_bos=False, special=False)

@@ -22,7 +22,7 @@ command lines and checking them as far as a CPU allows: the environment probe ru
 command lines are parsed by glm itself (`--help` appended: an unknown flag fails), bench/attention.py
 must reach its no-CUDA exit; --cpu-smoke adds a 3-step `glm pretrain --preset tiny` parsed like the real
 runs and its torchrun launch with --resume. So the script does not first fail on a GPU because of a
-typo. tests/test_gpu_check.py runs the dry run in CI.
+typo. tests/cli/test_gpu_check.py runs the dry run in CI.
 
 The extension is built into --ext-dir (default build/cuda_ext, git-ignored); a successful build is
 also copied into OUT, to be carried into build/cuda_ext next time so that step 1 skips the compile
@@ -291,7 +291,7 @@ def internal_env(out_json: str, export_dir: str) -> int:
         info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
         info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        from glm_cli.core.engine import peak_flops
+        from glm_cli.core.train.trainer import peak_flops
 
         info["peak_bf16_tflops"] = peak_flops(torch.device("cuda"), torch.bfloat16)[0] / 1e12
     Path(out_json).write_text(json.dumps(info, indent=1))  # in case the build below never returns
@@ -655,7 +655,7 @@ def internal_shards(directory: str, vocab: str, tokens: str) -> int:
     random order (the loss falls well below ln(vocab) within a hundred steps). No tokenizer."""
     import numpy as np
 
-    from glm_cli.core.shards import ShardIndex, write_shard
+    from glm_cli.core.io.shards import ShardIndex, write_shard
 
     vocab_n, n = int(vocab), int(tokens)
     rng = np.random.default_rng(0)
@@ -747,8 +747,8 @@ def internal_nccl(out_json: str) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from glm_cli.core.config import preset
-    from glm_cli.core.model import Transformer
+    from glm_cli.core.model.config import preset
+    from glm_cli.core.model.transformer import Transformer
 
     rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(rank)

@@ -40,10 +40,10 @@ def build_defaults(work: Path, train_steps: int) -> tuple[Path, Path, Path]:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from glm_cli.core.checkpoint import save_checkpoint
-    from glm_cli.core.config import preset
-    from glm_cli.core.model import Transformer
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
+    from glm_cli.core.checkpoint.directory import save_checkpoint
+    from glm_cli.core.model.config import preset
+    from glm_cli.core.model.transformer import Transformer
+    from glm_cli.core.tokens.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
 
     plays = {"Hamlet": "hamlet_gut.txt", "Macbeth": "macbeth_gut.txt", "Othello": "othello_gut.txt"}
     texts = {name: (ROOT / "data/raw/texts" / f).read_text(encoding="utf-8") for name, f in plays.items()}
@@ -147,9 +147,9 @@ def run_lm_eval(ckpt: Path, yaml_dir: Path, max_length: int, batch_size: int, mc
 
 
 def run_glm(ckpt: Path, mc: Path, ppl: Path, max_length: int, batch_size: int) -> dict:
-    from glm_cli.core.checkpoint import load_model
-    from glm_cli.core.evaluation import Scorer, evaluate_mc, evaluate_ppl, load_task
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.eval.tasks import Scorer, evaluate_mc, evaluate_ppl, load_task
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     scorer = Scorer(load_model(ckpt), load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size)
     m = evaluate_mc(scorer, load_task(str(mc), "mc"))
@@ -185,7 +185,7 @@ def main() -> None:
                 lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:args.limit]
                 (work / f"{name}_limited.jsonl").write_text("".join(lines), encoding="utf-8")
             mc, ppl = work / "mc_limited.jsonl", work / "ppl_limited.jsonl"
-        from glm_cli.core.config import ModelConfig
+        from glm_cli.core.model.config import ModelConfig
 
         max_length = args.max_length or ModelConfig.load(ckpt).max_seq_len
         task_yamls(work / "tasks", mc, ppl)

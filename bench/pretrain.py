@@ -2,7 +2,7 @@
 
 For each preset, in the same process and on the same synthetic token shards:
 
-- `glm`: `core.engine.Trainer` + `core.pretrain_task.PretrainTask` exactly as `glm pretrain` runs them
+- `glm`: `core.train.trainer.Trainer` + `core.train.pretrain_task.PretrainTask` exactly as `glm pretrain` runs them
   (timed from the per-step `step_time` in metrics.jsonl, so checkpoint writing and evaluation are not
   counted);
 - `eager`: the same Llama-style model written out plainly in this file (manual softmax attention, no
@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glm_cli.core.config import PRESETS, TRAINING_PRESETS, preset
-from glm_cli.core.engine import TrainConfig, Trainer, peak_flops
-from glm_cli.core.model import Transformer
-from glm_cli.core.pretrain_task import PretrainTask, Source
-from glm_cli.core.shards import ShardIndex, ShardSet, write_shard
+from glm_cli.core.io.shards import ShardIndex, ShardSet, write_shard
+from glm_cli.core.model.config import PRESETS, TRAINING_PRESETS, preset
+from glm_cli.core.model.transformer import Transformer
+from glm_cli.core.train.pretrain_task import PretrainTask, Source
+from glm_cli.core.train.trainer import TrainConfig, Trainer, peak_flops
 
 # ------------------------------------------------------------------------- plain eager reference
 

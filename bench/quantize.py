@@ -13,7 +13,7 @@ split, which calibration never sees), default $DEMO/shards; without data, random
 Size: bytes of model.safetensors as `glm quantize` writes it. Perplexity: non-overlapping windows of the
 model's context, fp32 dequantize-then-matmul path (what `glm eval` measures); the column "ppl kernels"
 evaluates again with the packed decode kernels forced on for every input (bf16 activations in the
-matmul). Decode: greedy `core.generation.generate`, batch 1, 16 prompt tokens, --new-tokens new tokens,
+matmul). Decode: greedy `core.infer.generation.generate`, batch 1, 16 prompt tokens, --new-tokens new tokens,
 tokens/s best of --repeats (prefill included), each variant prepared as `glm generate` prepares it
 (`prepare_for_inference`: fused projections; fp32 layers of a big model packed for oneDNN), variants
 interleaved so machine load hits all alike, one torch thread by default (--threads).
@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glm_cli.core.checkpoint import WEIGHTS, load_model, save_checkpoint
-from glm_cli.core.config import ModelConfig, preset
-from glm_cli.core.generation import GenerationConfig, generate
-from glm_cli.core.gptq import quantize_model_gptq
-from glm_cli.core.model import Transformer
-from glm_cli.core.packed_linear import prepare_for_inference
-from glm_cli.core.quant import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
-from glm_cli.core.quant_data import calibration_batches, is_shard_dir, perplexity, token_stream
+from glm_cli.core.checkpoint.directory import WEIGHTS, load_model, save_checkpoint
+from glm_cli.core.infer.generation import GenerationConfig, generate
+from glm_cli.core.model.config import ModelConfig, preset
+from glm_cli.core.model.packed_linear import prepare_for_inference
+from glm_cli.core.model.transformer import Transformer
+from glm_cli.core.quant.calibration import calibration_batches, is_shard_dir, perplexity, token_stream
+from glm_cli.core.quant.gptq import quantize_model_gptq
+from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
 
 VARIANTS = [("fp32", None), ("int8", QuantScheme(bits=8)), ("int4-rtn", QuantScheme(bits=4)),
             ("int4-gptq", QuantScheme(bits=4, method="gptq"))]

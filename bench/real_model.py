@@ -133,9 +133,9 @@ def section_convert(args, work: Path) -> dict:
 
 
 def glm_ppl(ckpt: Path, text: str, max_length: int, dtype=None) -> tuple[dict, float]:
-    from glm_cli.core.checkpoint import load_model
-    from glm_cli.core.evaluation import Scorer, Task, evaluate_ppl
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.eval.tasks import Scorer, Task, evaluate_ppl
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     scorer = Scorer(load_model(ckpt, dtype=dtype), load_tokenizer(ckpt), max_length=max_length, batch_size=1)
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def transformers_ppl(ckpt: Path, text: str, max_length: int, prefix_token: int) 
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glm_cli.core.evaluation import rolling_windows
+    from glm_cli.core.eval.tasks import rolling_windows
 
     ids = AutoTokenizer.from_pretrained(ckpt)(text, add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -166,14 +166,16 @@ def transformers_ppl(ckpt: Path, text: str, max_length: int, prefix_token: int) 
 
 
 def section_bpb(args, work: Path) -> dict:
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     agreement = load_script(ROOT / "bench/lm_eval_agreement.py")
     ckpt = work / "fp32"
     text = held_out_text(args.slice_bytes)
     glm, glm_s = glm_ppl(ckpt, text, args.max_length)
-    from glm_cli.core.checkpoint import load_model  # the prefix token the Scorer used (BOS, else EOS)
-    from glm_cli.core.evaluation import Scorer
+    from glm_cli.core.checkpoint.directory import (
+        load_model,  # the prefix token the Scorer used (BOS, else EOS)
+    )
+    from glm_cli.core.eval.tasks import Scorer
 
     prefix = Scorer(load_model(ckpt), load_tokenizer(ckpt)).prefix_token_id
     hf, hf_s, hf_ids = transformers_ppl(ckpt, text, args.max_length, prefix)
@@ -221,7 +223,7 @@ def section_bpb(args, work: Path) -> dict:
 
 def prompt_rows(ckpt: Path, batch: int, length: int) -> torch.Tensor:
     """`batch` prompts of `length` tokens, cut from the held-out slice at spread-out offsets."""
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     ids = load_tokenizer(ckpt).encode(held_out_text(40_000), add_special_tokens=False).ids
     step = (len(ids) - length) // max(batch, 1)
@@ -231,8 +233,8 @@ def prompt_rows(ckpt: Path, batch: int, length: int) -> torch.Tensor:
 def section_decode(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from glm_cli.core.checkpoint import load_model
-    from glm_cli.core.packed_linear import prepare_for_inference
+    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.model.packed_linear import prepare_for_inference
 
     gen = load_script(ROOT / "bench/generate.py")
     ckpt = work / "fp32"
@@ -266,7 +268,7 @@ def section_decode(args, work: Path) -> dict:
 
 
 def eval_tokens(ckpt: Path, nbytes: int) -> np.ndarray:
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     return np.asarray(load_tokenizer(ckpt).encode(held_out_text(nbytes), add_special_tokens=False).ids,
                       dtype=np.int64)
@@ -282,7 +284,7 @@ def llama(path: Path, n_ctx: int, threads: int, logits_all: bool):
 
 
 def llama_perplexity(path: Path, tokens: np.ndarray, window: int, threads: int) -> tuple[dict, float]:
-    """What `core.quant_data.perplexity` computes, with llama.cpp's logits: the same windows of
+    """What `core.quant.calibration.perplexity` computes, with llama.cpp's logits: the same windows of
     window + 1 ids, each evaluated from an empty cache, every target predicted once."""
     llm = llama(path, window + 1, threads, logits_all=True)
     span = window + 1
@@ -328,8 +330,8 @@ def calibration_files(n: int) -> list[str]:
 
 
 def section_quant(args, work: Path) -> dict:
-    from glm_cli.core.checkpoint import WEIGHTS, load_model
-    from glm_cli.core.quant_data import perplexity
+    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
+    from glm_cli.core.quant.calibration import perplexity
 
     ckpt = work / "fp32"
     tokens = eval_tokens(ckpt, args.quant_bytes)
@@ -404,9 +406,9 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def section_qdecode(args, work: Path) -> dict:
-    from glm_cli.core.checkpoint import load_model
-    from glm_cli.core.generation import GenerationConfig, generate
-    from glm_cli.core.packed_linear import prepare_for_inference
+    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.infer.generation import GenerationConfig, generate
+    from glm_cli.core.model.packed_linear import prepare_for_inference
 
     gen = load_script(ROOT / "bench/generate.py")
     prompt = prompt_rows(work / "fp32", 1, args.prompt_len)[0].tolist()
@@ -490,8 +492,8 @@ def build_tasks(out: Path, per_kind: int, seed: int) -> dict:
 def answer_loss(ckpt: Path, val: Path, seq_len: int) -> float:
     """The held-out answer loss `glm finetune` reports (same encoder, packing and SFTTask.evaluate)."""
     from glm_cli.commands._tuning import load_base_and_tokenizer, pad_id
-    from glm_cli.core.sft import SFTTask
-    from glm_cli.core.sft_data import load_examples, pack
+    from glm_cli.core.tune.sft import SFTTask
+    from glm_cli.core.tune.sft_data import load_examples, pack
 
     model, tokenizer, encoder = load_base_and_tokenizer(str(ckpt))
     examples, _ = load_examples(str(val), encoder, seq_len)

@@ -5,14 +5,14 @@
 
 Corpus: the Shakespeare texts (data/raw/texts/*.txt, `make data`) cut into ~4 kB documents at line breaks,
 written as one JSONL file. Tokenizer: --tokenizer, or a byte-level BPE of --vocab-size trained here with
-`core.tokenizer.train_bpe`.
+`core.tokens.tokenizer.train_bpe`.
 
   tokenizers       `Tokenizer.encode_batch(texts)` on the texts already in memory, ids taken out of the
                    Encoding objects (`encode_batch_fast` too, which skips offsets)
   tiktoken         a `tiktoken.Encoding` built from the same tokenizer: mergeable ranks = byte-level token ids
                    (merges were learned in id order), the same GPT-2 pre-tokenization regex;
                    `encode_ordinary_batch`. Its ids are compared with the tokenizers ids, document by document.
-  glm              `core.encode.encode_corpus`: read the JSONL file, split train/val by hash, encode, write
+  glm              `core.tokens.encode.encode_corpus`: read the JSONL file, split train/val by hash, encode, write
                    the uint16 shards, offsets and index (what `glm tokenize encode` does, without process
                    start-up), one worker process (tokenizers' own threads inside)
 
@@ -72,7 +72,7 @@ def byte_decoder() -> dict[str, int]:
 def tiktoken_from(tok_file: Path):
     import tiktoken
 
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS
+    from glm_cli.core.tokens.tokenizer import SPECIAL_TOKENS
 
     model = json.loads(tok_file.read_text())["model"]
     decoder = byte_decoder()
@@ -91,9 +91,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from glm_cli.core.corpus import read_documents
-    from glm_cli.core.encode import Splitter, encode_corpus
-    from glm_cli.core.tokenizer import load_tokenizer, save_tokenizer_dir, tokenizer_path, train_bpe
+    from glm_cli.core.io.corpus import read_documents
+    from glm_cli.core.tokens.encode import Splitter, encode_corpus
+    from glm_cli.core.tokens.tokenizer import load_tokenizer, save_tokenizer_dir, tokenizer_path, train_bpe
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -36,7 +36,7 @@ RowGroupSize = Annotated[int, typer.Option("--row-group-size", min=1, help="Parq
 
 def columns_for(text_column: str, id_column: str):
     """The `Columns` the readers and writers of a data command use (validated: non-empty, different)."""
-    from glm_cli.core.corpus import Columns
+    from glm_cli.core.io.corpus import Columns
 
     return Columns(text=text_column, id=id_column)
 

@@ -37,7 +37,7 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in -o f
                                       "(exactly: same batches, same result).")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other training setting, KEY=VALUE (fields "
-                                                  "of core.engine.TrainConfig, e.g. --set weight_decay=0).")]
+                                                  "of core.train.trainer.TrainConfig, e.g. --set weight_decay=0).")]
 SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: the model's context).")]
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
@@ -45,7 +45,7 @@ DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
 
 def peft_config(method: str, rank: int, alpha: float, dropout: float, targets: str, adapter_dim: int,
                 prompt_tokens: int):
-    from glm_cli.core.peft import PeftConfig
+    from glm_cli.core.tune.peft import PeftConfig
 
     if method == "full":
         return None
@@ -57,7 +57,7 @@ def peft_config(method: str, rank: int, alpha: float, dropout: float, targets: s
 
 def parse_sets(sets: list[str] | None) -> dict:
     """--set KEY=VALUE pairs, typed after the TrainConfig field they name."""
-    from glm_cli.core.engine import train_config_fields
+    from glm_cli.core.train.trainer import train_config_fields
 
     fields = train_config_fields()
     out = {}
@@ -88,7 +88,7 @@ def parse_sets(sets: list[str] | None) -> dict:
 
 def train_config(*, max_steps: int, lr: float, warmup: int, micro_batch: int, grad_accum: int, eval_every: int,
                  seed: int, device: str, sets: list[str] | None):
-    from glm_cli.core.engine import TrainConfig
+    from glm_cli.core.train.trainer import TrainConfig
 
     values = dict(lr=lr, max_steps=max_steps, warmup_steps=min(warmup, max(0, max_steps // 2)),
                   micro_batch_size=micro_batch, grad_accum=grad_accum, eval_every=eval_every, seed=seed,
@@ -109,10 +109,10 @@ def steps_for(n_items: int, micro_batch: int, grad_accum: int, epochs: float, ma
 def load_base_and_tokenizer(base: str):
     """The base checkpoint (quantized ones too) and its tokenizer, with the chat encoder of its template
     (glm's own format, or the template a pretrained model ships)."""
-    from glm_cli.core.chat_template import chat_encoder_for
     from glm_cli.core.errors import CheckpointError
-    from glm_cli.core.peft import ADAPTER_CONFIG, load_base
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.tokens.chat_template import chat_encoder_for
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
+    from glm_cli.core.tune.peft import ADAPTER_CONFIG, load_base
 
     if (Path(base) / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"{base}: holds an adapter; fine-tune from a plain checkpoint (write one with "
@@ -130,7 +130,7 @@ def load_base_and_tokenizer(base: str):
 
 
 def pad_id(model, tokenizer) -> int:
-    from glm_cli.core.tokenizer import PAD
+    from glm_cli.core.tokens.tokenizer import PAD
 
     if model.config.pad_token_id is not None:
         return model.config.pad_token_id
@@ -140,7 +140,7 @@ def pad_id(model, tokenizer) -> int:
 
 def prepare_model(model, peft, init_ids=None, merge: bool = False):
     """Full fine-tuning: train everything (in train mode); else add the method's tensors on a frozen base."""
-    from glm_cli.core.peft import apply_peft
+    from glm_cli.core.tune.peft import apply_peft
 
     if peft is None:
         for p in model.parameters():
@@ -161,7 +161,7 @@ def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict
     `model` is the (adapted) Transformer; `trained` the task's module when it adds heads (value heads).
     """
     from glm_cli.core.console import log
-    from glm_cli.core.peft import save_adapter, trainable_parameters
+    from glm_cli.core.tune.peft import save_adapter, trainable_parameters
 
     trainable, total = trainable_parameters(trained if trained is not None else model)
     summary.update({"output": str(out), "final": str(result.final_dir) if result.final_dir else None,
@@ -184,6 +184,6 @@ def asdict(obj) -> dict:
 
 
 def trainable_counts(model) -> tuple[int, int]:
-    from glm_cli.core.peft import trainable_parameters
+    from glm_cli.core.tune.peft import trainable_parameters
 
     return trainable_parameters(model)

@@ -16,9 +16,9 @@ ALIGN_LR = {"dpo": {"full": 2e-5, "lora": 5e-4, "adapter": 5e-4, "prompt": 1e-2}
 
 
 def _prompts(path: str, encoder, limit: int) -> list[list[int]]:
-    from glm_cli.core.chat import prompt_messages
-    from glm_cli.core.corpus import read_records
     from glm_cli.core.errors import DataError
+    from glm_cli.core.io.corpus import read_records
+    from glm_cli.core.tokens.chat import prompt_messages
 
     out = []
     for number, record in enumerate(read_records(path), start=1):
@@ -104,9 +104,9 @@ def command(
     import torch
 
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.engine import Trainer
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.sft_data import shuffled
+    from glm_cli.core.train.trainer import Trainer
+    from glm_cli.core.tune.sft_data import shuffled
 
     set_quiet(quiet)
     if method not in ("dpo", "reward", "ppo"):
@@ -132,8 +132,8 @@ def command(
     info = {"command": "align", "method": method, "peft": peft_method, "base": str(base), "data": data, "val": val}
 
     if method in ("dpo", "reward"):
-        from glm_cli.core.align import DPOTask, RewardTask
-        from glm_cli.core.preference import ScalarHead, load_pairs
+        from glm_cli.core.tune.align import DPOTask, RewardTask
+        from glm_cli.core.tune.preference import ScalarHead, load_pairs
 
         train_pairs, dropped = load_pairs(data, encoder, length)
         if val:
@@ -155,9 +155,9 @@ def command(
         info.update(train_pairs=len(train_pairs), val_pairs=len(val_pairs))
         log(f"align ({method}, {peft_method}): {len(train_pairs)} pairs, {len(val_pairs)} held out")
     else:
-        from glm_cli.core.align import PPOTask, RewardModelScorer
-        from glm_cli.core.ppo import PPOConfig
-        from glm_cli.core.preference import load_reward_model
+        from glm_cli.core.tune.align import PPOTask, RewardModelScorer
+        from glm_cli.core.tune.ppo import PPOConfig
+        from glm_cli.core.tune.preference import load_reward_model
 
         prompt_len = max(8, length - max_new_tokens)
         prompts = _prompts(data, encoder, prompt_len)

@@ -1,7 +1,7 @@
 """`glm clean`: raw text in, clean documents out, with a report of what was removed and why.
 
 Parses and validates the options, builds a `CleanConfig` and streams documents through
-`core.clean_pipeline` (in worker processes with `--workers N`, output order unchanged).
+`core.clean.pipeline` (in worker processes with `--workers N`, output order unchanged).
 """
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ def _config(*, html, unicode_form, strip_control, whitespace, gutenberg, navigat
             c4_strict_lines, c4, gopher_quality, min_words, max_words, gopher_repetition,
             max_dup_line_fraction, langid, lang, lang_threshold, pii):
     """Validate the options together (every problem at once) and build the pipeline's config."""
-    from glm_cli.core.boilerplate import NavigationLines
-    from glm_cli.core.clean_pipeline import HTML_MODES, CleanConfig
+    from glm_cli.core.clean.boilerplate import NavigationLines
+    from glm_cli.core.clean.language_id import LanguageFilter
+    from glm_cli.core.clean.normalize import UNICODE_FORMS, NormalizeConfig
+    from glm_cli.core.clean.pii import PIIRedactor
+    from glm_cli.core.clean.pipeline import HTML_MODES, CleanConfig
+    from glm_cli.core.clean.quality import C4Document, C4Lines, GopherQuality, GopherRepetition
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.language_id import LanguageFilter
-    from glm_cli.core.pii import PIIRedactor
-    from glm_cli.core.quality_filters import C4Document, C4Lines, GopherQuality, GopherRepetition
-    from glm_cli.core.text_normalize import UNICODE_FORMS, NormalizeConfig
 
     problems = []
     form = unicode_form.upper()
@@ -198,11 +198,11 @@ def command(
     from contextlib import closing
     from functools import partial
 
-    from glm_cli.core.clean_pipeline import CleanStats, batches, clean_batch
+    from glm_cli.core.clean.pipeline import CleanStats, batches, clean_batch
     from glm_cli.core.console import progress, set_quiet
-    from glm_cli.core.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.parallel import map_ordered
+    from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
+    from glm_cli.core.io.parallel import map_ordered
 
     set_quiet(quiet)
     config = _config(html=html, unicode_form=unicode_form, strip_control=strip_control, whitespace=whitespace,

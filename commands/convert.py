@@ -34,8 +34,8 @@ def command(
 
         glm convert ~/models/TinyLlama-1.1B -o runs/tinyllama
     """
+    from glm_cli.core.checkpoint.convert import convert
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.convert import convert
 
     set_quiet(quiet)
     summary = convert(source, output, dtype)

@@ -94,21 +94,21 @@ Contaminated = Annotated[str | None, typer.Option("--contaminated", help="Write 
 
 
 def _config(**kw):
-    from glm_cli.core.dedup import DedupConfig
+    from glm_cli.core.dedup.pipeline import DedupConfig
 
     kw["against"] = tuple(kw.get("against") or ())
     return DedupConfig(**kw).resolved()
 
 
 def _policy(on_error: str, output: str, errors: str | None):
-    from glm_cli.core.corpus import ErrorPolicy
+    from glm_cli.core.io.corpus import ErrorPolicy
 
     return ErrorPolicy(on_error, errors_path_for(output, errors))
 
 
 def _write_jsonl(path: str | None, records: Iterable[dict]) -> None:
     if path:
-        from glm_cli.core.corpus import write_records
+        from glm_cli.core.io.corpus import write_records
 
         write_records(path, records)
 
@@ -179,9 +179,9 @@ def run(
     import tempfile
 
     from glm_cli.core.console import set_quiet
-    from glm_cli.core.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
-    from glm_cli.core.dedup import apply_plan, cluster, compute_signatures
+    from glm_cli.core.dedup.pipeline import apply_plan, cluster, compute_signatures
     from glm_cli.core.errors import UsageError
+    from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
 
     set_quiet(quiet)
     if memory_mb < 1:
@@ -260,9 +260,9 @@ def signatures(
         glm dedup signatures data/clean/ --shard 0/4 -o sigs/0.npz
     """
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.corpus import parse_shard, read_documents
-    from glm_cli.core.dedup import compute_signatures
+    from glm_cli.core.dedup.pipeline import compute_signatures
     from glm_cli.core.errors import UsageError
+    from glm_cli.core.io.corpus import parse_shard, read_documents
 
     set_quiet(quiet)
     if not output or output == "-":
@@ -304,9 +304,9 @@ def cluster_step(
         glm dedup cluster sigs/*.npz -o plan.json --clusters clusters.jsonl
     """
     from glm_cli.core.console import set_quiet
-    from glm_cli.core.corpus import expand_inputs
-    from glm_cli.core.dedup import cluster
+    from glm_cli.core.dedup.pipeline import cluster
     from glm_cli.core.errors import UsageError
+    from glm_cli.core.io.corpus import expand_inputs
 
     set_quiet(quiet)
     if not output or output == "-":
@@ -346,9 +346,9 @@ def filter_step(
         glm dedup filter data/clean/ --plan plan.json --shard 0/4 -o dedup/0.jsonl
     """
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.corpus import RecordWriter, parse_shard, read_documents
-    from glm_cli.core.dedup import DropPlan, apply_plan
+    from glm_cli.core.dedup.pipeline import DropPlan, apply_plan
     from glm_cli.core.errors import UsageError
+    from glm_cli.core.io.corpus import RecordWriter, parse_shard, read_documents
 
     set_quiet(quiet)
     if not plan:

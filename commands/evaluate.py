@@ -65,11 +65,11 @@ def command(
     import time
 
     from glm_cli.core.console import log, progress, set_quiet
-    from glm_cli.core.corpus import read_records
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.evaluation import Scorer, evaluate_task, load_task, task_size
-    from glm_cli.core.peft import load_with_adapter
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.eval.tasks import Scorer, evaluate_task, load_task, task_size
+    from glm_cli.core.io.corpus import read_records
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
+    from glm_cli.core.tune.peft import load_with_adapter
 
     set_quiet(quiet)
     if fewshot_file is None and num_fewshot:
@@ -108,7 +108,7 @@ def command(
             log(f"{ckpt}  {t.name}: {shown}  ({result['seconds']}s)")
         del model
     if output:
-        from glm_cli.core.atomic import write_text_atomic
+        from glm_cli.core.io.atomic import write_text_atomic
 
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     if as_json:

@@ -59,9 +59,9 @@ def command(
     import torch
 
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.engine import Trainer
-    from glm_cli.core.sft import SFTTask
-    from glm_cli.core.sft_data import load_examples, pack, shuffled
+    from glm_cli.core.train.trainer import Trainer
+    from glm_cli.core.tune.sft import SFTTask
+    from glm_cli.core.tune.sft_data import load_examples, pack, shuffled
 
     set_quiet(quiet)
     peft = T.peft_config(method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_dim, prompt_tokens)

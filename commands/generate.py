@@ -63,9 +63,9 @@ def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
 
 def read_prompt_records(path: str) -> list[dict]:
     """--prompts JSONL: {"prompt": str} or {"messages": [...]}, other fields (e.g. id) are kept."""
-    from glm_cli.core.chat import check_messages
-    from glm_cli.core.corpus import read_records
     from glm_cli.core.errors import DataError, GlmError
+    from glm_cli.core.io.corpus import read_records
+    from glm_cli.core.tokens.chat import check_messages
 
     if path != "-" and not Path(path).exists():
         raise GlmError(f"{path}: no such file")
@@ -128,15 +128,15 @@ def command(
 
     import torch
 
-    from glm_cli.core.checkpoint import load_model
+    from glm_cli.core.checkpoint.directory import load_model
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.corpus import RecordWriter
     from glm_cli.core.errors import DataError, GlmError, UsageError
-    from glm_cli.core.generation import GenerationConfig, eos_ids_for, generate
-    from glm_cli.core.packed_linear import prepare_for_inference
-    from glm_cli.core.peft import load_with_adapter
-    from glm_cli.core.sampling import SamplingConfig
-    from glm_cli.core.tokenizer import load_tokenizer
+    from glm_cli.core.infer.generation import GenerationConfig, eos_ids_for, generate
+    from glm_cli.core.infer.sampling import SamplingConfig
+    from glm_cli.core.io.corpus import RecordWriter
+    from glm_cli.core.model.packed_linear import prepare_for_inference
+    from glm_cli.core.tokens.tokenizer import load_tokenizer
+    from glm_cli.core.tune.peft import load_with_adapter
 
     set_quiet(quiet)
     sources = [s for s in (prompt, prompt_file, prompts) if s is not None]
@@ -164,7 +164,7 @@ def command(
     config.validate()
     encoder = None
     if chat:
-        from glm_cli.core.chat_template import chat_encoder_for
+        from glm_cli.core.tokens.chat_template import chat_encoder_for
 
         encoder = chat_encoder_for(checkpoint, tokenizer)
         end_id = encoder.end_id  # the template's end of turn, in case the checkpoint does not list it
@@ -249,7 +249,7 @@ def command(
         sys.stdout.write(payload)
         sys.stdout.flush()
     else:
-        from glm_cli.core.atomic import write_text_atomic
+        from glm_cli.core.io.atomic import write_text_atomic
 
         write_text_atomic(output, payload if as_json else result.text)
     log(f"{result.completion_tokens} tokens in {elapsed:.2f}s ({result.finish_reason})")

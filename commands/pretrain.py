@@ -71,7 +71,7 @@ def command(
     import os
 
     from glm_cli.core.console import set_quiet
-    from glm_cli.core.pretrain_setup import PretrainOptions, build_run
+    from glm_cli.core.train.pretrain_setup import PretrainOptions, build_run
 
     if quiet or int(os.environ.get("RANK", "0")) != 0:
         set_quiet(True)

@@ -89,7 +89,7 @@ def command(
     if problems:
         raise UsageError("; ".join(problems))
 
-    from glm_cli.core.checkpoint import check_checkpoint_dir
+    from glm_cli.core.checkpoint.directory import check_checkpoint_dir
 
     check_checkpoint_dir(checkpoint)
     start = time.perf_counter()
@@ -106,16 +106,16 @@ def command(
 
 
 def _is_shard_dir(specs: list[str]) -> bool:
-    from glm_cli.core.quant_data import is_shard_dir
+    from glm_cli.core.quant.calibration import is_shard_dir
 
     return len(specs) == 1 and is_shard_dir(specs[0])
 
 
 def _gguf(checkpoint: str, output: str, gguf_type: str, keep_embeddings: bool, eval_data, eval_tokens: int,
           seq_len: int) -> dict:
-    from glm_cli.core.checkpoint import WEIGHTS, load_model
-    from glm_cli.core.gguf_export import export_gguf, load_gguf_model
-    from glm_cli.core.quant_data import perplexity
+    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
+    from glm_cli.core.checkpoint.gguf_export import export_gguf, load_gguf_model
+    from glm_cli.core.quant.calibration import perplexity
 
     summary = export_gguf(checkpoint, output, gguf_type, keep_embeddings)
     source = (Path(checkpoint) / WEIGHTS).stat().st_size
@@ -135,7 +135,7 @@ def _held_out(eval_data, checkpoint: str, eval_tokens: int):
     """Held-out tokens (the val split of a shard dir, or corpus files), or None with a warning."""
     from glm_cli.core.console import warn
     from glm_cli.core.errors import GlmError
-    from glm_cli.core.quant_data import token_stream
+    from glm_cli.core.quant.calibration import token_stream
 
     if not eval_data or not eval_tokens:
         return None
@@ -158,10 +158,10 @@ def _safetensors(checkpoint, output, bits, method, group_size, calibration, cali
                  eval_data, eval_tokens, keep_embeddings, seed) -> dict:
     import torch
 
-    from glm_cli.core.checkpoint import WEIGHTS, load_model
+    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
     from glm_cli.core.console import log
-    from glm_cli.core.quant import QuantScheme, quantize_model_rtn, save_quantized
-    from glm_cli.core.quant_data import calibration_batches, perplexity, token_stream
+    from glm_cli.core.quant.calibration import calibration_batches, perplexity, token_stream
+    from glm_cli.core.quant.weight_only import QuantScheme, quantize_model_rtn, save_quantized
 
     torch.manual_seed(seed)
     scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings)
@@ -183,7 +183,7 @@ def _safetensors(checkpoint, output, bits, method, group_size, calibration, cali
         log(f"fp32 perplexity {base['perplexity']:.3f} on {base['tokens']} held-out tokens")
 
     if method == "gptq":
-        from glm_cli.core.gptq import quantize_model_gptq
+        from glm_cli.core.quant.gptq import quantize_model_gptq
 
         calib = token_stream(calibration, tokenizer_dir, "train", calibration_samples * window * 4)
         batches = calibration_batches(calib, calibration_samples, window, seed=seed)

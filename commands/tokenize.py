@@ -47,7 +47,7 @@ GroupMap = Annotated[str | None, typer.Option(
 
 
 def _policy(on_error: str, output: str, errors: str | None):
-    from glm_cli.core.corpus import ErrorPolicy
+    from glm_cli.core.io.corpus import ErrorPolicy
 
     return ErrorPolicy(on_error, errors_path_for(output, errors))
 
@@ -90,10 +90,10 @@ def train(
     import random
 
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.corpus import parse_shard, read_documents
-    from glm_cli.core.encode import Splitter, load_group_map
     from glm_cli.core.errors import GlmError, UsageError
-    from glm_cli.core.tokenizer import save_tokenizer_dir, tokenizer_sha256, train_bpe
+    from glm_cli.core.io.corpus import parse_shard, read_documents
+    from glm_cli.core.tokens.encode import Splitter, load_group_map
+    from glm_cli.core.tokens.tokenizer import save_tokenizer_dir, tokenizer_sha256, train_bpe
 
     set_quiet(quiet)
     if not output or output == "-":
@@ -176,13 +176,13 @@ def encode(
 
         glm dedup clean.jsonl -o - | glm tokenize encode - -t tok -o shards
     """
-    from glm_cli.core.atomic import atomic_dir
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.corpus import parse_shard, read_documents
-    from glm_cli.core.encode import Splitter, encode_corpus, load_group_map, split_stats
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.shards import INDEX, fragment_name, is_shard_dir
-    from glm_cli.core.tokenizer import tokenizer_path
+    from glm_cli.core.io.atomic import atomic_dir
+    from glm_cli.core.io.corpus import parse_shard, read_documents
+    from glm_cli.core.io.shards import INDEX, fragment_name, is_shard_dir
+    from glm_cli.core.tokens.encode import Splitter, encode_corpus, load_group_map, split_stats
+    from glm_cli.core.tokens.tokenizer import tokenizer_path
 
     set_quiet(quiet)
     problems = []
@@ -219,7 +219,7 @@ def encode(
     policy.close()
     seconds = time.perf_counter() - start
     if shard_spec:
-        from glm_cli.core.shards import ShardIndex
+        from glm_cli.core.io.shards import ShardIndex
 
         part = ShardIndex._read(Path(output) / fragment_name(*shard_spec))
         stats = {}
@@ -263,10 +263,10 @@ def decode(
         echo "45 415 84" | glm tokenize decode - -t runs/demo/tokenizer
     """
     from glm_cli.core.console import set_quiet
-    from glm_cli.core.corpus import RecordWriter
-    from glm_cli.core.encode import iter_documents
     from glm_cli.core.errors import GlmError, UsageError
-    from glm_cli.core.tokenizer import decode_ids, load_tokenizer, tokenizer_sha256
+    from glm_cli.core.io.corpus import RecordWriter
+    from glm_cli.core.tokens.encode import iter_documents
+    from glm_cli.core.tokens.tokenizer import decode_ids, load_tokenizer, tokenizer_sha256
 
     set_quiet(quiet)
     if not tokenizer:
@@ -296,7 +296,7 @@ def _write_text(output: str, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        from glm_cli.core.atomic import write_text_atomic
+        from glm_cli.core.io.atomic import write_text_atomic
 
         write_text_atomic(output, text)
 
@@ -341,9 +341,9 @@ def stats(
 
         glm tokenize stats runs/demo/shards --json
     """
-    from glm_cli.core.encode import split_stats
-    from glm_cli.core.shards import ShardIndex, ShardSet
-    from glm_cli.core.tokenizer import tokenizer_sha256
+    from glm_cli.core.io.shards import ShardIndex, ShardSet
+    from glm_cli.core.tokens.encode import split_stats
+    from glm_cli.core.tokens.tokenizer import tokenizer_sha256
 
     index = ShardIndex.load(directory)
     splits = split_stats(directory)

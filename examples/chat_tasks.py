@@ -24,9 +24,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from glm_cli.core.chat import prompt_messages, render_text
-from glm_cli.core.corpus import read_records
-from glm_cli.core.tokenizer import END_OF_TURN
+from glm_cli.core.io.corpus import read_records
+from glm_cli.core.tokens.chat import prompt_messages, render_text
+from glm_cli.core.tokens.tokenizer import END_OF_TURN
 
 
 def main() -> None:

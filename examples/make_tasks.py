@@ -29,8 +29,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from glm_cli.core.corpus import read_records
-from glm_cli.core.encode import Splitter, load_group_map
+from glm_cli.core.io.corpus import read_records
+from glm_cli.core.tokens.encode import Splitter, load_group_map
 
 SPEAKER = re.compile(r"([A-Z][A-Za-z'\- ]{0,28}[A-Za-z])\.")
 NOT_SPEAKERS = {"ACT", "SCENE", "Scene", "Scena", "Actus", "Enter", "Exit", "Exeunt", "FINIS", "THE END", "Epilogue",

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glm_cli.core.config import preset
-from glm_cli.core.engine import TrainConfig, Trainer
-from glm_cli.core.model import Transformer
-from glm_cli.core.pretrain_task import PretrainTask, Source
-from glm_cli.core.shards import ShardIndex, ShardSet, write_shard
+from glm_cli.core.io.shards import ShardIndex, ShardSet, write_shard
+from glm_cli.core.model.config import preset
+from glm_cli.core.model.transformer import Transformer
+from glm_cli.core.train.pretrain_task import PretrainTask, Source
+from glm_cli.core.train.trainer import TrainConfig, Trainer
 
 VOCAB = 256
 

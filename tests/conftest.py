@@ -54,7 +54,7 @@ def train_tiny_tokenizer(directory: Path, text: str, vocab_size: int, repeat: in
     """A byte-level BPE with glm's special tokens (ids 0..5) trained on `text`, saved with its HF config."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from glm_cli.core.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
+    from glm_cli.core.tokens.tokenizer import SPECIAL_TOKENS, write_hf_tokenizer_config
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

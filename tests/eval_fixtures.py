@@ -17,9 +17,9 @@ def make_tokenizer(directory: Path):
 
 def make_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny model (vocab 320, 2 layers, context 128) saved with the tokenizer above."""
-    from glm_cli.core.checkpoint import save_checkpoint
-    from glm_cli.core.config import preset
-    from glm_cli.core.model import Transformer
+    from glm_cli.core.checkpoint.directory import save_checkpoint
+    from glm_cli.core.model.config import preset
+    from glm_cli.core.model.transformer import Transformer
 
     if not (directory.parent / "tok" / "tokenizer.json").exists():
         make_tokenizer(directory.parent / "tok")

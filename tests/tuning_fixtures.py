@@ -18,9 +18,9 @@ def make_tokenizer(directory: Path):
 
 def make_base(directory: Path) -> Path:
     """A tiny random checkpoint with the tokenizer above, plus instruction and preference files beside it."""
-    from glm_cli.core.checkpoint import save_checkpoint
-    from glm_cli.core.config import preset
-    from glm_cli.core.model import Transformer
+    from glm_cli.core.checkpoint.directory import save_checkpoint
+    from glm_cli.core.model.config import preset
+    from glm_cli.core.model.transformer import Transformer
 
     make_tokenizer(directory / "tok")
     torch.manual_seed(0)

@@ -15,7 +15,7 @@
 #   CLEAN_ARGS='--lang en --on-error skip', DEDUP_ARGS='--threshold 0.7', ENCODE_ARGS='--val-fraction
 #   0.01'), COLUMN_ARGS (given to every step that reads documents: '--text-column content').
 #
-# The result equals one run over everything (tests/test_cluster_recipes.py checks it):
+# The result equals one run over everything (tests/cli/test_cluster_recipes.py checks it):
 #   WORK/clean/*   concatenated in name order = glm clean INPUTS
 #   WORK/dedup/*   concatenated in name order = glm dedup (glm clean INPUTS)
 #   WORK/shards    the same token stream as one `glm tokenize encode` of that

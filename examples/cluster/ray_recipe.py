@@ -6,7 +6,7 @@ or a GNU parallel job runs, so Ray only places processes; glm schedules nothing 
 Steps, each waiting for the previous one: N clean tasks, N dedup-signature tasks, one cluster task, N
 dedup-filter tasks and, with --tokenizer, N encode tasks. WORK must be on storage every node sees (and new
 or empty); its layout and the equality of the result with one run are those of examples/cluster/parallel.sh.
-Without --address, Ray starts on this machine with --num-cpus CPUs (what tests/test_cluster_recipes.py runs);
+Without --address, Ray starts on this machine with --num-cpus CPUs (what tests/cli/test_cluster_recipes.py runs);
 with --address auto it joins a running cluster (`ray start --head` / `ray start --address ...`).
 Needs Ray (`pip install 'glm-cli[ray]'`).
 """

@@ -1,0 +1,1 @@
+"""The one Transformer every model command shares, its configuration, and the attention call behind it."""

@@ -1,0 +1,1 @@
+"""Weight-only quantization (int8, int4 RTN and GPTQ) and the calibration data it needs."""

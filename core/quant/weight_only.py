@@ -1,0 +1,462 @@
+"""Weight-only quantization: the formats, the inference modules, and quantized checkpoints.
+
+Two schemes, both weight-only (activations stay in floating point):
+
+- INT8, per output channel, symmetric absmax: `w ~ q * s`, q in [-127, 127], one scale per row.
+  Stored as `qweight` int8 (N, K) and `scales` fp16 (N,).
+- INT4, group-wise along the input dimension (group 128 by default), *asymmetric* min/max:
+  `w ~ (q - z) * s`, q in [0, 15], an integer zero point z in [0, 15] and a scale s per group.
+  Asymmetric because a group of weights is rarely centred on 0: shifting the grid to [min, max] uses all
+  16 levels where a symmetric grid wastes part of its range, and (scale, zero) is also exactly the form the
+  CPU int4 kernel takes. Stored as `qweight` uint8 (N, K/2), two codes a byte (low nibble = even column),
+  `scales` fp16 (N, K/g) and `qzeros` uint8 (N, K/g).
+
+Scales are rounded *up* to fp16 before the codes are chosen, so every element keeps the round-to-nearest
+guarantee |w - dequant(w)| <= s/2 with the scale actually stored.
+
+A quantized checkpoint is an ordinary glm checkpoint directory whose model.safetensors holds, for every
+quantized module `X`, `X.qweight`, `X.scales` (and `X.qzeros`) instead of `X.weight`, and whose
+config.json carries a `quantization_config` (quant_method "glm"); `checkpoint.load_model` hands such a
+directory to `load_quantized_model`, so every command that loads a model loads these too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glm_cli.core.errors import CheckpointError, UsageError
+
+QUANT_METHOD = "glm"
+INT4_MAX = 15
+INT8_MAX = 127
+FP16_SCALE_MIN = 2.0 ** -14  # smallest normal fp16: no subnormal scales
+
+
+@dataclass(kw_only=True, slots=True)
+class QuantScheme:
+    bits: int = 8
+    """8: per-channel symmetric int8; 4: group-wise asymmetric int4."""
+    group_size: int = 128
+    """INT4 group length along the input dimension (halved per layer until it divides in_features)."""
+    method: str = "rtn"
+    """'rtn' (round to nearest) or 'gptq' (second-order error compensation on calibration data)."""
+    keep_embeddings: bool = True
+    """Keep the token embedding and the output head in full precision."""
+    damp: float = 0.01
+    """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
+    block_size: int = 128
+    """GPTQ: columns quantized together before the lazy update of the rest."""
+    modules_not_converted: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.bits not in (4, 8):
+            problems.append(f"--bits must be 8 or 4, not {self.bits}")
+        if self.method not in ("rtn", "gptq"):
+            problems.append(f"--method must be rtn or gptq, not {self.method!r}")
+        if self.group_size < 8 or self.group_size & (self.group_size - 1):
+            problems.append(f"--group-size must be a power of two >= 8, not {self.group_size}")
+        if not 0 <= self.damp < 1:
+            problems.append("GPTQ dampening must be in [0, 1)")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def as_config(self) -> dict:
+        d = asdict(self)
+        d.pop("block_size")
+        if self.bits == 8:
+            d["group_size"] = -1  # per output channel
+        return {"quant_method": QUANT_METHOD, **d,
+                "format": "int8-per-channel-symmetric" if self.bits == 8 else "int4-group-asymmetric"}
+
+
+def group_size_for(in_features: int, group_size: int) -> int:
+    """The requested group size, halved until it divides in_features (e.g. 192 columns -> 64)."""
+    g = group_size
+    while in_features % g:
+        g //= 2
+    if g < 8:
+        raise UsageError(f"no int4 group size >= 8 divides in_features {in_features}")
+    return g
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round a positive fp32 scale up to fp16 (never down, so the quantization range still covers)."""
+    return (scale.clamp(min=FP16_SCALE_MIN) * (1 + 2.0 ** -10)).to(torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------- INT8
+
+def int8_scales(w: torch.Tensor) -> torch.Tensor:
+    """fp16 absmax scale per row of w (N, K)."""
+    return _fp16_scale(w.float().abs().amax(dim=1) / INT8_MAX)
+
+
+def quantize_int8_with(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    s = scales.float().reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.round(w.float() / s).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    scales = int8_scales(w)
+    return {"qweight": quantize_int8_with(w, scales), "scales": scales}
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float()[:, None]
+
+
+# ----------------------------------------------------------------------------------------------- INT4
+
+def int4_scale_zero(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric grid for each row of w (N, g): fp16 scale (N,) and integer zero point (N,) as float32.
+
+    The range always includes 0 (so zero weights stay exactly zero).
+    """
+    w = w.float()
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scale = _fp16_scale((hi - lo) / INT4_MAX)
+    zero = torch.round(-lo / scale.float()).clamp(0, INT4_MAX)
+    return scale, zero
+
+
+def quantize_int4_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 15] (as float32) for w (N,) or (N, g) given per-row scale and zero."""
+    s, z = scale.float(), zero.float()
+    if w.dim() == 2:
+        s, z = s[:, None], z[:, None]
+    return torch.clamp(torch.round(w.float() / s) + z, 0, INT4_MAX)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Round-to-nearest int4 of w (N, K): packed codes, fp16 scales and uint8 zero points per group."""
+    n, k = w.shape
+    g = group_size_for(k, group_size)
+    groups = w.float().reshape(n * (k // g), g)
+    scale, zero = int4_scale_zero(groups)
+    codes = quantize_int4_column(groups, scale, zero).reshape(n, k)
+    return {"qweight": pack_int4(codes.to(torch.uint8)), "scales": scale.reshape(n, k // g),
+            "qzeros": zero.to(torch.uint8).reshape(n, k // g)}
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> (N, K/2) uint8: column 2j in the low nibble, 2j+1 in the high."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 codes."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:
+    codes = unpack_int4(qweight).float()
+    n, k = codes.shape
+    g = k // scales.shape[1]
+    w = (codes.reshape(n, -1, g) - qzeros.float()[..., None]) * scales.float()[..., None]
+    return w.reshape(n, k)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    return quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)
+
+
+def dequantize(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "qzeros" in tensors:
+        return dequantize_int4(tensors["qweight"], tensors["scales"], tensors["qzeros"])
+    return dequantize_int8(tensors["qweight"], tensors["scales"])
+
+
+# ------------------------------------------------------------------------------------ inference modules
+
+def _kernel_max_rows() -> int:
+    """Rows (batch x positions) up to which the packed CPU kernels are used: decode-sized inputs.
+
+    GLM_QUANT_KERNEL=off disables them (everything runs dequantize-then-matmul in the input's dtype).
+    """
+    mode = os.environ.get("GLM_QUANT_KERNEL", "auto")
+    if mode == "off":
+        return 0
+    if mode not in ("auto", "on"):
+        raise UsageError(f"GLM_QUANT_KERNEL must be auto, on or off, not {mode!r}")
+    return 1 << 30 if mode == "on" else 16
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear whose weight is stored int8 or packed int4 (see the module docstring).
+
+    forward, for decode-sized inputs on CPU (<= 16 rows), calls PyTorch's weight-only kernels
+    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the int8/int4 weights directly.
+    Those kernels are fast only with bfloat16 activations, so the input is cast to bf16 for that matmul and
+    the result cast back. Larger inputs (prefill, evaluation) dequantize the weight once per call and use
+    an ordinary fp32 matmul, which on CPU is faster there and exact with respect to the stored weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        if bits == 8:
+            self.group_size = in_features
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16))
+        elif bits == 4:
+            if in_features % 2:
+                raise UsageError(f"int4 needs an even in_features, not {in_features}")
+            self.group_size = group_size_for(in_features, group_size)
+            n_groups = in_features // self.group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16))
+            self.register_buffer("qzeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        else:
+            raise UsageError(f"bits must be 8 or 4, not {bits}")
+        self.kernel_max_rows = _kernel_max_rows()
+        self._kernel_state: tuple | None = None  # derived kernel layouts, built on first use
+        self._kernel_ok = True
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: int) -> QuantLinear:
+        n = tensors["qweight"].shape[0]
+        k = tensors["qweight"].shape[1] * (2 if bits == 4 else 1)
+        group = k // tensors["scales"].shape[1] if bits == 4 else k
+        module = cls(k, n, bits, group)
+        module.load_quantized(tensors)
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> QuantLinear:
+        if linear.bias is not None:
+            raise UsageError("quantizing a Linear with a bias is not supported")
+        return cls.from_tensors(quantize_weight(linear.weight.detach(), bits, group_size), bits)
+
+    def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            buffer = getattr(self, name)
+            if buffer.shape != value.shape:
+                raise CheckpointError(f"quantized tensor {name}: shape {tuple(value.shape)}, "
+                                      f"expected {tuple(buffer.shape)}")
+            setattr(self, name, value.to(buffer.dtype).to(buffer.device))
+        self._kernel_state = None
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("qweight", "scales", "qzeros") if self.bits == 4 else ("qweight", "scales")
+        return {n: getattr(self, n) for n in names}
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.quantized_tensors())
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+    def _kernel_layout(self):
+        if self._kernel_state is None:
+            if self.bits == 8:
+                # a fresh copy: safetensors can hand back a misaligned buffer, which crashes the kernel (M >= 4)
+                self._kernel_state = (self.scales.to(torch.bfloat16), self.qweight.clone())
+            else:
+                codes = unpack_int4(self.qweight).to(torch.int32)
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                s = self.scales.float()
+                zero = (8 - self.qzeros.float()) * s  # the kernel computes (q - 8) * s + zero
+                sz = torch.stack((s, zero), dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+                self._kernel_state = (packed, sz.to(torch.bfloat16))
+        return self._kernel_state
+
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        xb = x2.to(torch.bfloat16)
+        if self.bits == 8:
+            scales, qweight = self._kernel_layout()
+            return torch._weight_int8pack_mm(xb, qweight, scales)
+        packed, sz = self._kernel_layout()
+        return torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (self._kernel_ok and rows <= self.kernel_max_rows and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            try:
+                y = self._kernel_matmul(x.reshape(rows, self.in_features))
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            except (RuntimeError, AttributeError, NotImplementedError):
+                self._kernel_ok = False  # this torch build or shape is not supported: dequantize instead
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding stored like QuantLinear's weight (vocab rows); looks up and dequantizes rows."""
+
+    def __init__(self, linear: QuantLinear):
+        super().__init__()
+        self.table = linear  # shares the buffers with the (tied) output head when there is one
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        rows = idx.reshape(-1)
+        scales = t.scales.float()[rows]
+        if t.bits == 8:
+            w = t.qweight[rows].float() * scales[:, None]
+        else:
+            codes = unpack_int4(t.qweight[rows]).float()
+            g = t.group_size
+            w = ((codes.reshape(len(rows), -1, g) - t.qzeros[rows].float()[..., None]) * scales[..., None])
+            w = w.reshape(len(rows), -1)
+        return w.reshape(*idx.shape, self.embedding_dim)
+
+
+# ------------------------------------------------------------------------------ model-level conversion
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def targets_for(model: nn.Module, scheme: QuantScheme) -> list[str]:
+    """The Linear layers a scheme quantizes: every block projection, plus lm_head unless kept."""
+    names = [n for n in linear_names(model) if n != "lm_head"]
+    if not scheme.keep_embeddings:
+        names.append("lm_head")
+    return names
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], bits: int) -> QuantLinear:
+    """Replace Linear `name` by a QuantLinear holding `tensors`; a tied embedding follows lm_head."""
+    q = QuantLinear.from_tensors(tensors, bits)
+    set_module(model, name, q)
+    if name == "lm_head" and model.config.tie_embeddings:
+        model.model.embed_tokens = QuantEmbedding(q)
+    return q
+
+
+@torch.no_grad()
+def quantize_model_rtn(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """Round-to-nearest quantization of every target layer, in place; returns the model (eval mode)."""
+    for name in targets_for(model, scheme):
+        linear = model.get_submodule(name)
+        install(model, name, quantize_weight(linear.weight.detach(), scheme.bits, scheme.group_size),
+                scheme.bits)
+    finish(model, scheme)
+    return model.eval()
+
+
+def finish(model: nn.Module, scheme: QuantScheme) -> None:
+    """Record on the model its scheme and which modules stayed in full precision."""
+    kept = linear_names(model)
+    if not isinstance(model.model.embed_tokens, QuantEmbedding):
+        kept.insert(0, "model.embed_tokens")
+    scheme.modules_not_converted = kept
+    model.quant_scheme = scheme
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: packed weights + scales, full-precision tensors, tied head once."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("inv_freq") or key.startswith("model.embed_tokens.table."):
+            continue  # rotary buffer is derived; a quantized embedding is the tied lm_head's tensors
+        state[key] = value
+    if model.config.tie_embeddings:
+        if isinstance(model.lm_head, QuantLinear):
+            for name, t in model.lm_head.quantized_tensors().items():
+                state.pop(f"lm_head.{name}")
+                state[f"model.embed_tokens.{name}"] = t
+        else:
+            state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def quantized_hf_config(model: nn.Module) -> dict:
+    hf = model.config.to_hf("float32")
+    hf["quantization_config"] = model.quant_scheme.as_config()
+    return hf
+
+
+def save_quantized(directory: str | Path, model: nn.Module, *, tokenizer_dir=None,
+                   extra_files: dict | None = None) -> Path:
+    from glm_cli.core.checkpoint.directory import save_checkpoint
+
+    return save_checkpoint(directory, model, tokenizer_dir=tokenizer_dir, weights=quantized_state_dict(model),
+                           hf_config=quantized_hf_config(model), extra_files=extra_files)
+
+
+def load_quantized_model(directory: Path, config, quant_config: dict, state: dict[str, torch.Tensor],
+                         device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Build a Transformer whose quantized modules are QuantLinear/QuantEmbedding from a loaded state."""
+    from glm_cli.core.model.transformer import Transformer
+
+    if quant_config.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{directory}: quantization method {quant_config.get('quant_method')!r} is not "
+                              f"supported (glm reads its own '{QUANT_METHOD}' format)")
+    bits = int(quant_config.get("bits", 0))
+    if bits not in (4, 8):
+        raise CheckpointError(f"{directory}: quantization_config.bits must be 4 or 8, not {bits}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu")
+    model.init_weights()
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
+    for prefix in prefixes:
+        names = ("qweight", "scales", "qzeros") if bits == 4 else ("qweight", "scales")
+        try:
+            tensors = {n: state.pop(f"{prefix}.{n}") for n in names}
+        except KeyError as e:
+            raise CheckpointError(f"{directory}: quantized module {prefix} lacks {e.args[0]}") from None
+        if prefix == "model.embed_tokens":
+            if not config.tie_embeddings:
+                raise CheckpointError(f"{directory}: a quantized embedding needs tie_word_embeddings")
+            install(model, "lm_head", tensors, bits)
+        else:
+            if not isinstance(_get(model, prefix, directory), nn.Linear):
+                raise CheckpointError(f"{directory}: {prefix} is not a linear layer and cannot be quantized")
+            install(model, prefix, tensors, bits)
+    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quant_suffixes = (".qweight", ".scales", ".qzeros")  # already installed above
+    missing = [m for m in missing if not m.endswith(quant_suffixes)
+               and not (config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: quantized weights do not match config.json "
+                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    scheme_fields = {k: quant_config[k] for k in ("bits", "method", "keep_embeddings", "modules_not_converted")
+                     if k in quant_config}
+    scheme = QuantScheme(**scheme_fields, group_size=max(8, int(quant_config.get("group_size", 128)))
+                         if bits == 4 else 128)
+    model.quant_scheme = scheme
+    model = model.to(device)
+    if dtype is not None:
+        for module in model.modules():  # activations/norms change dtype; packed weights and scales do not
+            if not isinstance(module, QuantLinear):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def _get(model: nn.Module, name: str, directory: Path) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{directory}: quantized tensor for unknown module {name}") from None
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in quantized_state_dict(model).values())

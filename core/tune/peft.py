@@ -1,0 +1,435 @@
+"""Parameter-efficient fine-tuning: LoRA, bottleneck adapters and prompt tuning, on a frozen base.
+
+- LoRA (Hu et al. 2021): a chosen Linear `W` becomes `W x + (alpha / r) * B A dropout(x)`, A (r, in)
+  Kaiming-uniform, B (out, r) zero, so training starts exactly at the base model. `merge_lora` folds
+  `B A * alpha / r` into W and gives back a plain `Transformer` (same logits, tested). The wrapped base
+  may be any module with `in_features`/`out_features` (a quantized Linear too: QLoRA-style).
+- Bottleneck adapters (Houlsby et al. 2019): after the attention and after the MLP of every block,
+  `h + up(gelu(down(h)))`, up zero-initialised; not mergeable (they add layers).
+- Prompt tuning (Lester et al. 2021): n trained vectors prepended to the input embeddings of every
+  sequence (through `Transformer.hidden_states`); positions, masks and the KV cache are shifted so the
+  wrapped model is called exactly like a `Transformer`.
+
+Every method trains only its own tensors and saves them alone: `adapter.safetensors` +
+`adapter_config.json` (method, hyper-parameters, names). `load_with_adapter(base_dir, adapter_dir)`
+rebuilds the model for generate/eval; `disabled(model)` switches adapters off, which turns the policy
+back into its base: the reference model of DPO and PPO for free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glm_cli.core.errors import CheckpointError, UsageError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METHODS = ("lora", "adapter", "prompt")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True, slots=True)
+class PeftConfig:
+    method: str = "lora"
+    """lora | adapter | prompt."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Linear layers LoRA wraps, by name (`all-linear` expands to every projection of every block)."""
+    adapter_dim: int = 16
+    """Bottleneck width of the adapter layers."""
+    prompt_tokens: int = 16
+    """Number of soft-prompt vectors for prompt tuning."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.rank < 1 or self.adapter_dim < 1 or self.prompt_tokens < 1:
+            problems.append("rank, adapter dim and prompt tokens must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if self.targets == ["all-linear"]:
+            self.targets = list(LINEAR_NAMES)
+        unknown = [t for t in self.targets if t not in LINEAR_NAMES]
+        if unknown:
+            problems.append(f"unknown LoRA target(s) {', '.join(unknown)}; choose from all-linear, "
+                            + ", ".join(LINEAR_NAMES))
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + update * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
+
+
+# ----------------------------------------------------------------------------------- bottleneck adapters
+
+
+class Bottleneck(nn.Module):
+    """Wraps a sublayer (attention or MLP): output h -> h + up(gelu(down(h)))."""
+
+    def __init__(self, inner: nn.Module, dim: int, bottleneck: int):
+        super().__init__()
+        self.inner = inner
+        device = next(inner.parameters()).device
+        self.adapter_down = nn.Linear(dim, bottleneck, device=device)
+        self.adapter_up = nn.Linear(bottleneck, dim, device=device)
+        nn.init.normal_(self.adapter_down.weight, 0.0, 0.02)
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.enabled = True
+
+    def forward(self, *args, **kwargs):
+        h = self.inner(*args, **kwargs)
+        if not self.enabled:
+            return h
+        return h + self.adapter_up(F.gelu(self.adapter_down(h)))
+
+
+# -------------------------------------------------------------------------------------- prompt tuning
+
+
+class PromptTuned(nn.Module):
+    """A Transformer with `n` trained vectors in front of every sequence; called like a Transformer.
+
+    Prefill (no cache, or an empty one) prepends the prompt; with a KV cache the prompt stays in the
+    cache, so decoding steps need nothing more. Positions given by the caller are shifted by n; a mask
+    (B|1, 1, T, S) gains n always-visible key columns (and n prompt rows at prefill).
+    """
+
+    def __init__(self, base: nn.Module, n_tokens: int, init_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.base = base
+        self.config = base.config
+        with torch.no_grad():
+            if init_ids is not None:  # start from real token embeddings, as Lester et al. recommend
+                init = base.embed(init_ids[:n_tokens].to(base.lm_head.weight.device)).detach().float().clone()
+            else:
+                init = torch.randn(n_tokens, base.config.dim) * base.config.init_std
+        self.soft_prompt = nn.Parameter(init.to(base.lm_head.weight.device))  # (P, C)
+        self.enabled = True
+
+    @property
+    def n_tokens(self) -> int:
+        return self.soft_prompt.shape[0] if self.enabled else 0
+
+    def embed(self, idx):
+        return self.base.embed(idx)
+
+    @property
+    def lm_head(self):
+        return self.base.lm_head
+
+    def _grow_cache(self, cache, P):
+        # The caller sized its cache for its own tokens; make room for the prompt in front.
+        if cache.length == 0 and P:
+            cache.keys = [torch.cat([k, k.new_zeros(*k.shape[:2], P, k.shape[3])], 2) for k in cache.keys]
+            cache.values = [torch.cat([v, v.new_zeros(*v.shape[:2], P, v.shape[3])], 2) for v in cache.values]
+            cache.max_len += P
+
+    def hidden_states(self, x, positions=None, mask=None, cache=None):
+        """Like Transformer.hidden_states; returns states of the caller's tokens only (prompt dropped)."""
+        B, T, _ = x.shape
+        P = self.n_tokens
+        prefill = cache is None or cache.length == 0
+        if P == 0:
+            return self.base.hidden_states(x, positions, mask, cache)
+        if positions is None:  # after prefill the cache length already counts the prompt
+            start = cache.length if cache is not None and not prefill else P
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        else:
+            positions = positions + P
+        if mask is not None:
+            Bm = mask.shape[0]
+            if prefill:
+                S = mask.shape[-1]
+                full = torch.zeros(Bm, 1, P + T, P + S, dtype=torch.bool, device=x.device)
+                full[:, :, :P, :P] = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+                full[:, :, P:, :P] = True
+                full[:, :, P:, P:] = mask
+                mask = full
+            else:
+                mask = torch.cat([mask.new_ones(Bm, 1, T, P), mask], dim=-1)
+        if prefill:
+            if cache is not None:
+                self._grow_cache(cache, P)
+            prompt = self.soft_prompt.to(x.dtype).expand(B, P, -1)
+            x = torch.cat([prompt, x], dim=1)
+            pp = torch.arange(P, device=x.device).expand(B, P)
+            positions = torch.cat([pp, positions], dim=1)
+            return self.base.hidden_states(x, positions, mask, cache)[:, P:]
+        return self.base.hidden_states(x, positions, mask, cache)
+
+    def forward(self, idx, targets=None, *, positions=None, mask=None, cache=None, ignore_index: int = -100):
+        h = self.hidden_states(self.embed(idx), positions, mask, cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ------------------------------------------------------------------------------------------ applying
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig, init_ids: torch.Tensor | None = None) -> nn.Module:
+    """Freeze `model` and add the method's trainable tensors; returns the model to train.
+
+    For LoRA and adapters the model is changed in place (and returned); prompt tuning returns a
+    `PromptTuned` wrapper around it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.method == "prompt":
+        return PromptTuned(model, cfg.prompt_tokens, init_ids)
+    for block in model.model.layers:
+        if cfg.method == "lora":
+            for parent in (block.self_attn, block.mlp):
+                for name in cfg.targets:
+                    if hasattr(parent, name):
+                        setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout))
+        else:
+            block.self_attn = Bottleneck(block.self_attn, model.config.dim, cfg.adapter_dim)
+            block.mlp = Bottleneck(block.mlp, model.config.dim, cfg.adapter_dim)
+    model.peft_config = cfg
+    return model
+
+
+def peft_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear | Bottleneck | PromptTuned)]
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in peft_modules(model):
+        m.enabled = enabled
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """The base model, adapters switched off, for the length of the block (the reference model)."""
+    modules = peft_modules(model)
+    before = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(modules, before, strict=True):
+            m.enabled = b
+
+
+def has_peft(model: nn.Module) -> bool:
+    return bool(peft_modules(model))
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The underlying Transformer (unwraps prompt tuning)."""
+    return model.base if isinstance(model, PromptTuned) else model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the method, by name: what `adapter.safetensors` holds."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights under their plain Llama names (wrappers removed from the names)."""
+    model = base_of(model)
+    skip = set(adapter_state(model))
+    state = {}
+    if getattr(model, "quant_scheme", None) is not None:  # QLoRA: the quantized base as `glm quantize` saves it
+        from glm_cli.core.quant.weight_only import quantized_state_dict
+
+        full = quantized_state_dict(model)
+    else:
+        full = model.state_dict()
+    for name, tensor in full.items():
+        if name in skip or name.endswith("inv_freq"):
+            continue
+        name = name.replace(".base.", ".").replace(".inner.", ".")
+        state[name] = tensor
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+@torch.no_grad()
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weights with every LoRA update folded in, under plain Llama names; the model is unchanged."""
+    state = base_state(model)
+    for name, module in base_of(model).named_modules():
+        if isinstance(module, LoRALinear):
+            key = name + ".weight"
+            state[key] = state[key] + module.delta_weight().to(state[key].dtype)
+    return state
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base Linear and remove the wrappers (in place; returns model)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                base = child.base
+                if not isinstance(base, nn.Linear):
+                    raise UsageError("cannot merge LoRA into a quantized base; save the adapter alone, or "
+                                     "merge into the full-precision base and quantize afterwards")
+                base.weight += child.delta_weight().to(base.weight.dtype)
+                setattr(parent, name, base)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def adapter_config_dict(cfg: PeftConfig, base: str | None = None) -> dict:
+    return {"format": "glm-adapter", "version": 1, **asdict(cfg), "base_model": base}
+
+
+def save_adapter(directory: str | Path, model: nn.Module, cfg: PeftConfig, base: str | None = None) -> Path:
+    """Write the adapter alone: `adapter.safetensors` + `adapter_config.json` (atomically)."""
+    from glm_cli.core.checkpoint.directory import save_tensors, write_manifest
+    from glm_cli.core.io.atomic import atomic_dir
+
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_tensors(tmp / ADAPTER_WEIGHTS, adapter_state(model), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(cfg, base), indent=2) + "\n")
+        write_manifest(tmp)
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> PeftConfig:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{path}: no adapter config (`glm finetune --method lora|adapter|prompt` writes one)")
+    try:
+        raw = json.loads(path.read_text())
+        fields = {k: raw[k] for k in ("method", "rank", "alpha", "dropout", "targets", "adapter_dim",
+                                      "prompt_tokens") if k in raw}
+        return PeftConfig(**fields)
+    except (json.JSONDecodeError, TypeError, UsageError) as e:
+        raise CheckpointError(f"{path}: not a valid adapter config ({e})") from None
+
+
+def attach_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Apply the adapter saved in `adapter_dir` onto a loaded base model; returns the model to use."""
+    from glm_cli.core.checkpoint.directory import load_tensors
+
+    adapter_dir = Path(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    tensors = load_tensors(adapter_dir / ADAPTER_WEIGHTS)
+    model = apply_peft(model, cfg)
+    device = next(model.parameters()).device
+    params = dict(model.named_parameters())
+    missing = [n for n in params if params[n].requires_grad and n not in tensors]
+    unexpected = [n for n in tensors if n not in params]
+    if missing or unexpected:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: does not fit this base model "
+                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if tuple(params[n].shape) != tuple(t.shape):
+                raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: {n} has shape {tuple(t.shape)}, "
+                                      f"the base model needs {tuple(params[n].shape)}")
+            params[n].copy_(t.to(device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_base(directory: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> nn.Module:
+    """A checkpoint as a Transformer: full precision (in `dtype`, else as stored), or with QuantLinear
+    layers if it is quantized (`glm quantize` output), the frozen base of QLoRA-style fine-tuning."""
+    from glm_cli.core.checkpoint.directory import (
+        CONFIG,
+        WEIGHTS,
+        check_checkpoint_dir,
+        load_model,
+        load_tensors,
+        verify_manifest,
+    )
+
+    directory = check_checkpoint_dir(directory)
+    try:
+        hf = json.loads((Path(directory) / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        hf = {}
+    if not hf.get("quantization_config"):
+        return load_model(directory, device=device, dtype=dtype)
+    from glm_cli.core.model.config import ModelConfig
+    from glm_cli.core.quant.weight_only import load_quantized_model
+
+    verify_manifest(Path(directory))
+    return load_quantized_model(Path(directory), ModelConfig.load(directory), hf["quantization_config"],
+                                load_tensors(Path(directory) / WEIGHTS), device=device)
+
+
+def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path | None = None,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a checkpoint and, if given (or if the checkpoint itself holds one), its adapter.
+
+    This is what `generate --adapter DIR` and `eval` should call: with `adapter_dir=None` and a plain
+    checkpoint it is exactly `load_model`.
+    """
+    model = load_base(base_dir, device=device)
+    if adapter_dir is None and (Path(base_dir) / ADAPTER_CONFIG).exists():
+        adapter_dir = base_dir
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (tied weights counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
