@@ -37,7 +37,7 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in -o f
                                       "(exactly: same batches, same result).")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other training setting, KEY=VALUE (fields "
-                                                  "of core.train.trainer.TrainConfig, e.g. --set weight_decay=0).")]
+                                                  "of core.train.settings.TrainConfig, e.g. --set weight_decay=0).")]
 SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: the model's context).")]
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
@@ -57,7 +57,7 @@ def peft_config(method: str, rank: int, alpha: float, dropout: float, targets: s
 
 def parse_sets(sets: list[str] | None) -> dict:
     """--set KEY=VALUE pairs, typed after the TrainConfig field they name."""
-    from glm_cli.core.train.trainer import train_config_fields
+    from glm_cli.core.train.settings import train_config_fields
 
     fields = train_config_fields()
     out = {}

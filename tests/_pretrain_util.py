@@ -12,7 +12,8 @@ from glm_cli.core.io.shards import ShardIndex, ShardSet, write_shard
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.train.pretrain_task import PretrainTask, Source
-from glm_cli.core.train.trainer import TrainConfig, Trainer
+from glm_cli.core.train.settings import TrainConfig
+from glm_cli.core.train.trainer import Trainer
 
 VOCAB = 256
 
