@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def answer_accuracy(model_dir: Path, val: Path, limit: int, max_new_tokens: int = 24) -> tuple[float, int]:
     """Exact-match accuracy of greedy answers to the held-out prompts (prompt/response or messages)."""
+    from glm_cli.core.checkpoint.loader import load_with_adapter
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.io.corpus import read_records
     from glm_cli.core.tokens.chat import ChatEncoder, messages_from_record
     from glm_cli.core.tokens.tokenizer import END_OF_TURN, load_tokenizer
-    from glm_cli.core.tune.peft import load_with_adapter
 
     model = load_with_adapter(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -58,9 +58,9 @@ def answer_accuracy(model_dir: Path, val: Path, limit: int, max_new_tokens: int 
 @torch.no_grad()
 def preference_accuracy(model_dir: Path, prefs: Path, limit: int) -> float:
     """Two-way multiple choice on held-out pairs: is log p(right answer) > log p(wrong answer)?"""
+    from glm_cli.core.checkpoint.loader import load_with_adapter
     from glm_cli.core.tokens.chat import ChatEncoder
     from glm_cli.core.tokens.tokenizer import load_tokenizer
-    from glm_cli.core.tune.peft import load_with_adapter
     from glm_cli.core.tune.preference import load_pairs, pair_batch, sequence_logps
 
     model = load_with_adapter(model_dir)
@@ -77,7 +77,7 @@ def preference_accuracy(model_dir: Path, prefs: Path, limit: int) -> float:
 def run_method(method: str, args, out: Path) -> dict:
     run = out / method
     cmd = [sys.executable, "-m", "glm_cli", "finetune", args.base, "--data", args.data, "--val", args.val,
-           "-o", str(run), "--method", method, "--max-steps", str(args.max_steps), "--seed", str(args.seed),
+           "-o", str(run), "--peft", method, "--max-steps", str(args.max_steps), "--seed", str(args.seed),
            "--micro-batch-size", str(args.micro_batch_size), "--json", "--quiet", "--set", "peak_flops=1"]
     if method == "lora":
         cmd += ["--merge", "--lora-rank", str(args.lora_rank), "--lora-targets", args.lora_targets]

@@ -291,7 +291,7 @@ def internal_env(out_json: str, export_dir: str) -> int:
         info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = "{}.{}".format(*torch.cuda.get_device_capability())
         info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        from glm_cli.core.train.trainer import peak_flops
+        from glm_cli.core.train.metrics import peak_flops
 
         info["peak_bf16_tflops"] = peak_flops(torch.device("cuda"), torch.bfloat16)[0] / 1e12
     Path(out_json).write_text(json.dumps(info, indent=1))  # in case the build below never returns

@@ -33,10 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.io.shards import ShardIndex, ShardSet, write_shard
-from glm_cli.core.model.config import PRESETS, TRAINING_PRESETS, preset
+from glm_cli.core.model.config import PRESETS, preset
 from glm_cli.core.model.transformer import Transformer
+from glm_cli.core.train.metrics import peak_flops
+from glm_cli.core.train.presets import PRETRAIN_PRESETS
 from glm_cli.core.train.pretrain_task import PretrainTask, Source
-from glm_cli.core.train.trainer import TrainConfig, Trainer, peak_flops
+from glm_cli.core.train.settings import TrainConfig
+from glm_cli.core.train.trainer import Trainer
 
 # ------------------------------------------------------------------------- plain eager reference
 
@@ -202,7 +205,7 @@ def main() -> None:
             sys.exit(f"unknown preset {name}")
         overrides = {"max_seq_len": args.seq_len} if args.seq_len else {}
         cfg = preset(name, **overrides)
-        micro = args.micro_batch_size or TRAINING_PRESETS.get(name, {}).get("micro_batch_size", 8)
+        micro = args.micro_batch_size or PRETRAIN_PRESETS[name].train.micro_batch_size
         need = cfg.num_params() * 16 + micro * cfg.max_seq_len * cfg.dim * cfg.n_layers * 40
         if device.type == "cpu" and need > 0.6 * _available_memory():
             print(f"{name}: skipped (needs ~{need / 2**30:.1f} GiB)", file=sys.stderr)

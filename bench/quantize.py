@@ -32,14 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glm_cli.core.checkpoint.directory import WEIGHTS, load_model, save_checkpoint
+from glm_cli.core.checkpoint.directory import WEIGHTS, save_checkpoint
+from glm_cli.core.checkpoint.loader import load_model
 from glm_cli.core.infer.generation import GenerationConfig, generate
 from glm_cli.core.model.config import ModelConfig, preset
 from glm_cli.core.model.packed_linear import prepare_for_inference
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.quant.calibration import calibration_batches, is_shard_dir, perplexity, token_stream
 from glm_cli.core.quant.gptq import quantize_model_gptq
-from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
+from glm_cli.core.quant.quantized_checkpoint import save_quantized
+from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn
 
 VARIANTS = [("fp32", None), ("int8", QuantScheme(bits=8)), ("int4-rtn", QuantScheme(bits=4)),
             ("int4-gptq", QuantScheme(bits=4, method="gptq"))]

@@ -18,7 +18,7 @@ fine-tuning data below never touches. Sections (`--only` runs some of them; resu
              weights (itself checked against glm fp32: that validates convert + export end to end).
 5. qdecode   decode speed of glm int8 / int4 vs llama.cpp Q8_0 / Q4_0: batch 1, same prompt, same token
              count, --threads threads each.
-6. finetune  LoRA (`glm finetune --method lora`) on questions built from training plays (not Hamlet):
+6. finetune  LoRA (`glm finetune --peft lora`) on questions built from training plays (not Hamlet):
              held-out answer loss and `glm generate --chat` answers before and after; QLoRA on the int8
              base and `glm align --method dpo` run a few steps each.
 
@@ -133,7 +133,7 @@ def section_convert(args, work: Path) -> dict:
 
 
 def glm_ppl(ckpt: Path, text: str, max_length: int, dtype=None) -> tuple[dict, float]:
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.eval.tasks import Scorer, Task, evaluate_ppl
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
@@ -172,7 +172,7 @@ def section_bpb(args, work: Path) -> dict:
     ckpt = work / "fp32"
     text = held_out_text(args.slice_bytes)
     glm, glm_s = glm_ppl(ckpt, text, args.max_length)
-    from glm_cli.core.checkpoint.directory import (
+    from glm_cli.core.checkpoint.loader import (
         load_model,  # the prefix token the Scorer used (BOS, else EOS)
     )
     from glm_cli.core.eval.tasks import Scorer
@@ -233,7 +233,7 @@ def prompt_rows(ckpt: Path, batch: int, length: int) -> torch.Tensor:
 def section_decode(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.model.packed_linear import prepare_for_inference
 
     gen = load_script(ROOT / "bench/generate.py")
@@ -330,7 +330,8 @@ def calibration_files(n: int) -> list[str]:
 
 
 def section_quant(args, work: Path) -> dict:
-    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
+    from glm_cli.core.checkpoint.directory import WEIGHTS
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.quant.calibration import perplexity
 
     ckpt = work / "fp32"
@@ -406,7 +407,7 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def section_qdecode(args, work: Path) -> dict:
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.model.packed_linear import prepare_for_inference
 
@@ -519,14 +520,14 @@ def section_finetune(args, work: Path) -> dict:
     before_loss = answer_loss(ckpt, tasks / "sft_val.jsonl", args.ft_seq_len)
     before = chat_answers(ckpt, [r["prompt"] for r in shown], work / "answers_before.jsonl")
     lora, lora_s = glm_cli("finetune", str(ckpt), "--data", str(tasks / "sft_train.jsonl"), "-o",
-                           str(work / "lora"), "--method", "lora", "--lora-targets", args.lora_targets,
+                           str(work / "lora"), "--peft", "lora", "--lora-targets", args.lora_targets,
                            "--lora-rank", "8", "--max-steps", str(args.ft_steps), "--lr", str(args.ft_lr),
                            "--merge", *common)
     after = chat_answers(work / "lora/final", [r["prompt"] for r in shown], work / "answers_after.jsonl")
     if not (work / "int8" / "config.json").exists():  # written by the quant section
         glm_cli("quantize", str(ckpt), "-o", str(work / "int8"), "--bits", "8", "--quiet")
     qlora, qlora_s = glm_cli("finetune", str(work / "int8"), "--data", str(tasks / "sft_train.jsonl"), "-o",
-                             str(work / "qlora"), "--method", "lora", "--lora-targets", args.lora_targets,
+                             str(work / "qlora"), "--peft", "lora", "--lora-targets", args.lora_targets,
                              "--max-steps", str(args.small_steps), "--lr", str(args.ft_lr), *common)
     qlora_answers = chat_answers(work / "qlora/final", [shown[0]["prompt"]], work / "answers_qlora.jsonl")
     dpo, dpo_s = glm_cli("align", str(ckpt), "--method", "dpo", "--data", str(tasks / "prefs_train.jsonl"),

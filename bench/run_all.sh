@@ -11,6 +11,13 @@ run() { echo "=== $*" >&2; "$@"; }
 run $PY bench/clean.py --repeats 2 --json-out bench/results/clean.json
 run $PY bench/dedup.py --json > bench/results/dedup.json
 run $PY bench/tokenize_encode.py --repeats 3 --json > bench/results/tokenize.json
+# Data at scale: generated corpora of 100 MB, 300 MB and 1 GB (dedup, clean, encode beside datasketch,
+# datatrove and tokenizers), and the clustering step on 1M-10M synthetic signatures (memory vs documents).
+# DATA_SCALE_MB=100 keeps it to the smallest size.
+run $PY bench/data_scale.py --mb "${DATA_SCALE_MB:-100,300,1000}"
+run $PY bench/dedup_scale.py
+# Every digit the demo prints, against examples/demo_expected.json.
+if [ -f "$DEMO/eval-chat-report.json" ]; then run $PY bench/demo_digits.py "$DEMO"; fi
 run $PY bench/pretrain.py --presets tiny,cpu
 run $PY bench/generate.py --repeats 2
 run $PY bench/lm_eval_agreement.py

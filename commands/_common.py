@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+from glm_cli.core.precision import dtype_help
+from glm_cli.core.train.field_docs import train_doc
+
 Output = Annotated[str, typer.Option("--output", "-o", help="Output path, or '-' for stdout.")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout "
                                            "(on stderr when data goes to stdout).")]
@@ -32,6 +35,29 @@ IdColumn = Annotated[str, typer.Option("--id-column", help="The JSONL field or p
 RowGroupSize = Annotated[int, typer.Option("--row-group-size", min=1, help="Parquet output (-o ….parquet): rows "
                                            "per row group (a group also closes at 128 MiB of text); bounds "
                                            "memory, and is the unit --shard splits a parquet file by.")]
+
+
+# The training commands (pretrain, finetune, align) read their settings the same way: the command's base
+# (a preset, or its defaults), --config, --set, then the named options the user typed. The options that
+# mirror a TrainConfig field take its docstring as help (core/train/settings.py), written once.
+TrainConfigFile = Annotated[str | None, typer.Option("--config", help="JSON file of settings: one flat object "
+                                                     "of field: value, the fields --set takes; --set and the "
+                                                     "named options override it.")]
+TrainSet = Annotated[list[str] | None, typer.Option("--set", help="Set one field, KEY=VALUE (repeatable), typed "
+                                                    "as the field (numbers, true/false, comma-separated "
+                                                    "tuples); overrides --config, named options override it.")]
+TrainSeed = Annotated[int, typer.Option("--seed", help=train_doc("seed"))]
+TrainDevice = Annotated[str, typer.Option("--device", help=train_doc("device"))]
+TrainDtype = Annotated[str, typer.Option("--dtype", help=dtype_help("bf16 autocast on CUDA, fp32 on CPU") +
+                                         " Training refuses fp16 (no loss scaling).")]
+
+
+def given_flags(ctx: typer.Context, values: dict) -> dict:
+    """The entries of `values` (by parameter name) the user typed, leaving out defaults: a default must
+    not override what --config or --set asked for."""
+    # by name: typer may carry its own copy of click, whose enum is not click.core's
+    sources = {k: getattr(ctx.get_parameter_source(k), "name", None) for k in values}
+    return {k: v for k, v in values.items() if sources[k] in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 def columns_for(text_column: str, id_column: str):

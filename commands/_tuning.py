@@ -1,5 +1,9 @@
 """What `glm finetune` and `glm align` share: options of the PEFT methods and the training run, the base
-model and tokenizer, and turning a finished run into the summary."""
+model and tokenizer, and turning a finished run into the summary.
+
+The training settings layer as in `glm pretrain` (core/train/overrides.py): the command's defaults
+(`FINETUNE`, `ALIGN`), --config, --set, then the options typed on the command line; the options that
+mirror a TrainConfig field take its docstring as help."""
 
 from __future__ import annotations
 
@@ -10,37 +14,52 @@ from typing import Annotated
 import typer
 
 from glm_cli.core.errors import UsageError
+from glm_cli.core.train.field_docs import train_doc
+from glm_cli.core.train.settings import TrainConfig
 
-Method = Annotated[str, typer.Option("--method", help="Which parameters to train: full (all), lora, adapter "
-                                     "(bottleneck layers) or prompt (soft-prompt vectors).")]
+# The training defaults of fine-tuning: no weight decay, evaluation only at the end, and max_steps 0 for
+# "count the steps of --epochs"; lr 3e-4 is a placeholder, the default lr depends on the method (DEFAULT_LR).
+FINETUNE = TrainConfig(max_steps=0, warmup_steps=10, micro_batch_size=8, grad_accum=1, eval_every=0,
+                       weight_decay=0.0, log_every=10, min_lr_ratio=0.1)
+ALIGN = dataclasses.replace(FINETUNE, warmup_steps=5)
+
+Peft = Annotated[str, typer.Option("--peft", help="Which parameters to train: full (all), lora, adapter "
+                                   "(bottleneck layers) or prompt (soft-prompt vectors).")]
+LegacyMethod = Annotated[str | None, typer.Option("--method", hidden=True, help="Renamed --peft.")]
 LoraRank = Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank r.")]
 LoraAlpha = Annotated[float, typer.Option("--lora-alpha", help="LoRA scale numerator (update * alpha / r).")]
 LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
 LoraTargets = Annotated[str, typer.Option("--lora-targets", help="Comma-separated projections LoRA wraps "
                                           "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear.")]
-AdapterDim = Annotated[int, typer.Option("--adapter-dim", min=1, help="Bottleneck width of --method adapter.")]
-PromptTokens = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Soft-prompt vectors of --method prompt.")]
+AdapterDim = Annotated[int, typer.Option("--adapter-dim", min=1, help="Bottleneck width of --peft adapter.")]
+PromptTokens = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Soft-prompt vectors of --peft prompt.")]
 Merge = Annotated[bool, typer.Option("--merge/--no-merge", help="LoRA: fold the adapter into the weights and "
                                      "write a plain checkpoint (otherwise the checkpoint holds the base weights "
                                      "and adapter.safetensors, and the adapter is also written alone to RUN/adapter).")]
 Epochs = Annotated[float, typer.Option("--epochs", min=0, help="Passes over the training data (ignored when "
                                        "--max-steps is given).")]
-MaxSteps = Annotated[int, typer.Option("--max-steps", min=0, help="Optimizer steps (0: from --epochs).")]
-MicroBatch = Annotated[int, typer.Option("--micro-batch-size", "-b", min=1, help="Rows per micro-batch.")]
-GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")]
-Lr = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default depends on --method: full "
-                                          "1e-4, lora 1e-3, adapter 1e-3, prompt 3e-2; align methods use less).")]
-Warmup = Annotated[int, typer.Option("--warmup-steps", min=0, help="Linear warmup steps.")]
-EvalEvery = Annotated[int, typer.Option("--eval-every", min=0, help="Validate (and checkpoint) every N steps "
-                                        "(0: only at the end).")]
+ValFraction = Annotated[float, typer.Option("--val-fraction", min=0, max=0.5, help="Share of --data held out "
+                                            "for validation when --val is not given (shuffled with --seed).")]
+MaxSteps = Annotated[int, typer.Option("--max-steps", min=0, help=train_doc("max_steps"))]
+MicroBatch = Annotated[int, typer.Option("--micro-batch-size", "-b", min=1, help=train_doc("micro_batch_size"))]
+GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help=train_doc("grad_accum"))]
+Lr = Annotated[float | None, typer.Option("--lr", help=train_doc("lr", "Default: by --peft, full 1e-4, lora "
+                                                                   "1e-3, adapter 1e-3, prompt 3e-2; align "
+                                                                   "methods use less."))]
+Warmup = Annotated[int, typer.Option("--warmup-steps", min=0, help=train_doc("warmup_steps", "The default is "
+                                                                             "cut to half a short run."))]
+EvalEvery = Annotated[int, typer.Option("--eval-every", min=0, help=train_doc("eval_every"))]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in -o from its newest checkpoint "
                                       "(exactly: same batches, same result).")]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Any other training setting, KEY=VALUE (fields "
-                                                  "of core.train.settings.TrainConfig, e.g. --set weight_decay=0).")]
 SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: the model's context).")]
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
+
+
+def refuse_method(method: str | None) -> None:
+    """finetune's --method became --peft (align's --method picks the algorithm); say so to old scripts."""
+    if method is not None:
+        raise UsageError(f"glm finetune --method is now --peft (as in glm align): use --peft {method}")
 
 
 def peft_config(method: str, rank: int, alpha: float, dropout: float, targets: str, adapter_dim: int,
@@ -50,51 +69,37 @@ def peft_config(method: str, rank: int, alpha: float, dropout: float, targets: s
     if method == "full":
         return None
     if method not in ("lora", "adapter", "prompt"):
-        raise UsageError(f"--method {method!r}: choose full, lora, adapter or prompt")
+        raise UsageError(f"--peft {method!r}: choose full, lora, adapter or prompt")
     return PeftConfig(method=method, rank=rank, alpha=alpha, dropout=dropout, adapter_dim=adapter_dim,
                       prompt_tokens=prompt_tokens, targets=[t.strip() for t in targets.split(",") if t.strip()])
 
 
-def parse_sets(sets: list[str] | None) -> dict:
-    """--set KEY=VALUE pairs, typed after the TrainConfig field they name."""
-    from glm_cli.core.train.settings import train_config_fields
+def train_settings(base: TrainConfig, config: str | None, sets: list[str] | None,
+                   flags: dict) -> tuple[TrainConfig, set[str]]:
+    """`base` < --config < --set < `flags` (the options the user typed): the settings before the run's
+    length is known, and the keys the user gave (their values are never replaced by a default)."""
+    from glm_cli.core.train.overrides import apply, field_types, raise_problems, read_overrides
 
-    fields = train_config_fields()
-    out = {}
-    for item in sets or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                value = raw.lower() in ("true", "1")
-            elif isinstance(default, tuple):
-                value = tuple(float(x) for x in raw.split(","))
-            elif isinstance(default, int):
-                value = int(raw)
-            elif isinstance(default, float):
-                value = float(raw)
-            else:
-                value = raw
-        except ValueError:
-            raise UsageError(f"--set {key}: {raw!r} is not a valid {type(default).__name__}") from None
-        out[key] = value
-    return out
+    problems: list[str] = []
+    given = read_overrides(field_types(TrainConfig), config, sets, problems)
+    given.update(flags)
+    settings = apply(base, given, problems)
+    if settings is not None:  # fail before loading anything; the step count is checked once it is known
+        problems.extend(dataclasses.replace(settings, max_steps=max(1, settings.max_steps)).validate())
+    raise_problems(problems)
+    return settings, set(given)
 
 
-def train_config(*, max_steps: int, lr: float, warmup: int, micro_batch: int, grad_accum: int, eval_every: int,
-                 seed: int, device: str, sets: list[str] | None):
-    from glm_cli.core.train.trainer import TrainConfig
+def run_config(settings: TrainConfig, given: set[str], *, steps: int, default_lr: float) -> TrainConfig:
+    """The settings of a run of `steps` steps: the method's lr and a warmup of at most half the run,
+    unless the user chose them; validated."""
+    from glm_cli.core.train.overrides import raise_problems
 
-    values = dict(lr=lr, max_steps=max_steps, warmup_steps=min(warmup, max(0, max_steps // 2)),
-                  micro_batch_size=micro_batch, grad_accum=grad_accum, eval_every=eval_every, seed=seed,
-                  device=device, weight_decay=0.0, log_every=10, min_lr_ratio=0.1)
-    values.update(parse_sets(sets))
-    return TrainConfig(**values)
+    warmup = settings.warmup_steps if "warmup_steps" in given else min(settings.warmup_steps, max(0, steps // 2))
+    config = dataclasses.replace(settings, max_steps=steps, warmup_steps=warmup,
+                                 lr=settings.lr if "lr" in given else default_lr)
+    raise_problems(config.validate())
+    return config
 
 
 def steps_for(n_items: int, micro_batch: int, grad_accum: int, epochs: float, max_steps: int) -> int:
@@ -109,19 +114,20 @@ def steps_for(n_items: int, micro_batch: int, grad_accum: int, epochs: float, ma
 def load_base_and_tokenizer(base: str):
     """The base checkpoint (quantized ones too) and its tokenizer, with the chat encoder of its template
     (glm's own format, or the template a pretrained model ships)."""
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.errors import CheckpointError
     from glm_cli.core.tokens.chat_template import chat_encoder_for
     from glm_cli.core.tokens.tokenizer import load_tokenizer
-    from glm_cli.core.tune.peft import ADAPTER_CONFIG, load_base
+    from glm_cli.core.tune.adapter_io import ADAPTER_CONFIG
 
     if (Path(base) / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"{base}: holds an adapter; fine-tune from a plain checkpoint (write one with "
-                              "`glm finetune --method lora --merge`)")
+                              "`glm finetune --peft lora --merge`)")
     # float32 master weights whatever the base was stored in (a bf16 model from the Hub, say): the
     # engine's `dtype` setting decides the compute precision by autocast, as in pretraining.
     import torch
 
-    model = load_base(base, dtype=torch.float32)
+    model = load_model(base, dtype=torch.float32)
     tokenizer = load_tokenizer(base)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise CheckpointError(f"{base}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
@@ -148,7 +154,7 @@ def prepare_model(model, peft, init_ids=None, merge: bool = False):
         return model.train()
     if getattr(model, "quant_scheme", None) is not None:
         if peft.method != "lora":
-            raise UsageError("a quantized base supports --method lora only (QLoRA)")
+            raise UsageError("a quantized base supports --peft lora only (QLoRA)")
         if merge:
             raise UsageError("--merge needs a full-precision base: LoRA cannot be folded into quantized "
                              "weights (merge into the original base, then quantize)")
@@ -161,7 +167,8 @@ def finish(result, out: Path, model, peft, merge: bool, base: str, summary: dict
     `model` is the (adapted) Transformer; `trained` the task's module when it adds heads (value heads).
     """
     from glm_cli.core.console import log
-    from glm_cli.core.tune.peft import save_adapter, trainable_parameters
+    from glm_cli.core.tune.adapter_io import save_adapter
+    from glm_cli.core.tune.peft import trainable_parameters
 
     trainable, total = trainable_parameters(trained if trained is not None else model)
     summary.update({"output": str(out), "final": str(result.final_dir) if result.final_dir else None,

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from glm_cli.commands import _tuning as T
-from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
+from glm_cli.commands._common import (
+    JsonSummary,
+    Quiet,
+    TrainConfigFile,
+    TrainDevice,
+    TrainDtype,
+    TrainSeed,
+    TrainSet,
+    emit_summary,
+    given_flags,
+)
 
 ALIGN_LR = {"dpo": {"full": 2e-5, "lora": 5e-4, "adapter": 5e-4, "prompt": 1e-2},
             "reward": {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 1e-2},
@@ -36,6 +46,7 @@ def _prompts(path: str, encoder, limit: int) -> list[list[int]]:
 
 
 def command(
+    ctx: typer.Context,
     base: Annotated[str, typer.Argument(help="Checkpoint to align (usually the output of `glm finetune`: "
                                          "RUN/final).  Examples:  glm align runs/sft/final --data prefs.jsonl -o "
                                          "runs/dpo  |  glm align runs/sft/final --method reward --data prefs.jsonl "
@@ -49,8 +60,7 @@ def command(
     val: Annotated[str | None, typer.Option("--val", help="Held-out JSONL (same format): DPO reward accuracy, "
                                             "reward-model pairwise accuracy, PPO reward on its prompts. Default: "
                                             "--val-fraction of --data.")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0, max=0.5,
-                                                help="Share of --data held out when --val is not given.")] = 0.05,
+    val_fraction: T.ValFraction = 0.05,
     reward_model: Annotated[str | None, typer.Option("--reward-model", help="ppo: the reward model (output "
                                                      "of --method reward: RUN/final).")] = None,
     beta: Annotated[float, typer.Option("--beta", min=0, help="dpo: strength of the implicit KL constraint.")] = 0.1,
@@ -66,8 +76,7 @@ def command(
     vf_coef: Annotated[float, typer.Option("--vf-coef", min=0, help="ppo: value loss weight.")] = 0.1,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="ppo: longest sampled answer.")] = 24,
     temperature: Annotated[float, typer.Option("--temperature", min=0.05, help="ppo: sampling temperature.")] = 1.0,
-    peft_method: Annotated[str, typer.Option("--peft", help="Which parameters to train: full, lora, adapter "
-                                             "(bottleneck layers) or prompt (soft prompt).")] = "lora",
+    peft_method: T.Peft = "lora",
     lora_rank: T.LoraRank = 8,
     lora_alpha: T.LoraAlpha = 16.0,
     lora_dropout: T.LoraDropout = 0.0,
@@ -76,24 +85,28 @@ def command(
     prompt_tokens: T.PromptTokens = 16,
     merge: T.Merge = True,
     epochs: T.Epochs = 2.0,
-    max_steps: T.MaxSteps = 0,
+    max_steps: T.MaxSteps = T.ALIGN.max_steps,
     seq_len: T.SeqLen = 0,
-    micro_batch_size: T.MicroBatch = 8,
-    grad_accum: T.GradAccum = 1,
+    micro_batch_size: T.MicroBatch = T.ALIGN.micro_batch_size,
+    grad_accum: T.GradAccum = T.ALIGN.grad_accum,
     lr: T.Lr = None,
-    warmup_steps: T.Warmup = 5,
-    eval_every: T.EvalEvery = 0,
+    warmup_steps: T.Warmup = T.ALIGN.warmup_steps,
+    eval_every: T.EvalEvery = T.ALIGN.eval_every,
     resume: T.Resume = False,
-    device: T.Device = "auto",
-    set_: T.SetOpt = None,
-    seed: Seed = 0,
+    device: TrainDevice = T.ALIGN.device,
+    dtype: TrainDtype = T.ALIGN.dtype,
+    config: TrainConfigFile = None,
+    set_: TrainSet = None,
+    seed: TrainSeed = T.ALIGN.seed,
     as_json: JsonSummary = False,
     quiet: Quiet = False,
 ) -> None:
     """Align a model to preferences: DPO (default), a Bradley-Terry reward model, or PPO (RLHF).
 
     --peft selects the trained parameters (default lora, merged at the end); the reference model of DPO
-    and PPO is then the base with its adapters switched off.
+    and PPO is then the base with its adapters switched off. Training settings: the defaults shown,
+    --config FILE.json, --set KEY=VALUE (any field of core.train.settings.TrainConfig), then the options
+    typed, as in glm pretrain and glm finetune.
 
     Examples:
 
@@ -106,7 +119,7 @@ def command(
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.errors import UsageError
     from glm_cli.core.train.trainer import Trainer
-    from glm_cli.core.tune.sft_data import shuffled
+    from glm_cli.core.tune.holdout import validation_split
 
     set_quiet(quiet)
     if method not in ("dpo", "reward", "ppo"):
@@ -120,6 +133,10 @@ def command(
                          "checkpoint and a value head, so the trained weights must fold into it)")
     peft = T.peft_config(peft_method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_dim, prompt_tokens)
     merge = merge and peft_method == "lora"
+    settings, given = T.train_settings(T.ALIGN, config, set_, given_flags(ctx, {
+        "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
+        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed}))
+    seed, micro_batch_size = settings.seed, settings.micro_batch_size
     torch.manual_seed(seed)
     model, tokenizer, encoder = T.load_base_and_tokenizer(base)
     length = seq_len or model.config.max_seq_len
@@ -136,12 +153,8 @@ def command(
         from glm_cli.core.tune.preference import ScalarHead, load_pairs
 
         train_pairs, dropped = load_pairs(data, encoder, length)
-        if val:
-            val_pairs, _ = load_pairs(val, encoder, length)
-        else:
-            train_pairs = shuffled(train_pairs, seed)
-            n_val = int(len(train_pairs) * val_fraction)
-            val_pairs, train_pairs = train_pairs[:n_val], train_pairs[n_val:]
+        train_pairs, val_pairs = validation_split(
+            train_pairs, val, lambda path: load_pairs(path, encoder, length)[0], val_fraction, seed)
         if dropped:
             log(f"{dropped} pair(s) dropped: an answer is longer than {length} tokens")
         n_items = len(train_pairs)
@@ -160,12 +173,9 @@ def command(
         from glm_cli.core.tune.preference import load_reward_model
 
         prompt_len = max(8, length - max_new_tokens)
-        prompts = _prompts(data, encoder, prompt_len)
-        val_prompts = _prompts(val, encoder, prompt_len) if val else []
-        if not val:
-            prompts = shuffled(prompts, seed)
-            n_val = int(len(prompts) * val_fraction)
-            val_prompts, prompts = prompts[:n_val], prompts[n_val:]
+        prompts, val_prompts = validation_split(
+            _prompts(data, encoder, prompt_len), val, lambda path: _prompts(path, encoder, prompt_len),
+            val_fraction, seed)
         rm = load_reward_model(reward_model)
         if rm.config.vocab_size != model.config.vocab_size:
             raise UsageError(f"--reward-model {reward_model}: vocabulary {rm.config.vocab_size} differs from the "
@@ -186,11 +196,9 @@ def command(
         log(f"align (ppo, {peft_method}): {len(prompts)} prompts, {len(val_prompts)} held out, "
             f"rollouts of {rollout_size}")
 
-    steps = T.steps_for(n_items, micro_batch_size, grad_accum, epochs, max_steps)
-    config = T.train_config(max_steps=steps, lr=lr or ALIGN_LR[method][peft_method], warmup=warmup_steps,
-                            micro_batch=micro_batch_size, grad_accum=grad_accum, eval_every=eval_every,
-                            seed=seed, device=device, sets=set_)
-    result = Trainer(task, config, output, resume=resume, run_info={"title": f"align {method}", **info}).fit()
+    steps = T.steps_for(n_items, micro_batch_size, settings.grad_accum, epochs, settings.max_steps)
+    train_config = T.run_config(settings, given, steps=steps, default_lr=ALIGN_LR[method][peft_method])
+    result = Trainer(task, train_config, output, resume=resume, run_info={"title": f"align {method}", **info}).fit()
     summary = T.finish(result, Path(output), model, peft, merge or method == "reward", base,
                        {"command": "align", "method": method, "peft": peft_method}, trained=task.model)
     emit_summary(summary, as_json, data_on_stdout=False)

@@ -1,7 +1,8 @@
 """`glm clean`: raw text in, clean documents out, with a report of what was removed and why.
 
-Parses and validates the options, builds a `CleanConfig` and streams documents through
-`core.clean.pipeline` (in worker processes with `--workers N`, output order unchanged).
+Parses and validates the options, builds a `CleanConfig`, turns it into the ordered list of steps
+(`CleanConfig.pipeline`) and streams documents through them (in worker processes with `--workers N`,
+output order unchanged).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def command(
     stats = CleanStats()
 
     docs = read_documents(inputs, policy, shard_spec, columns)
-    results = map_ordered(partial(clean_batch, config), batches(docs), workers, chunk_size=1)
+    results = map_ordered(partial(clean_batch, config.pipeline()), batches(docs), workers, chunk_size=1)
     try:
         # closing(): on any error (a closed stdout pipe included) the worker pool is shut down at once.
         with closing(results), RecordWriter(output, columns, row_group_size) as out, \

@@ -7,13 +7,14 @@ from typing import Annotated
 import typer
 
 from glm_cli.commands._common import JsonSummary, Quiet, emit_summary
+from glm_cli.core.precision import dtype_help, parse_dtype
 
 Source = Annotated[str, typer.Argument(help="A .gguf file (llama architecture, byte-level BPE tokenizer) or a "
                                        "Hugging Face Llama model directory (safetensors + tokenizer.json).")]
 CheckpointOutput = Annotated[str, typer.Option("--output", "-o", help="The glm checkpoint directory to write "
                                                "(replaced atomically if it exists).")]
-Dtype = Annotated[str, typer.Option("--dtype", help="Weight dtype on disk: float32, bfloat16, float16, or auto "
-                                    "(GGUF: float32, exact for every dequantized value; HF: as stored).")]
+Dtype = Annotated[str, typer.Option("--dtype", help=dtype_help("GGUF: fp32, exact for every dequantized value; "
+                                                                "HF: as stored") + " Of the weights on disk.")]
 
 
 def command(
@@ -38,7 +39,7 @@ def command(
     from glm_cli.core.console import log, set_quiet
 
     set_quiet(quiet)
-    summary = convert(source, output, dtype)
+    summary = convert(source, output, parse_dtype(dtype))
     types = summary.get("tensor_types")
     what = ", ".join(f"{n} {t}" for t, n in sorted(types.items())) if types else "safetensors"
     log(f"converted {summary['source']} ({summary['format']}: {what}) -> {summary['output']}")

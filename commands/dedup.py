@@ -179,7 +179,8 @@ def run(
     import tempfile
 
     from glm_cli.core.console import set_quiet
-    from glm_cli.core.dedup.pipeline import apply_plan, cluster, compute_signatures
+    from glm_cli.core.dedup.lines import SavedUnitKeys
+    from glm_cli.core.dedup.pipeline import SignatureFile, apply_plan, cluster, compute_signatures
     from glm_cli.core.errors import UsageError
     from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
 
@@ -197,10 +198,13 @@ def run(
         # stdin can be read once: keep a copy of the parsed documents for the second pass
         columns = columns_for(text_column, id_column)
         spool = RecordWriter(f"{tmp}/spool.jsonl", columns) if "-" in inputs else None
+        # every line key hashed for the signatures, so the filter pass need not hash the lines again
+        saved_keys = SavedUnitKeys(f"{tmp}/unit_keys.u64")
         try:
             sigs = compute_signatures(read_documents(inputs, policy, shard_spec, columns), config, workers,
-                                      spool=spool)
+                                      spool=spool, saved_keys=saved_keys)
         finally:
+            saved_keys.close()
             if spool is not None:
                 spool.close()
         sigs.bad_records = policy.count
@@ -210,8 +214,12 @@ def run(
         plan, cluster_records, contamination_records = cluster([f"{tmp}/signatures.npz"], memory_mb, tmp)
         second = [f"{tmp}/spool.jsonl"] if spool is not None else inputs
         second_shard = None if spool is not None else shard_spec
+        # the line keys computed for the signatures say which documents hold boilerplate: only those
+        # have their lines split (and their saved keys read back)
+        holders = SignatureFile(f"{tmp}/signatures.npz").holders_of(plan.boilerplate)
         with RecordWriter(output, columns, row_group_size) as writer:
-            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard, columns), plan, 0, writer)
+            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard, columns), plan, 0, writer,
+                                holders=holders, saved_keys=saved_keys if config.lines else None)
         _write_jsonl(clusters, cluster_records)
     policy.close()
     _write_jsonl(contaminated, contamination_records)

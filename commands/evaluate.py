@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from glm_cli.commands._common import JsonSummary, Quiet
-from glm_cli.commands.generate import DeviceOpt, DtypeOpt, resolve_device_dtype
+from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
 
 # Metrics shown in the table, per task type (the JSON report has them all).
 TABLE_METRICS = {
@@ -64,12 +64,12 @@ def command(
     """
     import time
 
+    from glm_cli.core.checkpoint.loader import load_with_adapter
     from glm_cli.core.console import log, progress, set_quiet
     from glm_cli.core.errors import UsageError
     from glm_cli.core.eval.tasks import Scorer, evaluate_task, load_task, task_size
     from glm_cli.core.io.corpus import read_records
     from glm_cli.core.tokens.tokenizer import load_tokenizer
-    from glm_cli.core.tune.peft import load_with_adapter
 
     set_quiet(quiet)
     if fewshot_file is None and num_fewshot:

@@ -16,26 +16,7 @@ from typing import Annotated
 import typer
 
 from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
-
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights/activations dtype: float32, bfloat16, float16, "
-                                       "or auto (the checkpoint's on GPU, float32 on CPU).")]
-
-
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    from glm_cli.core.errors import UsageError
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available")
-    if dtype == "auto":
-        return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype {dtype}: choose float32, bfloat16, float16 or auto")
-    return device, getattr(torch, dtype)
+from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
 
 
 def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
@@ -128,7 +109,7 @@ def command(
 
     import torch
 
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model, load_with_adapter
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.errors import DataError, GlmError, UsageError
     from glm_cli.core.infer.generation import GenerationConfig, eos_ids_for, generate
@@ -136,7 +117,6 @@ def command(
     from glm_cli.core.io.corpus import RecordWriter
     from glm_cli.core.model.packed_linear import prepare_for_inference
     from glm_cli.core.tokens.tokenizer import load_tokenizer
-    from glm_cli.core.tune.peft import load_with_adapter
 
     set_quiet(quiet)
     sources = [s for s in (prompt, prompt_file, prompts) if s is not None]

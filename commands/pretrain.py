@@ -6,7 +6,19 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.commands._common import JsonSummary, Quiet, Seed
+from glm_cli.commands._common import (
+    JsonSummary,
+    Quiet,
+    TrainConfigFile,
+    TrainDevice,
+    TrainDtype,
+    TrainSeed,
+    TrainSet,
+    given_flags,
+)
+from glm_cli.core.train.field_docs import data_doc, train_doc
+
+PRESET = "Default: the preset's."
 
 EPILOG = """Examples:
 
@@ -19,14 +31,16 @@ EPILOG = """Examples:
   glm pretrain shards/ -o runs/demo/pretrain --resume      (continue exactly where it stopped)
 
 Settings come from, in increasing priority: the preset, --config FILE.json (a flat object of model and
-training fields), --set KEY=VALUE, and the named options. Model fields: vocab_size, dim, n_layers,
-n_heads, n_kv_heads, ffn_dim, max_seq_len, rope_theta, norm_eps, tie_embeddings, dropout, init_std.
-Training fields: every option below by its underscore name (lr, min_lr_ratio, warmup_steps, betas, ...),
-plus sampling, eval_tokens, curriculum_start, curriculum_steps.
+training fields), --set KEY=VALUE, and the options typed on the command line; finetune and align read
+them the same way. Model fields: vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, max_seq_len,
+rope_theta, norm_eps, tie_embeddings, dropout, init_std, ... (core.model.config.ModelConfig). Training
+fields: core.train.settings.TrainConfig (lr, min_lr_ratio, warmup_steps, betas, ...) and PretrainData
+(sampling, eval_tokens, eval_batch_size, curriculum_start, curriculum_steps).
 """
 
 
 def command(
+    ctx: typer.Context,
     shards: Annotated[list[str] | None, typer.Argument(
         help="Token shard directories (from `glm tokenize encode`), each optionally DIR:WEIGHT.")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Run directory: checkpoints/, best/, final/, "
@@ -36,35 +50,29 @@ def command(
         "positional DIR:WEIGHT.")] = None,
     preset: Annotated[str, typer.Option(help="Model size and training defaults: tiny, cpu, 124m, 350m, 1b.")]
     = "cpu",
-    config: Annotated[str | None, typer.Option("--config", help="JSON file of model/training fields.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, KEY=VALUE (repeatable), "
-                                                   "e.g. --set dim=256 --set dropout=0.1.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (preset default; 0 = no limit, needs "
-                                                  "--time-budget).")] = None,
-    time_budget: Annotated[float | None, typer.Option(help="Stop after this many seconds of training; the lr "
-                                                      "schedule then ends on time (not bitwise reproducible).")]
-    = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (preset default).")] = None,
+    config: TrainConfigFile = None,
+    set_: TrainSet = None,
+    max_steps: Annotated[int | None, typer.Option(help=train_doc("max_steps", PRESET))] = None,
+    time_budget: Annotated[float | None, typer.Option(help=train_doc("time_budget"))] = None,
+    lr: Annotated[float | None, typer.Option(help=train_doc("lr", PRESET))] = None,
     micro_batch_size: Annotated[int | None, typer.Option("--micro-batch-size", "-b",
-                                                         help="Sequences per micro-batch per process.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per optimizer step over all processes "
-                                                     "(sets --grad-accum).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw (default) or adafactor.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps, after a checkpoint.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps.")] = None,
-    sampling: Annotated[str | None, typer.Option(help="random windows (default) or sequential packing.")] = None,
+                                                         help=train_doc("micro_batch_size", PRESET))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=train_doc("grad_accum", PRESET))] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help=train_doc("batch_tokens", PRESET))] = None,
+    optimizer: Annotated[str | None, typer.Option(help=train_doc("optimizer", PRESET))] = None,
+    eval_every: Annotated[int | None, typer.Option(help=train_doc("eval_every", PRESET))] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help=train_doc("checkpoint_every"))] = None,
+    sampling: Annotated[str | None, typer.Option(help=data_doc("sampling"))] = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (or its directory) to ship in the "
                                                   "checkpoints; default: beside the shards.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run "
                                          "directory, exactly.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard parameters, gradients and "
                                        "optimizer state (FSDP2) instead of DDP.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")]
-    = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each block.")] = False,
-    seed: Seed = 0,
+    device: TrainDevice = "auto",
+    dtype: TrainDtype = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help=train_doc("compile"))] = False,
+    seed: TrainSeed = 0,
     as_json: JsonSummary = False,
     quiet: Quiet = False,
 ) -> None:
@@ -75,18 +83,16 @@ def command(
 
     if quiet or int(os.environ.get("RANK", "0")) != 0:
         set_quiet(True)
-    flags = {"max_steps": max_steps, "time_budget": time_budget, "lr": lr, "micro_batch_size": micro_batch_size,
-             "grad_accum": grad_accum, "batch_tokens": batch_tokens, "optimizer": optimizer,
-             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "sampling": sampling,
-             "dtype": dtype, "seed": seed, "device": device}
+    flags = given_flags(ctx, {"max_steps": max_steps, "time_budget": time_budget, "lr": lr,
+                              "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
+                              "batch_tokens": batch_tokens, "optimizer": optimizer, "eval_every": eval_every,
+                              "checkpoint_every": checkpoint_every, "sampling": sampling, "dtype": dtype,
+                              "seed": seed, "device": device, "compile": compile})
     if fsdp:
         flags["parallel"] = "fsdp"
-    if compile:
-        flags["compile"] = True
     options = PretrainOptions(sources=list(shards or []) + list(data or []), output=output, preset=preset,
-                              config_file=config, sets=list(set_ or []),
-                              flags={k: v for k, v in flags.items() if v is not None},
-                              tokenizer=tokenizer, resume=resume)
+                              config_file=config, sets=list(set_ or []), flags=flags, tokenizer=tokenizer,
+                              resume=resume)
     trainer, summary = build_run(options)
     result = trainer.fit()
     summary.update(step=result.step, status=result.status, metrics=result.metrics, train_loss=result.train_loss,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -82,7 +81,7 @@ def command(
                         "use --method gptq with --format safetensors")
     if method == "gptq" and not calibration:
         problems.append("--method gptq needs --calibration DATA (a token-shard dir or corpus files)")
-    if calibration and eval_data and sorted(calibration) == sorted(eval_data) and not _is_shard_dir(eval_data):
+    if calibration and eval_data and sorted(calibration) == sorted(eval_data) and not _is_shard_spec(eval_data):
         problems.append("--eval-data must be held out from --calibration (same files given to both)")
     if output and output == checkpoint:
         problems.append("-o/--output must differ from the input checkpoint")
@@ -90,117 +89,30 @@ def command(
         raise UsageError("; ".join(problems))
 
     from glm_cli.core.checkpoint.directory import check_checkpoint_dir
+    from glm_cli.core.quant import workflow
 
     check_checkpoint_dir(checkpoint)
     start = time.perf_counter()
     if format == "gguf":
-        if eval_data is None and calibration and _is_shard_dir(calibration):
-            eval_data = calibration  # its val split
-        summary = _gguf(checkpoint, output, gguf_type, keep_embeddings, eval_data, eval_tokens, seq_len)
+        summary = workflow.quantize_to_gguf(checkpoint, output, gguf_type, keep_embeddings=keep_embeddings,
+                                            calibration=calibration, seq_len=seq_len, eval_data=eval_data,
+                                            eval_tokens=eval_tokens)
     else:
-        summary = _safetensors(checkpoint, output, bits, method, group_size, calibration, calibration_samples,
-                               seq_len, eval_data, eval_tokens, keep_embeddings, seed)
+        from glm_cli.core.quant.weight_only import QuantScheme
+
+        scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings)
+        summary = workflow.quantize_to_safetensors(checkpoint, output, scheme, calibration=calibration,
+                                                   calibration_samples=calibration_samples, seq_len=seq_len,
+                                                   eval_data=eval_data, eval_tokens=eval_tokens, seed=seed)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     _print_report(summary)
     emit_summary(summary, json_summary, data_on_stdout=False)
 
 
-def _is_shard_dir(specs: list[str]) -> bool:
-    from glm_cli.core.quant.calibration import is_shard_dir
+def _is_shard_spec(specs: list[str]) -> bool:
+    from glm_cli.core.quant.calibration import is_shard_spec
 
-    return len(specs) == 1 and is_shard_dir(specs[0])
-
-
-def _gguf(checkpoint: str, output: str, gguf_type: str, keep_embeddings: bool, eval_data, eval_tokens: int,
-          seq_len: int) -> dict:
-    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
-    from glm_cli.core.checkpoint.gguf_export import export_gguf, load_gguf_model
-    from glm_cli.core.quant.calibration import perplexity
-
-    summary = export_gguf(checkpoint, output, gguf_type, keep_embeddings)
-    source = (Path(checkpoint) / WEIGHTS).stat().st_size
-    summary.update(checkpoint=checkpoint, source_bytes=source, output_bytes=summary.pop("bytes"))
-    summary["compression"] = round(source / summary["output_bytes"], 3)
-    model = load_model(checkpoint)
-    held_out = _held_out(eval_data, checkpoint, eval_tokens)
-    if held_out is not None:
-        window = seq_len or min(model.config.max_seq_len, 512)
-        base = perplexity(model, held_out, window)
-        quant = perplexity(load_gguf_model(output, like=model), held_out, window)  # the weights llama.cpp reads
-        _add_perplexity(summary, base, quant)
-    return summary
-
-
-def _held_out(eval_data, checkpoint: str, eval_tokens: int):
-    """Held-out tokens (the val split of a shard dir, or corpus files), or None with a warning."""
-    from glm_cli.core.console import warn
-    from glm_cli.core.errors import GlmError
-    from glm_cli.core.quant.calibration import token_stream
-
-    if not eval_data or not eval_tokens:
-        return None
-    tokenizer_dir = checkpoint if (Path(checkpoint) / "tokenizer.json").exists() else None
-    try:
-        return token_stream(eval_data, tokenizer_dir, "val", eval_tokens)
-    except GlmError as e:  # e.g. a shard dir without a val split: drop the report, keep the job
-        warn(f"no perplexity report: {e}")
-        return None
-
-
-def _add_perplexity(summary: dict, base: dict, quant: dict) -> None:
-    summary["eval_tokens"] = base["tokens"]
-    summary["perplexity_fp32"] = round(base["perplexity"], 4)
-    summary["perplexity_quantized"] = round(quant["perplexity"], 4)
-    summary["perplexity_change_pct"] = round(100 * (quant["perplexity"] / base["perplexity"] - 1), 3)
-
-
-def _safetensors(checkpoint, output, bits, method, group_size, calibration, calibration_samples, seq_len,
-                 eval_data, eval_tokens, keep_embeddings, seed) -> dict:
-    import torch
-
-    from glm_cli.core.checkpoint.directory import WEIGHTS, load_model
-    from glm_cli.core.console import log
-    from glm_cli.core.quant.calibration import calibration_batches, perplexity, token_stream
-    from glm_cli.core.quant.weight_only import QuantScheme, quantize_model_rtn, save_quantized
-
-    torch.manual_seed(seed)
-    scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings)
-    model = load_model(checkpoint)
-    if getattr(model, "quant_scheme", None) is not None:
-        from glm_cli.core.errors import UsageError
-
-        raise UsageError(f"{checkpoint}: already quantized; quantize the full-precision checkpoint")
-    window = seq_len or min(model.config.max_seq_len, 512)
-    tokenizer_dir = checkpoint if (Path(checkpoint) / "tokenizer.json").exists() else None
-
-    if eval_data is None and calibration and _is_shard_dir(calibration):
-        eval_data = calibration  # its val split: never seen by calibration, which reads train
-    held_out = _held_out(eval_data, checkpoint, eval_tokens)
-    summary: dict = {"checkpoint": checkpoint, "output": output, "format": "safetensors",
-                     **scheme.as_config()}
-    if held_out is not None:
-        base = perplexity(model, held_out, window)
-        log(f"fp32 perplexity {base['perplexity']:.3f} on {base['tokens']} held-out tokens")
-
-    if method == "gptq":
-        from glm_cli.core.quant.gptq import quantize_model_gptq
-
-        calib = token_stream(calibration, tokenizer_dir, "train", calibration_samples * window * 4)
-        batches = calibration_batches(calib, calibration_samples, window, seed=seed)
-        summary["calibration_tokens"] = sum(b.numel() for b in batches)
-        log(f"gptq: {calibration_samples} calibration windows of {batches[0].shape[1]} tokens")
-        quantize_model_gptq(model, scheme, batches)
-    else:
-        quantize_model_rtn(model, scheme)
-    summary.update(model.quant_scheme.as_config())
-
-    if held_out is not None:
-        _add_perplexity(summary, base, perplexity(model, held_out, window))
-    save_quantized(output, model, tokenizer_dir=tokenizer_dir)
-    source = (Path(checkpoint) / WEIGHTS).stat().st_size
-    written = (Path(output) / WEIGHTS).stat().st_size
-    summary.update(source_bytes=source, output_bytes=written, compression=round(source / written, 3))
-    return summary
+    return is_shard_spec(specs)
 
 
 def _print_report(summary: dict) -> None:

@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def build_model(config: dict, tensors: dict[str, torch.Tensor], source: str | Path):
     """A glm `Transformer` holding `tensors` (HF names), checked against `config` (a Llama config dict)."""
-    from glm_cli.core.checkpoint.directory import model_from_state
+    from glm_cli.core.checkpoint.loader import model_from_state
     from glm_cli.core.model.config import ModelConfig
 
     return model_from_state(ModelConfig.from_hf(config), tensors, source)
@@ -42,7 +42,8 @@ def _from_gguf(src: Path, work: Path) -> tuple[torch.nn.Module, Path, dict, dict
 def _from_hf_dir(src: Path, dtype: str) -> tuple[torch.nn.Module, Path, dict, dict]:
     import torch
 
-    from glm_cli.core.checkpoint.directory import check_checkpoint_dir, load_model
+    from glm_cli.core.checkpoint.directory import check_checkpoint_dir
+    from glm_cli.core.checkpoint.loader import load_model
 
     check_checkpoint_dir(src)
     if not (src / "tokenizer.json").exists():

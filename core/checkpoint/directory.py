@@ -9,10 +9,13 @@
       chat_template.jinja      transformers 5 keeps it in a file of its own)
       generation_config.json
       checksums.json           sha256 of every file above: a flipped byte fails loudly on load
-      extra files              e.g. adapters.safetensors, glm_quant.json, training state (see engine)
+      extra files              e.g. adapter.safetensors, a value head, training state (see engine)
 
 Directories are written atomically (built under a temporary name, then renamed), so a crash mid-write
 leaves the previous checkpoint intact. Nothing here ever unpickles: `.bin`/`.pt` files are refused.
+
+This module is the format alone: files, names, checksums, shards. What model a directory becomes (plain,
+quantized, with an adapter) is decided by `core.checkpoint.loader`.
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def with_tied_weights(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """The inverse of `model_state_for_saving` for loading by name: where a model's state_dict (`names`)
+    has the tied lm_head the file stores only as the embedding, add it under its own name too."""
+    state = dict(state)
+    if "lm_head.weight" in names and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, tokenizer_dir: str | Path | None = None,
                     generation: dict | None = None, extra_files: dict[str, bytes | dict] | None = None,
                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
@@ -119,7 +131,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, tokenizer_
 
     tokenizer_dir: a directory (or checkpoint) holding tokenizer.json and optionally tokenizer_config.json.
     extra_files: name -> bytes or JSON-able dict; extra_tensors: name -> tensors saved as safetensors.
-    weights/hf_config override what is saved for the model (used by quantize and adapters).
+    weights/hf_config override what is saved for the model (a quantized model's packed tensors and its
+    quantization_config, a fine-tune's base weights beside its adapter): this module stores them as given.
     """
     directory = Path(directory)
     config: ModelConfig = model.config
@@ -223,47 +236,13 @@ def stored_dtype(state: dict[str, torch.Tensor], where: Path) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               verify: bool = True):
-    """Load a (non-quantized) checkpoint, glm's or one transformers wrote, as a `Transformer` in eval
-    mode, in the dtype its weights were saved in unless `dtype` says otherwise."""
-    directory = check_checkpoint_dir(directory)
-    if verify:
-        verify_manifest(directory)
-    config = ModelConfig.load(directory)
-    state = load_weights(directory)
-    quant_config = json.loads((directory / CONFIG).read_text()).get("quantization_config")
-    if quant_config is not None:  # a `glm quantize` checkpoint: packed weights become QuantLinear modules
-        from glm_cli.core.quant.weight_only import load_quantized_model
-
-        return load_quantized_model(directory, config, quant_config, state, device=device, dtype=dtype)
-    # transformers never needs these: older versions saved the rotary table, glm recomputes it
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    return model_from_state(config, state, directory, device=device, dtype=dtype or stored_dtype(state, directory))
-
-
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str | Path,
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A `Transformer` in eval mode holding `state` (HF names), every name and shape checked against
-    `config`; built on the meta device, so no random init runs before the weights arrive."""
-    from glm_cli.core.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype).to_empty(device=device)
-    model.init_weights()  # fills the non-persistent rotary buffer; the weights are overwritten below
-    state = dict(state)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+def read_hf_config(directory: Path) -> dict:
+    """config.json as a dict: the fields `ModelConfig` reads and the ones it does not
+    (`quantization_config`)."""
+    path = directory / CONFIG
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a shape mismatch
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{source}: tensor shapes do not match the model config ({detail})") from None
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model config "
-                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+        return json.loads(path.read_text())
+    except OSError:
+        raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

@@ -2,13 +2,8 @@
 
 Tensor names follow llama.cpp (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`), quantization is
 done by the `gguf` package itself (Q8_0: int8 blocks of 32 with one fp16 scale; Q4_0: 4-bit blocks of 32
-with one fp16 scale), norms stay F32.
-
-Rotary layout: HF Llama checkpoints (and glm) rotate the pair (i, i + D/2) of each head ("rotate half"),
-while llama.cpp's llama architecture rotates adjacent pairs (2i, 2i + 1). The two are the same attention
-once the rows of q_proj and k_proj are permuted within every head so that row i + D/2 lands beside row i:
-(heads, 2, D/2, K) -> (heads, D/2, 2, K). k_proj uses the key/value head count. `unpermute_rotary` is the
-inverse, used by the tests to check the file.
+with one fp16 scale), norms stay F32. q_proj and k_proj rows are permuted to llama.cpp's rotary order
+(`gguf_layout.permute_rotary`).
 """
 
 from __future__ import annotations
@@ -19,6 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glm_cli.core.checkpoint.gguf_layout import (
+    EXPORT_PRE_NAMES,
+    gguf_name,
+    permute_rotary,
+    pre_tokenizer_of_kind,
+    unpermute_rotary,
+)
 from glm_cli.core.console import warn
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import atomic_path
@@ -27,48 +29,6 @@ from glm_cli.core.tokens.tokenizer import SPECIAL_TOKENS
 
 GGUF_TYPES = ("q8_0", "q4_0", "f16", "f32")
 
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    """HF Llama parameter name -> llama.cpp GGUF tensor name."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LAYER_NAMES:
-        return f"blk.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:])]}"
-    raise GlmError(f"no GGUF name for tensor {hf_name}")
-
-
-def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection (heads * D, K) from rotate-half order to adjacent-pair order."""
-    rows, cols = w.shape
-    d = rows // n_heads
-    return w.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    d = rows // n_heads
-    return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-# llama.cpp's names for the pre-tokenizers glm can write, by the kind `gguf_import` rebuilds for each.
-EXPORT_PRE_NAMES = {"gpt2": "gpt-2", "digits+gpt2": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
 PRE_TOKENIZER_PROBE = ("Hello world's 12345 apples,\n\n  they'll  COST $3.50!! Ünïcödé 日本語 x1y22\tend\r\n"
                        "   I'M 7 'Ve  \n 1234567 ...?! ")
 
@@ -78,8 +38,6 @@ def _pre_tokenizer_name(path: Path) -> str:
     probe text (digits, contractions, runs of spaces, newlines, unicode) equal the tokenizer's own. A
     wrong name would make llama.cpp cut numbers or contractions differently, so no match is an error."""
     from tokenizers import Tokenizer
-
-    from glm_cli.core.checkpoint.gguf_import import pre_tokenizer_of_kind
 
     pre = Tokenizer.from_file(str(path)).pre_tokenizer
     if pre is not None:
@@ -145,7 +103,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
     """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary."""
     gguf = require("gguf", "GGUF files")
 
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")

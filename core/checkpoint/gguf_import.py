@@ -9,9 +9,9 @@ all such problems are collected and reported together, before any tensor is dequ
 Three facts about GGUF shape the code:
 - shapes are stored fastest dimension first (ne0 = columns), so a (out, in) matrix reads as [in, out];
 - llama.cpp's converter reorders the rows of `attn_q`/`attn_k` from HF's rotate-half layout to adjacent
-  pairs; `unpermute_rotary` (the exact inverse of what `gguf_export` applies) puts them back;
+  pairs; `gguf_layout.unpermute_rotary` (the exact inverse of what `gguf_export` applies) puts them back;
 - the tokenizer is stored as lists (tokens, token types, merges) plus the *name* of a pre-tokenizer
-  (`tokenizer.ggml.pre`); the split rules behind each name are in `PRE_TOKENIZERS`.
+  (`tokenizer.ggml.pre`); the split rules behind each name are in `gguf_layout.PRE_TOKENIZERS`.
 """
 
 from __future__ import annotations
@@ -22,25 +22,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glm_cli.core.checkpoint.gguf_layout import (
+    PRE_TOKENIZERS,
+    hf_name,
+    pre_tokenizer_of_kind,
+    unpermute_rotary,
+)
 from glm_cli.core.errors import CheckpointError
 from glm_cli.core.optional import require
 
 if TYPE_CHECKING:
     import torch
-
-# llama.cpp block tensor name -> HF Llama name within `model.layers.N.` (the inverse of gguf_export's table,
-# kept here so that checking a file does not import torch).
-BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 
 # Tensor types this importer dequantizes (with `gguf.quants.dequantize`); everything else is refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -58,28 +50,6 @@ LLAMA_KEYS = {
 # GGUF token types (llama.cpp's enum): NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6.
 TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 2, 3, 4
 
-# Split patterns of the pre-tokenizers that llama.cpp names in `tokenizer.ggml.pre`.
-# Llama 3 (tiktoken cl100k-style): case-insensitive contractions, letters with one leading non-letter,
-# numbers in groups of up to three digits, punctuation runs, newlines, other whitespace.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen2: the same, but every digit on its own.
-QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
-
-# name in tokenizer.ggml.pre -> (pre-tokenizer kind, BPE ignore_merges)
-PRE_TOKENIZERS = {
-    "gpt-2": ("gpt2", False),
-    "default": ("gpt2", False),
-    "smollm": ("digits+gpt2", False),
-    "starcoder": ("digits+gpt2", False),
-    "refact": ("digits+gpt2", False),
-    "llama-bpe": ("llama3", True),
-    "llama3": ("llama3", True),
-    "llama-v3": ("llama3", True),
-    "qwen2": ("qwen2", False),
-}
-
-
 @dataclass
 class GgufModel:
     config: dict
@@ -92,18 +62,6 @@ class GgufModel:
     generation: dict
     tensor_types: dict[str, int] = field(default_factory=dict)
     """GGUF tensor type name -> how many tensors had it."""
-
-
-def hf_name(name: str) -> str | None:
-    """llama.cpp GGUF tensor name -> HF Llama parameter name (None if it has none)."""
-    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    if name in fixed:
-        return fixed[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}"
-    return None
 
 
 def read_metadata(reader) -> dict:
@@ -280,8 +238,6 @@ def dequantize_tensor(t) -> torch.Tensor:
 
 def read_tensors(reader, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """All model tensors under HF names, with q/k rows put back into rotate-half order."""
-    from glm_cli.core.checkpoint.gguf_export import unpermute_rotary
-
     tensors, counts = {}, {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
@@ -298,21 +254,6 @@ def read_tensors(reader, config: dict) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-
-
-def pre_tokenizer_of_kind(kind: str):
-    from tokenizers import Regex, pre_tokenizers
-
-    if kind == "gpt2":
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if kind == "digits+gpt2":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    pattern = LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
 
 
 def check_tokenizer(meta: dict, problems: list[str]) -> None:

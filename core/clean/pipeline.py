@@ -1,5 +1,5 @@
-"""`glm clean`'s pipeline: normalizers, boilerplate removal, filters and PII redaction composed in a fixed
-order, with statistics for every step.
+"""`glm clean`'s pipeline: an ordered list of small steps (`core.clean.steps`), built from a `CleanConfig`,
+run on every document, with statistics for every step.
 
 Per document, in this order (each step can be switched off in `CleanConfig`):
 
@@ -14,25 +14,29 @@ Per document, in this order (each step can be switched off in `CleanConfig`):
 7. Gopher quality rules, C4 document rules, Gopher repetition rules (cheapest and most common first);
 8. PII redaction, on kept documents only.
 
-A dropped document stops at the first rule it fails and carries that rule's reason (as in datatrove), so
-the per-reason counts add up to the number of dropped documents. Everything here is a pure function of
-(config, document), which is what lets `map_ordered` spread it over processes with identical output.
+Every step keeps one contract (`core.steps`): a document in, the document or a `Drop(reason)` out, its
+changes added to a counter. A dropped document stops at the first step that drops it and carries that
+reason (as in datatrove), so the per-reason counts add up to the number of dropped documents. Adding a
+step is writing its class and one line in `CleanConfig.pipeline`; `clean_document` and `clean_batch`
+also take a list of steps directly. Everything here is a pure function of (steps, document), which is
+what lets `map_ordered` spread it over processes with identical output.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from glm_cli.core.clean.boilerplate import NavigationLines, strip_gutenberg
-from glm_cli.core.clean.html_text import html_to_text, looks_like_html
+from glm_cli.core.clean import steps as clean_steps
+from glm_cli.core.clean.boilerplate import NavigationLines
 from glm_cli.core.clean.language_id import LanguageFilter
-from glm_cli.core.clean.normalize import NormalizeConfig, normalize_text, squeeze_blank_lines
+from glm_cli.core.clean.normalize import NormalizeConfig
 from glm_cli.core.clean.pii import PIIRedactor
 from glm_cli.core.clean.quality import C4Document, C4Lines, GopherQuality, GopherRepetition
 from glm_cli.core.io.corpus import Document
+from glm_cli.core.steps import Drop, Step, run_steps
 
 HTML_MODES = ("auto", "always", "never")
 
@@ -56,13 +60,37 @@ class CleanConfig:
         if self.html not in HTML_MODES:
             raise ValueError(f"html must be one of {HTML_MODES}, got {self.html!r}")
 
+    def pipeline(self) -> list[Step]:
+        """The steps that are on, in the order they run (see the module docstring)."""
+        s, steps = clean_steps, []
+        if self.html != "never":
+            steps.append(s.HtmlToText(self.html))
+        if self.normalize is not None:
+            steps.append(s.Normalize(self.normalize))
+        if self.gutenberg:
+            steps.append(s.StripGutenberg())
+        if self.navigation is not None:
+            steps.append(s.RemoveNavigationLines(self.navigation))
+        if self.c4_lines is not None:
+            steps.append(s.RemoveC4Lines(self.c4_lines))
+        if self.normalize is not None and self.normalize.collapse_whitespace:
+            steps.append(s.SqueezeBlankLines(self.normalize.max_blank_lines))
+        steps.append(s.DropEmpty())
+        if self.language is not None:
+            steps.append(s.IdentifyLanguage(self.language))
+        if self.gopher_quality is not None:
+            steps.append(s.GopherQualityFilter(self.gopher_quality, by_language=self.language is not None))
+        if self.c4 is not None:
+            steps.append(s.TextFilter(self.c4))
+        if self.gopher_repetition is not None:
+            steps.append(s.TextFilter(self.gopher_repetition))
+        if self.pii is not None:
+            steps.append(s.RedactPII(self.pii))
+        return steps
+
     def steps(self) -> list[str]:
-        """Names of the steps that are on, in order (for reports)."""
-        names = [("html", self.html != "never"), ("normalize", self.normalize), ("gutenberg", self.gutenberg),
-                 ("navigation_lines", self.navigation), ("c4_lines", self.c4_lines), ("language", self.language),
-                 ("gopher_quality", self.gopher_quality), ("c4", self.c4),
-                 ("gopher_repetition", self.gopher_repetition), ("pii", self.pii)]
-        return [name for name, on in names if on]
+        """Names of the switchable steps that are on, in order (for reports)."""
+        return [step.name for step in self.pipeline() if not getattr(step, "always_on", False)]
 
 
 @dataclass(slots=True)
@@ -80,67 +108,25 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def clean_document(config: CleanConfig, doc: Document) -> CleanResult:
-    """Run the pipeline on one document (see the module docstring for the order)."""
-    text = doc.text
-    bytes_in = _utf8_len(text)
+def _pipeline(config: CleanConfig | Sequence[Step]) -> Sequence[Step]:
+    return config.pipeline() if isinstance(config, CleanConfig) else config
+
+
+def clean_document(config: CleanConfig | Sequence[Step], doc: Document) -> CleanResult:
+    """Run the pipeline (a config's, or a list of steps) on one document; `doc.text` ends as the last
+    step left it (for a dropped document: as the dropping rule saw it)."""
+    bytes_in = _utf8_len(doc.text)
     changes: Counter = Counter()
-
-    def dropped(reason: str) -> CleanResult:
-        doc.text = text
-        return CleanResult(doc, reason, bytes_in, 0, changes)
-
-    if config.html == "always" or (config.html == "auto" and looks_like_html(text, doc.source)):
-        text = html_to_text(text)
-        changes["html.converted"] += 1
-    if config.normalize is not None:
-        normalized = normalize_text(text, config.normalize)
-        if normalized != text:
-            changes["normalize.changed"] += 1
-        text = normalized
-    if config.gutenberg:
-        text, removed = strip_gutenberg(text)
-        if removed:
-            changes["gutenberg.removed"] += removed
-    lines_removed = 0
-    if config.navigation is not None:
-        text, removed = config.navigation(text)
-        if removed:
-            changes["navigation_lines.removed"] += removed
-            lines_removed += removed
-    if config.c4_lines is not None:
-        text, counts = config.c4_lines(text)
-        changes.update(counts)
-        lines_removed += sum(n for rule, n in counts.items() if rule.endswith("_lines"))
-    if lines_removed and config.normalize is not None and config.normalize.collapse_whitespace:
-        text = squeeze_blank_lines(text, config.normalize.max_blank_lines)  # removed lines left gaps
-    if not text.strip():
-        return dropped("empty")
-    lang = None
-    if config.language is not None:
-        keep, lang, score = config.language(text)
-        doc.meta = {**doc.meta, "lang": lang, "lang_score": round(score, 4)}
-        if keep is not True:
-            return dropped(keep[1])
-    if config.gopher_quality is not None:
-        keep = config.gopher_quality(text, lang)
-        if keep is not True:
-            return dropped(keep[1])
-    for rule in (config.c4, config.gopher_repetition):
-        if rule is not None:
-            keep = rule(text)
-            if keep is not True:
-                return dropped(keep[1])
-    if config.pii is not None:
-        text, counts = config.pii(text)
-        changes.update({f"pii.{kind}": n for kind, n in counts.items()})
-    doc.text = text
-    return CleanResult(doc, None, bytes_in, _utf8_len(text), changes)
+    outcome = run_steps(_pipeline(config), clean_steps.Draft(doc), changes)
+    if isinstance(outcome, Drop):
+        return CleanResult(doc, outcome.reason, bytes_in, 0, changes)
+    return CleanResult(doc, None, bytes_in, _utf8_len(doc.text), changes)
 
 
-def clean_batch(config: CleanConfig, docs: list[Document]) -> list[CleanResult]:
+def clean_batch(config: CleanConfig | Sequence[Step], docs: list[Document]) -> list[CleanResult]:
     """`clean_document` over a batch: the unit of work sent to a worker process."""
-    return [clean_document(config, doc) for doc in docs]
+    pipeline = _pipeline(config)
+    return [clean_document(pipeline, doc) for doc in docs]
 
 
 def batches(docs: Iterable[Document], max_docs: int = 64, max_bytes: int = 1 << 20) -> Iterator[list[Document]]:

@@ -19,10 +19,14 @@ def normalize_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def digest(normalized: bytes | memoryview) -> int:
+    """64-bit digest of normalized UTF-8 text (as an unsigned int)."""
+    return int.from_bytes(hashlib.blake2b(normalized, digest_size=8).digest(), "little")
+
+
 def text_hash(text: str) -> int:
     """64-bit digest of the normalized text (as an unsigned int)."""
-    digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return digest(normalize_text(text).encode("utf-8"))
 
 
 def text_hashes(texts: list[str]) -> np.ndarray:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from itertools import compress
 
 import numpy as np
+
+from glm_cli.core.dedup import ascii_batch
 
 UNITS = ("line", "paragraph")
 _PARAGRAPH = re.compile(r"(\n[ \t\r]*\n\s*)")
@@ -58,19 +61,106 @@ def batch_keys(pieces: list[str], min_chars: int) -> np.ndarray:
     return keys
 
 
+def _ascii_line_keys(texts: list[str], min_chars: int,
+                     text_hashes: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`batch_keys` of the lines of ASCII texts, and lines per text, without a Python loop per line; with
+    `text_hashes`, also `exact.text_hash` of each text, from the same normalized lines (a text's
+    normalized form is its non-empty normalized lines joined by spaces)."""
+    from glm_cli.core.dedup.minhash import _prefix, _spans
+
+    data, text_ends = ascii_batch.as_bytes(texts)
+    starts, ends, per_text = ascii_batch.line_units(data, text_ends)
+    normalized, first, stop = ascii_batch.collapse(data, starts, ends, nul=1)
+    keys = _spans(_prefix(normalized), first, stop)
+    keys[keys == 0] = 1
+    keys[(stop - first) < max(min_chars, 1)] = 0
+    return keys, per_text, _joined_line_hashes(texts, normalized, first, stop, per_text) if text_hashes else None
+
+
+def _joined_line_hashes(texts, normalized, first, stop, per_text) -> np.ndarray:
+    from glm_cli.core.dedup.exact import digest, text_hash
+
+    line_text = np.repeat(np.arange(per_text.size), per_text)
+    filled = np.flatnonzero(stop > first)
+    after = filled[1:][line_text[filled[1:]] == line_text[filled[:-1]]]  # a non-empty line after another
+    spaces = first[after]
+    joined = np.insert(normalized, spaces, 32)
+    end = np.concatenate([[0], stop])[np.cumsum(per_text)]
+    begin = np.concatenate([[0], end[:-1]])
+    begin, end = begin + np.searchsorted(spaces, begin), end + np.searchsorted(spaces, end)
+    view = memoryview(joined.tobytes())
+    out = np.fromiter((digest(view[a:b]) for a, b in zip(begin.tolist(), end.tolist(), strict=True)),
+                      dtype=np.uint64, count=len(texts))
+    for k, t in enumerate(texts):
+        if "\x00" in t:  # line keys read NUL as \x01; the text hash keeps it
+            out[k] = text_hash(t)
+    return out
+
+
+def unit_keys_and_text_hashes(texts: list[str], min_chars: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`unit_keys(texts, "line", min_chars)` and `exact.text_hashes(texts)` in one pass over the ASCII
+    texts (the normalization is the same); the others take the `str` paths."""
+    from glm_cli.core.dedup.exact import text_hash
+
+    ascii_ = [k for k, t in enumerate(texts) if t.isascii()]
+    if len(ascii_) == len(texts):
+        return _ascii_line_keys(texts, min_chars, text_hashes=True)
+    other = [k for k, t in enumerate(texts) if not t.isascii()]
+    hashes = np.zeros(len(texts), dtype=np.uint64)
+    hashes[other] = [text_hash(texts[k]) for k in other]
+    other_keys, other_counts = unit_keys([texts[k] for k in other], "line", min_chars)
+    if not ascii_:
+        return other_keys, other_counts, hashes
+    keys, counts, hashes[ascii_] = _ascii_line_keys([texts[k] for k in ascii_], min_chars, text_hashes=True)
+    return (*_in_text_order(len(texts), ascii_, keys, counts, other, other_keys, other_counts), hashes)
+
+
+def _in_text_order(n: int, first: list[int], first_keys: np.ndarray, first_counts: np.ndarray, second: list[int],
+                   second_keys: np.ndarray, second_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit keys of two disjoint subsets of n texts (each in text order) merged into text order."""
+    owner = np.concatenate([np.repeat(np.array(first, dtype=np.int64), first_counts),
+                            np.repeat(np.array(second, dtype=np.int64), second_counts)])
+    order = np.argsort(owner, kind="stable")
+    per_text = np.zeros(n, dtype=np.int64)
+    per_text[first], per_text[second] = first_counts, second_counts
+    return np.concatenate([first_keys, second_keys])[order], per_text
+
+
+def unit_keys(texts: list[str], unit: str, min_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """The key of every unit of every text, in order (`batch_keys`), and how many units each text has.
+    ASCII texts cut into lines take the numpy path (`ascii_batch`), the rest `split_units` + `batch_keys`;
+    the keys are the same either way."""
+    ascii_ = [k for k, t in enumerate(texts) if unit == "line" and t.isascii()]
+    if len(ascii_) < len(texts):
+        other = [k for k, t in enumerate(texts) if not (unit == "line" and t.isascii())]
+        per_doc = [split_units(texts[k], unit) for k in other]
+        other_counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(other))
+        other_keys = batch_keys([p for pieces in per_doc for p in pieces], min_chars)
+        if not ascii_:
+            return other_keys, other_counts
+    if not ascii_:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    keys, counts, _ = _ascii_line_keys([texts[k] for k in ascii_], min_chars)
+    if len(ascii_) == len(texts):
+        return keys, counts
+    return _in_text_order(len(texts), ascii_, keys, counts, other, other_keys, other_counts)
+
+
 def batch_unit_hashes(texts: list[str], unit: str, min_chars: int) -> tuple[np.ndarray, np.ndarray]:
     """The distinct keys of each document's units, sorted, concatenated; and how many per document."""
-    per_doc = [split_units(t, unit) for t in texts]
-    counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(texts))
-    keys = batch_keys([p for pieces in per_doc for p in pieces], min_chars)
-    doc = np.repeat(np.arange(len(texts)), counts)
+    return distinct_per_document(*unit_keys(texts, unit, min_chars))
+
+
+def distinct_per_document(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`unit_keys`' output as each document's distinct keys (no 0), sorted, concatenated; and how many."""
+    doc = np.repeat(np.arange(counts.size), counts)
     valid = keys != 0
     keys, doc = keys[valid], doc[valid]
     order = np.lexsort((keys, doc))
     keys, doc = keys[order], doc[order]
     fresh = np.ones(keys.size, dtype=bool)
     fresh[1:] = (keys[1:] != keys[:-1]) | (doc[1:] != doc[:-1])
-    return keys[fresh], np.bincount(doc[fresh], minlength=len(texts)).astype(np.int64)
+    return keys[fresh], np.bincount(doc[fresh], minlength=counts.size).astype(np.int64)
 
 
 def unit_hashes(text: str, unit: str, min_chars: int) -> np.ndarray:
@@ -78,22 +168,24 @@ def unit_hashes(text: str, unit: str, min_chars: int) -> np.ndarray:
     return batch_unit_hashes([text], unit, min_chars)[0]
 
 
-def remove_units_batch(texts: list[str], boilerplate: np.ndarray, unit: str,
-                       min_chars: int) -> list[tuple[str, int]]:
-    """Each text without its boilerplate units (`boilerplate` sorted uint64), and how many were removed."""
+def remove_units_batch(texts: list[str], boilerplate: np.ndarray, unit: str, min_chars: int,
+                       keys: np.ndarray | None = None) -> list[tuple[str, int]]:
+    """Each text without its boilerplate units (`boilerplate` sorted uint64), and how many were removed.
+    `keys`: the texts' `unit_keys`, when already known (`SavedUnitKeys`)."""
     if boilerplate.size == 0:
         return [(t, 0) for t in texts]
     per_doc = [split_units(t, unit) for t in texts]
-    keys = batch_keys([p for pieces in per_doc for p in pieces], min_chars)
+    if keys is None:
+        keys, _ = unit_keys(texts, unit, min_chars)  # the same units as split_units cuts
     pos = np.minimum(np.searchsorted(boilerplate, keys), boilerplate.size - 1)
-    drop = ((boilerplate[pos] == keys) & (keys != 0)).tolist()
+    drop = (boilerplate[pos] == keys) & (keys != 0)
+    counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(per_doc))
+    removed = np.bincount(np.repeat(np.arange(len(texts)), counts)[drop], minlength=len(texts)).tolist()
+    keep = (~drop).tolist()
     out, k = [], 0
-    for text, pieces in zip(texts, per_doc, strict=True):
-        flags = drop[k:k + len(pieces)]
+    for text, pieces, gone in zip(texts, per_doc, removed, strict=True):
+        out.append(("".join(compress(pieces, keep[k:k + len(pieces)])), gone) if gone else (text, 0))
         k += len(pieces)
-        removed = sum(flags)
-        out.append(("".join(p for p, d in zip(pieces, flags, strict=True) if not d), removed) if removed
-                   else (text, 0))
     return out
 
 
@@ -116,3 +208,31 @@ def merge_counts(keys_a: np.ndarray, counts_a: np.ndarray, keys_b: np.ndarray,
     counts = np.concatenate([counts_a, counts_b]).astype(np.int64)
     uniq, inverse = np.unique(keys, return_inverse=True)
     return uniq, np.bincount(inverse, weights=counts, minlength=uniq.size).astype(np.int64)
+
+
+class SavedUnitKeys:
+    """Every unit key of a stream of documents (`unit_keys`, in order), kept in a file of uint64 so the
+    filter step of one `glm dedup run` reads them back instead of hashing every line a second time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by `close`, after the last `add`
+        self._counts: list[np.ndarray] = []
+        self.offsets = np.zeros(1, dtype=np.int64)
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(keys, dtype=np.uint64).tobytes())
+        self._counts.append(counts)
+
+    def close(self) -> None:
+        self._file.close()
+        counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def keys_of(self, positions: list[int]) -> np.ndarray:
+        """The unit keys of the documents at `positions` (ascending), concatenated."""
+        if not positions:
+            return np.zeros(0, dtype=np.uint64)
+        lo, hi = int(self.offsets[positions[0]]), int(self.offsets[positions[-1] + 1])
+        block = np.fromfile(self.path, dtype=np.uint64, count=hi - lo, offset=lo * 8)
+        return np.concatenate([block[self.offsets[p] - lo:self.offsets[p + 1] - lo] for p in positions])

@@ -31,6 +31,7 @@ import os
 import struct
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -41,10 +42,12 @@ import numpy as np
 from glm_cli.core.dedup import exact as exact_dedup
 from glm_cli.core.dedup import lines as line_dedup
 from glm_cli.core.dedup import minhash, spill_groups, union_find
+from glm_cli.core.dedup.filter_steps import DropByPlan, Placed, RemoveBoilerplate
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import atomic_open
 from glm_cli.core.io.corpus import Document
 from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.steps import Drop, run_batch
 
 PLAN_FORMAT = "glm-dedup-plan-v2"
 SIGNATURES_FORMAT = "glm-dedup-signatures-v2"
@@ -157,10 +160,14 @@ def _eval_ngrams(against: tuple[str, ...], n: int):
     return _eval_cache[key]
 
 
-def batch_features(config: DedupConfig, texts: list[str]) -> dict:
-    """Everything the clustering step needs about a batch of documents (runs in worker processes)."""
+def batch_features(config: DedupConfig, texts: list[str], keep_units: bool = False) -> dict:
+    """Everything the clustering step needs about a batch of documents (runs in worker processes);
+    `keep_units`: also every unit key (`unit_keys`, `unit_counts`), for the filter to reuse."""
     n = len(texts)
-    out = {"exact": exact_dedup.text_hashes(texts) if config.exact else np.zeros(n, np.uint64)}
+    shared = config.exact and config.lines and config.line_unit == "line"  # one normalization for both
+    if shared:
+        unit_keys, unit_counts, exact = line_dedup.unit_keys_and_text_hashes(texts, config.line_min_chars)
+    out = {"exact": exact if shared else exact_dedup.text_hashes(texts) if config.exact else np.zeros(n, np.uint64)}
     if config.near:
         hasher = minhash.MinHasher(config.num_perm, config.ngram, config.unit, config.seed)
         hashes, counts = minhash.span_hashes(texts, config.ngram, config.unit)
@@ -177,8 +184,11 @@ def batch_features(config: DedupConfig, texts: list[str]) -> dict:
     else:
         out["contam"], out["contam_eval"] = np.zeros(n, np.int32), np.full(n, -1, np.int64)
     if config.lines:
-        out["line_hashes"], out["line_counts"] = line_dedup.batch_unit_hashes(texts, config.line_unit,
-                                                                             config.line_min_chars)
+        keys, counts = ((unit_keys, unit_counts) if shared
+                        else line_dedup.unit_keys(texts, config.line_unit, config.line_min_chars))
+        out["line_hashes"], out["line_counts"] = line_dedup.distinct_per_document(keys, counts)
+        if keep_units:
+            out["unit_keys"], out["unit_counts"] = keys, counts
     else:
         out["line_counts"], out["line_hashes"] = np.zeros(n, np.int64), np.zeros(0, np.uint64)
     return out
@@ -334,6 +344,22 @@ class SignatureFile:
         got = np.frombuffer(blob, dtype=dtype).reshape((uniq.size, *shape[1:]))
         return got[inverse.reshape(-1)]
 
+    def holders_of(self, keys: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+        """Which documents hold at least one of the line keys `keys` (sorted uint64): a bool a document,
+        read from the saved line keys a chunk at a time, so the filter need not hash every line again."""
+        counts = self.read("line_counts")
+        held = np.zeros(counts.size, dtype=bool)
+        if keys.size == 0:
+            return held
+        owner_end = np.cumsum(counts)
+        total = self.shape("line_hashes")[0]
+        for lo in range(0, total, chunk):
+            part = self.read("line_hashes", lo, lo + chunk)
+            at = np.minimum(np.searchsorted(keys, part), keys.size - 1)
+            found = np.flatnonzero(keys[at] == part) + lo
+            held[np.searchsorted(owner_end, found, side="right")] = True
+        return held
+
     def ids_at(self, positions: np.ndarray) -> list[str]:
         ends = np.cumsum(self.read("id_lengths"))
         starts = ends - self.read("id_lengths")
@@ -366,13 +392,17 @@ def _batches(docs: Iterable[Document], size: int, ids: list[str], nbytes: list[i
 
 
 def compute_signatures(docs: Iterable[Document], config: DedupConfig, workers: int = 1, batch_size: int = 64,
-                       shard: tuple[int, int] | None = None, spool=None) -> Signatures:
-    """Step 1 over a stream of documents (`spool`, a RecordWriter, gets a copy of each document)."""
+                       shard: tuple[int, int] | None = None, spool=None,
+                       saved_keys: line_dedup.SavedUnitKeys | None = None) -> Signatures:
+    """Step 1 over a stream of documents (`spool`, a RecordWriter, gets a copy of each document;
+    `saved_keys` every unit key, for `apply_plan` to reuse)."""
     ids: list[str] = []
     nbytes: list[int] = []
     parts: dict[str, list[np.ndarray]] = {}
-    fn = partial(batch_features, config)
+    fn = partial(batch_features, config, keep_units=saved_keys is not None and config.lines)
     for features in map_ordered(fn, _batches(docs, batch_size, ids, nbytes, spool), workers, chunk_size=1):
+        if "unit_keys" in features:
+            saved_keys.add(features.pop("unit_keys"), features.pop("unit_counts"))
         for key, value in features.items():
             parts.setdefault(key, []).append(value)
 
@@ -688,46 +718,56 @@ def cluster(sources: list, memory_mb: int = 1024,
 # ------------------------------------------------------------------------------------------- 3. filter
 
 
-def apply_plan(docs: Iterable[Document], plan: DropPlan, shard_index: int, writer, batch_size: int = 256) -> dict:
-    """Step 3: write the documents of one shard the plan keeps, boilerplate removed; returns counts."""
+def filter_steps(plan: DropPlan, shard_index: int, holders: np.ndarray | None = None,
+                 saved_keys: line_dedup.SavedUnitKeys | None = None) -> list:
+    """The per-document steps of the filter (`filter_steps`): the plan's drops, then boilerplate units."""
+    positions, reasons = plan.dropped[shard_index]
+    steps: list = [DropByPlan(positions, tuple(REASONS[r] for r in reasons.tolist()))]
+    if plan.config.lines and plan.boilerplate.size:
+        steps.append(RemoveBoilerplate(plan.boilerplate, plan.config.line_unit, plan.config.line_min_chars,
+                                       holders, saved_keys))
+    return steps
+
+
+def apply_plan(docs: Iterable[Document], plan: DropPlan, shard_index: int, writer, batch_size: int = 256,
+               holders: np.ndarray | None = None, saved_keys: line_dedup.SavedUnitKeys | None = None) -> dict:
+    """Step 3: write the documents of one shard the plan keeps, boilerplate removed; returns counts.
+
+    `holders`: which documents hold a boilerplate key (`SignatureFile.holders_of`), when their signatures
+    are at hand; documents without one are written without looking at their lines again. `saved_keys`:
+    the unit keys `compute_signatures` kept, read back instead of hashed again.
+    """
     if not 0 <= shard_index < plan.shards:
         raise UsageError(f"the plan covers {plan.shards} shard(s); shard {shard_index} is not one of them")
-    config = plan.config
-    positions, reasons = plan.dropped[shard_index]
-    positions, reasons, next_drop = positions.tolist(), reasons.tolist(), 0
+    steps = filter_steps(plan, shard_index, holders, saved_keys)
     digest = hashlib.sha256()
     counts = {"documents": 0, "kept": 0, "dropped": {r: 0 for r in REASONS[1:]}, "lines_removed": 0,
               "emptied": 0, "bytes_in": 0, "bytes_out": 0}
-    pending: list[Document] = []
+    changes: Counter = Counter()
+    pending: list[Placed] = []
 
     def flush() -> None:
-        texts = [d.text for d in pending]
-        if config.lines and plan.boilerplate.size:
-            edited = line_dedup.remove_units_batch(texts, plan.boilerplate, config.line_unit, config.line_min_chars)
-        else:
-            edited = [(t, 0) for t in texts]
-        for doc, (text, removed) in zip(pending, edited, strict=True):
-            counts["lines_removed"] += removed
-            if removed and not text.strip():
-                counts["emptied"] += 1
+        for outcome in run_batch(steps, pending, changes):
+            if isinstance(outcome, Drop):
+                if outcome.reason == "emptied":
+                    counts["emptied"] += 1
+                else:
+                    counts["dropped"][outcome.reason] += 1
                 continue
             counts["kept"] += 1
-            counts["bytes_out"] += len(text.encode("utf-8", "surrogatepass"))
-            writer.write_document(Document(id=doc.id, text=text, meta=doc.meta))
+            counts["bytes_out"] += len(outcome.doc.text.encode("utf-8", "surrogatepass"))
+            writer.write_document(outcome.doc)
         pending.clear()
 
     for position, doc in enumerate(docs):
         digest.update(doc.id.encode("utf-8", "surrogatepass") + b"\x00")
         counts["documents"] += 1
         counts["bytes_in"] += len(doc.text.encode("utf-8", "surrogatepass"))
-        if next_drop < len(positions) and positions[next_drop] == position:
-            counts["dropped"][REASONS[reasons[next_drop]]] += 1
-            next_drop += 1
-            continue
-        pending.append(doc)
+        pending.append(Placed(position, doc))
         if len(pending) >= batch_size:
             flush()
     flush()
+    counts["lines_removed"] = changes["lines_removed"]
     expected = plan.documents[shard_index]
     if counts["documents"] != expected or digest.hexdigest() != plan.ids_sha256[shard_index]:
         raise GlmError(f"shard {shard_index}/{plan.shards}: the input differs from the one its signatures were "

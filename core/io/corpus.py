@@ -20,9 +20,6 @@ file, so a single big parquet file still spreads over N machines, and the concat
 
 from __future__ import annotations
 
-import base64
-import datetime
-import decimal
 import glob
 import gzip
 import io
@@ -31,13 +28,13 @@ import os
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
 
 from glm_cli.core.errors import DataError, UsageError
 from glm_cli.core.io.atomic import atomic_open
+from glm_cli.core.io.records import DEFAULT_COLUMNS, BadRecord, Columns, Document, json_default
 
 ONE_DOCUMENT_SUFFIXES = (".txt", ".html", ".htm", ".xml", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -47,50 +44,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 STDIN = "-"
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Which JSONL field or parquet column holds a document's text and which its id.
-
-    Readers take the text and id from these names, and writers write them back under the same names, so
-    `--text-column content` reads and writes `content`. Without an id a document is named `FILE:LINE`
-    (JSONL, 1-based) or `FILE:ROW` (parquet, 0-based row of the file).
-    """
-
-    text: str = "text"
-    id: str = "id"
-
-    def __post_init__(self):
-        if not self.text or not self.id:
-            raise UsageError("--text-column/--id-column: give a non-empty name")
-        if self.text == self.id:
-            raise UsageError(f"--text-column and --id-column are both {self.text!r}: give two different names")
-
-
-DEFAULT_COLUMNS = Columns()
-
-
-@dataclass(slots=True)
-class Document:
-    """One document: its id, its text, any other fields it came with, and where it came from."""
-
-    id: str
-    text: str
-    meta: dict = field(default_factory=dict)
-    source: str = ""
-    line: int = 0  # JSONL: 1-based line; parquet: 0-based row of the file
-
-    def to_record(self, columns: Columns = DEFAULT_COLUMNS) -> dict:
-        return {columns.id: self.id, columns.text: self.text, **self.meta}
-
-
-@dataclass(slots=True)
-class BadRecord:
-    source: str
-    line: int | str  # a line number, or a place such as "row-group 3:row 17" (parquet)
-    reason: str
-    raw: str
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -519,19 +472,6 @@ class _Plain:
 
     def close(self) -> None:
         self._binary.flush()
-
-
-def json_default(value):
-    """JSON for the values parquet columns bring that JSON has no type for (dates, decimals, bytes)."""
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class RecordWriter:

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator
 
 from glm_cli.core.errors import GlmError
-from glm_cli.core.io.corpus import BadRecord, Columns, Document, json_default
+from glm_cli.core.io.records import BadRecord, Columns, Document, json_default
 
 BATCH_ROWS = 2048
 ROW_GROUP_ROWS = 10_000

@@ -339,37 +339,21 @@ def _fields_from_hf(hf: dict) -> dict:
     )
 
 
-# Presets. `tiny` is for tests; `cpu` is the demo preset tuned for ~5 minutes on 2 CPU cores;
-# `124m`, `350m` and `1b` follow GPT-2 small/medium and a Llama-style 1B shape.
-PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=512),
-    "cpu": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=2048),
-    "124m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=32768),
-    "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048, vocab_size=32768),
-    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048, vocab_size=32768,
-               ffn_dim=8192),
+# Model presets. `tiny` is for tests; `cpu` is the demo preset tuned for ~5 minutes on 2 CPU cores;
+# `124m`, `350m` and `1b` follow GPT-2 small/medium and a Llama-style 1B shape. The training settings
+# that go with each are in core/train/presets.py. Use `preset()`, which returns a copy.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=512),
+    "cpu": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128, vocab_size=2048),
+    "124m": ModelConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=32768),
+    "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048, vocab_size=32768),
+    "1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048, vocab_size=32768,
+                      ffn_dim=8192),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of preset `name` with `overrides` (changing dim or n_heads recomputes what derives from them)."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
-
-
-# Training settings that go with each preset (TrainConfig fields, plus the pretraining data options
-# `sampling`, `eval_tokens`, `curriculum_start`, `curriculum_steps`); the command line overrides them.
-TRAINING_PRESETS: dict[str, dict] = {
-    "tiny": dict(lr=3e-3, micro_batch_size=8, warmup_steps=10, max_steps=200, eval_every=50),
-    # tuned on the demo's Shakespeare shards for ~4 min on 2 idle cores (docs/pretrain.md): at this budget
-    # more, smaller steps beat larger batches (b32 < b16 < b8 at equal tokens) and a 1M model beats 2M;
-    # a linear decay to zero beat cosine to 5% (2.1381 vs 2.1453 bits/byte), context 256 lost (2.1617)
-    "cpu": dict(lr=4e-3, micro_batch_size=8, warmup_steps=60, schedule="linear", min_lr_ratio=0.0,
-                max_steps=2800, eval_every=700, eval_tokens=65536),
-    "124m": dict(lr=6e-4, micro_batch_size=16, batch_tokens=524288, warmup_steps=700, max_steps=19000,
-                 eval_every=500, eval_tokens=1 << 20),
-    "350m": dict(lr=3e-4, micro_batch_size=8, batch_tokens=524288, warmup_steps=1000, max_steps=40000,
-                 eval_every=1000, eval_tokens=1 << 20),
-    "1b": dict(lr=3e-4, micro_batch_size=4, batch_tokens=1 << 20, warmup_steps=2000, max_steps=50000,
-               eval_every=1000, eval_tokens=1 << 20, activation_checkpointing=True),
-}
+    return PRESETS[name].replace(**overrides)

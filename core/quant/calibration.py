@@ -22,9 +22,14 @@ def is_shard_dir(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "index.json").exists()
 
 
+def is_shard_spec(specs: list[str] | None) -> bool:
+    """True when the data is one token-shard directory (it has a train and a val split)."""
+    return bool(specs) and len(specs) == 1 and is_shard_dir(specs[0])
+
+
 def token_stream(specs: list[str], tokenizer_dir: str | Path | None, split: str, max_tokens: int) -> np.ndarray:
     """Up to max_tokens token ids (int64) from a shard dir (split) or from corpus files."""
-    if len(specs) == 1 and is_shard_dir(specs[0]):
+    if is_shard_spec(specs):
         from glm_cli.core.io.shards import ShardSet
 
         shards = ShardSet(specs[0], split)

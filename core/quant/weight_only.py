@@ -16,15 +16,15 @@ guarantee |w - dequant(w)| <= s/2 with the scale actually stored.
 
 A quantized checkpoint is an ordinary glm checkpoint directory whose model.safetensors holds, for every
 quantized module `X`, `X.qweight`, `X.scales` (and `X.qzeros`) instead of `X.weight`, and whose
-config.json carries a `quantization_config` (quant_method "glm"); `checkpoint.load_model` hands such a
-directory to `load_quantized_model`, so every command that loads a model loads these too.
+config.json carries a `quantization_config` (quant_method "glm"); `core.quant.quantized_checkpoint` writes
+and rebuilds such directories, and `core.checkpoint.loader.load_model` dispatches to it, so every command that
+loads a model loads these too.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -382,76 +382,6 @@ def quantized_hf_config(model: nn.Module) -> dict:
     hf = model.config.to_hf("float32")
     hf["quantization_config"] = model.quant_scheme.as_config()
     return hf
-
-
-def save_quantized(directory: str | Path, model: nn.Module, *, tokenizer_dir=None,
-                   extra_files: dict | None = None) -> Path:
-    from glm_cli.core.checkpoint.directory import save_checkpoint
-
-    return save_checkpoint(directory, model, tokenizer_dir=tokenizer_dir, weights=quantized_state_dict(model),
-                           hf_config=quantized_hf_config(model), extra_files=extra_files)
-
-
-def load_quantized_model(directory: Path, config, quant_config: dict, state: dict[str, torch.Tensor],
-                         device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Build a Transformer whose quantized modules are QuantLinear/QuantEmbedding from a loaded state."""
-    from glm_cli.core.model.transformer import Transformer
-
-    if quant_config.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{directory}: quantization method {quant_config.get('quant_method')!r} is not "
-                              f"supported (glm reads its own '{QUANT_METHOD}' format)")
-    bits = int(quant_config.get("bits", 0))
-    if bits not in (4, 8):
-        raise CheckpointError(f"{directory}: quantization_config.bits must be 4 or 8, not {bits}")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device="cpu")
-    model.init_weights()
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
-    for prefix in prefixes:
-        names = ("qweight", "scales", "qzeros") if bits == 4 else ("qweight", "scales")
-        try:
-            tensors = {n: state.pop(f"{prefix}.{n}") for n in names}
-        except KeyError as e:
-            raise CheckpointError(f"{directory}: quantized module {prefix} lacks {e.args[0]}") from None
-        if prefix == "model.embed_tokens":
-            if not config.tie_embeddings:
-                raise CheckpointError(f"{directory}: a quantized embedding needs tie_word_embeddings")
-            install(model, "lm_head", tensors, bits)
-        else:
-            if not isinstance(_get(model, prefix, directory), nn.Linear):
-                raise CheckpointError(f"{directory}: {prefix} is not a linear layer and cannot be quantized")
-            install(model, prefix, tensors, bits)
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    quant_suffixes = (".qweight", ".scales", ".qzeros")  # already installed above
-    missing = [m for m in missing if not m.endswith(quant_suffixes)
-               and not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: quantized weights do not match config.json "
-                              f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-    if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    scheme_fields = {k: quant_config[k] for k in ("bits", "method", "keep_embeddings", "modules_not_converted")
-                     if k in quant_config}
-    scheme = QuantScheme(**scheme_fields, group_size=max(8, int(quant_config.get("group_size", 128)))
-                         if bits == 4 else 128)
-    model.quant_scheme = scheme
-    model = model.to(device)
-    if dtype is not None:
-        for module in model.modules():  # activations/norms change dtype; packed weights and scales do not
-            if not isinstance(module, QuantLinear):
-                for p in module.parameters(recurse=False):
-                    p.data = p.data.to(dtype)
-    return model.eval()
-
-
-def _get(model: nn.Module, name: str, directory: Path) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise CheckpointError(f"{directory}: quantized tensor for unknown module {name}") from None
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -1,27 +1,30 @@
 """Turn `glm pretrain`'s options into a ready `Trainer`, validating everything first.
 
-Settings are layered, lowest priority first: `ModelConfig` defaults, the preset (`PRESETS` for the model,
-`TRAINING_PRESETS` for training), `--config FILE.json`, `--set KEY=VALUE`, then named flags. Every
-problem found (a missing shard directory, an unknown field, a bad value, mismatched tokenizers, an
-existing run without --resume) is collected and reported in one error.
+Settings are layered, lowest priority first: the preset (`core/train/presets.py`: a `ModelConfig`, a
+`TrainConfig` and a `PretrainData`), `--config FILE.json`, `--set KEY=VALUE` (both read by
+`core/train/overrides.py`, as in finetune and align), then named flags. Every problem found (a missing
+shard directory, an unknown field, a bad value, mismatched tokenizers, an existing run without --resume)
+is collected and reported in one error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_cli.core.errors import GlmError, UsageError
-from glm_cli.core.model.config import PRESETS, TRAINING_PRESETS, ModelConfig
-from glm_cli.core.train.trainer import TrainConfig, Trainer, list_checkpoints
+from glm_cli.core.model.config import ModelConfig
+from glm_cli.core.train.checkpointing import list_checkpoints
+from glm_cli.core.train.overrides import apply, field_types, read_overrides
+from glm_cli.core.train.presets import PRETRAIN_PRESETS
+from glm_cli.core.train.settings import PretrainData, TrainConfig
+from glm_cli.core.train.trainer import Trainer
 
-DATA_FIELDS = {"sampling": str, "eval_tokens": int, "curriculum_start": int, "curriculum_steps": int,
-               "eval_batch_size": int}
-MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
-TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Every key --config and --set accept in pretraining.
+SETTINGS = field_types(ModelConfig, TrainConfig, PretrainData)
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,44 +36,9 @@ class PretrainOptions:
     config_file: str | None = None
     sets: list[str] = field(default_factory=list)
     flags: dict = field(default_factory=dict)
+    """Named flags the user gave, by field name, already typed (they win over --config and --set)."""
     tokenizer: str | None = None
     resume: bool = False
-
-
-_INVALID = object()
-
-
-def _field_type(name: str):
-    if name in DATA_FIELDS:
-        return DATA_FIELDS[name]
-    f = MODEL_FIELDS.get(name) or TRAIN_FIELDS.get(name)
-    return f.type if f is not None else None
-
-
-def _coerce(name: str, value, problems: list[str]):
-    """Parse a --set string (or check a JSON value) against the field's type."""
-    kind = str(_field_type(name))
-    try:
-        if isinstance(value, str):
-            if "bool" in kind:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            if "tuple" in kind:
-                return tuple(float(x) for x in value.strip("()[] ").split(","))
-            if "int" in kind and "None" in kind and value.lower() in ("none", "null"):
-                return None
-            if kind.startswith("int") or kind == "<class 'int'>":
-                return int(value)
-            if "float" in kind:
-                return float(value)
-            return value
-        if "tuple" in kind and isinstance(value, list):
-            return tuple(value)
-        return value
-    except ValueError:
-        problems.append(f"{name}={value!r}: expected {kind.replace('<class ', '').rstrip('>')}")
-        return _INVALID
 
 
 def parse_source(spec: str, problems: list[str]) -> tuple[Path, float]:
@@ -98,39 +66,10 @@ def find_tokenizer(explicit: str | None, shard_dirs: list[Path]) -> Path | None:
 
 
 def layered_settings(options: PretrainOptions, problems: list[str]) -> dict:
-    settings: dict = {}
-    if options.preset not in PRESETS:
-        problems.append(f"unknown preset {options.preset!r}; choose one of: {', '.join(PRESETS)}")
-    else:
-        settings.update(PRESETS[options.preset])
-        settings.update(TRAINING_PRESETS.get(options.preset, {}))
-    if options.config_file:
-        path = Path(options.config_file)
-        try:
-            loaded = json.loads(path.read_text())
-            if not isinstance(loaded, dict):
-                raise ValueError("expected a JSON object")
-            for k, v in loaded.items():
-                settings[k] = _coerce(k, v, problems) if _field_type(k) is not None else v
-        except (OSError, ValueError) as e:
-            problems.append(f"--config {path}: {e}")
-    for item in options.sets:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE")
-            continue
-        settings[key] = _coerce(key, value.strip(), problems) if _field_type(key) is not None else value
-    settings.update(options.flags)
-    settings = {k: v for k, v in settings.items() if v is not _INVALID}
-    explicit_vocab = "vocab_size" in settings and settings["vocab_size"] != PRESETS.get(options.preset, {}).get(
-        "vocab_size")
-    unknown = sorted(k for k in settings if _field_type(k) is None and not k.startswith("_"))
-    if unknown:
-        problems.append(f"unknown setting(s): {', '.join(unknown)} (model fields: {', '.join(MODEL_FIELDS)}; "
-                        f"training fields: {', '.join(TRAIN_FIELDS)}; data: {', '.join(DATA_FIELDS)})")
-    settings["_explicit_vocab"] = explicit_vocab
-    return settings
+    """{field: typed value} of everything the user gave over the preset: --config, --set, then flags."""
+    given = read_overrides(SETTINGS, options.config_file, options.sets, problems)
+    given.update(options.flags)
+    return given
 
 
 def build_run(options: PretrainOptions):
@@ -144,7 +83,10 @@ def build_run(options: PretrainOptions):
         problems.append("-o/--output RUN_DIR is required")
     if not options.sources:
         problems.append("no shard directories given (positional DIR[:WEIGHT] or --data DIR:WEIGHT)")
-    settings = layered_settings(options, problems)
+    preset = PRETRAIN_PRESETS.get(options.preset)
+    if preset is None:
+        problems.append(f"unknown preset {options.preset!r}; choose one of: {', '.join(PRETRAIN_PRESETS)}")
+    given = layered_settings(options, problems)
 
     sources = []
     shas: dict[str, str] = {}
@@ -192,34 +134,30 @@ def build_run(options: PretrainOptions):
         except GlmError as e:
             problems.append(str(e))
 
-    model_kw = {k: v for k, v in settings.items() if k in MODEL_FIELDS}
-    train_kw = {k: v for k, v in settings.items() if k in TRAIN_FIELDS}
-    data_kw = {k: v for k, v in settings.items() if k in DATA_FIELDS}
-    if vocab and not settings.get("_explicit_vocab"):
-        model_kw["vocab_size"] = vocab  # the preset's vocabulary gives way to the tokenizer's
+    model_changes = {k: v for k, v in given.items() if k in MODEL_FIELDS}
+    preset_vocab = preset.model.vocab_size if preset is not None else None
+    explicit_vocab = given.get("vocab_size", preset_vocab) != preset_vocab
+    if vocab and not explicit_vocab:
+        model_changes["vocab_size"] = vocab  # the preset's vocabulary gives way to the tokenizer's
     if eot is not None:
-        model_kw.setdefault("bos_token_id", eot)
-        model_kw.setdefault("eos_token_id", eot)
+        model_changes.setdefault("bos_token_id", eot)
+        model_changes.setdefault("eos_token_id", eot)
     if pad_id is not None:
-        model_kw.setdefault("pad_token_id", pad_id)
+        model_changes.setdefault("pad_token_id", pad_id)
 
-    model_config = train_config = None
-    try:
-        model_config = ModelConfig(**model_kw)
-    except (UsageError, TypeError) as e:
-        problems.append(str(e))
-    try:
-        train_config = TrainConfig(**{k: v for k, v in train_kw.items() if v is not None})
-        problems.extend(train_config.validate())
-    except TypeError as e:
-        problems.append(str(e))
-    sampling = data_kw.get("sampling", "random")
-    if sampling not in ("random", "sequential"):
-        problems.append(f"sampling must be random or sequential (got {sampling!r})")
-    cstart, csteps = int(data_kw.get("curriculum_start", 0) or 0), int(data_kw.get("curriculum_steps", 0) or 0)
+    model_config = train_config = data = None
+    if preset is not None:
+        try:
+            model_config = preset.model.replace(**model_changes)
+        except UsageError as e:
+            problems.append(str(e))
+        train_config = apply(preset.train, given, problems)
+        if train_config is not None:
+            problems.extend(train_config.validate())
+        data = apply(preset.data, given, problems)
+        if data is not None:
+            problems.extend(data.validate(model_config.max_seq_len if model_config is not None else None))
     if model_config is not None:
-        if cstart and not 16 <= cstart <= model_config.max_seq_len:
-            problems.append(f"curriculum_start must be between 16 and max_seq_len ({model_config.max_seq_len})")
         for s in sources:
             if s.train.total_tokens < model_config.max_seq_len + 1:
                 problems.append(f"{s.name}: {s.train.total_tokens} training tokens, fewer than one window of "
@@ -249,10 +187,10 @@ def build_run(options: PretrainOptions):
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config)
     task = PretrainTask(model, sources, seq_len=model_config.max_seq_len,
-                        micro_batch_size=train_config.micro_batch_size, sampling=sampling, seed=train_config.seed,
-                        curriculum_start=cstart, curriculum_steps=csteps,
-                        eval_tokens=int(data_kw.get("eval_tokens", 0) or 0),
-                        eval_batch_size=int(data_kw.get("eval_batch_size", 0) or 0), tokenizer_dir=tokenizer_dir)
+                        micro_batch_size=train_config.micro_batch_size, sampling=data.sampling,
+                        seed=train_config.seed, curriculum_start=data.curriculum_start,
+                        curriculum_steps=data.curriculum_steps, eval_tokens=data.eval_tokens,
+                        eval_batch_size=data.eval_batch_size, tokenizer_dir=tokenizer_dir)
     params = model_config.num_params()
     log(f"model: {params / 1e6:.2f}M parameters ({model_config.num_params(False) / 1e6:.2f}M without embeddings), "
         f"dim {model_config.dim}, {model_config.n_layers} layers, {model_config.n_heads}/{model_config.n_kv_heads} "
@@ -261,7 +199,7 @@ def build_run(options: PretrainOptions):
         val = f", {s.val.total_tokens} val tokens" if s.val else ""
         log(f"data: {s.name} weight {s.weight:g}: {s.train.total_tokens} train tokens{val}")
     info = {"title": f"glm pretrain ({options.preset}, {params / 1e6:.1f}M params)", "preset": options.preset,
-            "model_config": dataclasses.asdict(model_config), "data": data_kw | {"sampling": sampling},
+            "model_config": dataclasses.asdict(model_config), "data": dataclasses.asdict(data),
             "sources": [{"path": str(s.train.directory), "weight": s.weight} for s in sources]}
     trainer = Trainer(task, train_config, run_dir, resume=options.resume, run_info=info)
     summary = {"run_dir": str(run_dir), "preset": options.preset, "params": params}

@@ -1,4 +1,4 @@
-"""The pretraining task: next-token prediction on memory-mapped token shards, for `core.train.trainer.Trainer`.
+"""The pretraining task: next-token prediction on memory-mapped token shards, a `core.train.task.Task`.
 
 Data order is a pure function of (seed, global micro-batch number), so it needs no state beyond two
 counters, resumes exactly, and splits the same way whatever the number of processes:
@@ -33,6 +33,7 @@ import torch.nn as nn
 from glm_cli.core.errors import UsageError
 from glm_cli.core.io.shards import ShardSet
 from glm_cli.core.train import distributed as D
+from glm_cli.core.train.task import Export, TaskBase
 
 
 class TokenStream:
@@ -67,7 +68,7 @@ class Source:
     val: ShardSet | None = None
 
 
-class PretrainTask:
+class PretrainTask(TaskBase):
     def __init__(self, model: nn.Module, sources: list[Source], *, seq_len: int, micro_batch_size: int,
                  sampling: str = "random", seed: int = 0, curriculum_start: int = 0, curriculum_steps: int = 0,
                  eval_tokens: int = 0, eval_batch_size: int = 0, tokenizer_dir: str | Path | None = None):
@@ -90,7 +91,7 @@ class PretrainTask:
         self.eval_batch_size = eval_batch_size or max(1, micro_batch_size * 2)
         self.tokenizer_dir = tokenizer_dir
         self.current_len = seq_len
-        self.final_evaluation = False  # set by the engine: the last evaluation scores the whole split
+        self.final_evaluation = False  # the last evaluation scores the whole split, not `eval_tokens`
         self.micro = 0
         self.cursors = [0] * len(sources)
         self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
@@ -116,6 +117,9 @@ class PretrainTask:
 
     def begin_step(self, step: int) -> None:
         self.current_len = self.seq_len_at(step)
+
+    def begin_final_evaluation(self) -> None:
+        self.final_evaluation = True
 
     def global_windows(self, micro: int, length: int) -> list[tuple[int, int]]:
         """(source, start) of every window of global micro-batch `micro`, all ranks together."""
@@ -218,5 +222,5 @@ class PretrainTask:
         self.micro = int(state["micro"])
         self.cursors = [int(c) for c in state["cursors"]]
 
-    def export(self, model: nn.Module) -> dict:
-        return {"tokenizer_dir": self.tokenizer_dir} if self.tokenizer_dir else {}
+    def export(self, model: nn.Module) -> Export:
+        return Export(tokenizer_dir=self.tokenizer_dir)

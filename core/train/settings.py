@@ -1,14 +1,18 @@
-"""How a model is trained: `TrainConfig`, the one settings object of pretrain, finetune and align.
+"""How a model is trained: `TrainConfig`, the one settings object of pretrain, finetune and align, and
+`PretrainData`, how pretraining draws its token windows.
 
-Every field carries its documentation as the docstring under it; the commands build their `--set KEY=VALUE`
-parsing and help from these fields, so a setting is declared once, here."""
+Every field carries its documentation as the docstring under it; `--config`/`--set` are typed from these
+fields (`core/train/overrides.py`) and the flags that mirror a field take its docstring as their help
+(`core/train/field_docs.py`), so a setting is declared once, here. The docstrings are therefore written
+for the person reading `--help`. Importing this module does not import torch: every `glm` invocation
+builds the help of the training commands from it."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from glm_cli.core.train import distributed as D
+from glm_cli.core.precision import SHORT, canonical
 
 
 @dataclass(kw_only=True, slots=True)
@@ -20,12 +24,13 @@ class TrainConfig:
     warmup_steps: int = 100
     """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
     max_steps: int = 1000
-    """Optimizer steps to train (0 = unlimited; then `time_budget` must be set)."""
+    """Optimizer steps to train (0 = no step limit: pretrain then needs time_budget; finetune and align
+    count the steps of --epochs)."""
     time_budget: float = 0.0
-    """Stop after this many seconds of training steps (0 = no limit). After warmup the schedule decays by
-    max(step fraction, `clock_progress` of the post-warmup budget), so it ends on min_lr whichever limit
-    comes first; while the machine keeps (roughly) to the pace of max_steps the step schedule rules and
-    the run is reproducible."""
+    """Stop after this many seconds of training steps (0 = no limit). The lr schedule then decays by time
+    as well as by step and ends on min_lr whichever limit comes first; while the machine keeps to the pace
+    of max_steps the step schedule rules and the run stays reproducible. (After warmup the decay follows
+    max(step fraction, `clock_progress` of the post-warmup budget).)"""
     schedule: str = "cosine"
     """Decay after warmup: cosine | linear | constant."""
     weight_decay: float = 0.1
@@ -55,9 +60,11 @@ class TrainConfig:
     log_every: int = 10
     """Log a line every N steps when the progress display is off."""
     seed: int = 0
-    """Seeds the model init (done by the caller), the data order and every step's randomness."""
+    """Random seed of the model init, the data order and every step's dropout: same inputs and seed, same
+    run."""
     dtype: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32; bfloat16 and float32 also work. Training
+    has no fp16 (it would need loss scaling)."""
     compile: bool = False
     """torch.compile each Transformer block."""
     activation_checkpointing: bool = False
@@ -65,7 +72,7 @@ class TrainConfig:
     parallel: str = "auto"
     """auto (DDP under torchrun, nothing in one process) | ddp | fsdp (FSDP2 fully_shard) | none."""
     device: str = "auto"
-    """auto | cpu | cuda."""
+    """auto (cuda when available) | cpu | cuda."""
     max_consecutive_bad_steps: int = 3
     """Roll back to the last checkpoint after this many non-finite steps in a row."""
     max_rollbacks: int = 3
@@ -75,7 +82,15 @@ class TrainConfig:
     seed_offset_per_rank: bool = True
     """Give each rank its own dropout stream (seed, step, rank)."""
 
+    def __post_init__(self) -> None:
+        # One spelling inside (the engine compares with "bf16"/"fp32"), any accepted one outside.
+        name = canonical(self.dtype)
+        if name is not None:
+            self.dtype = SHORT[name]
+
     def validate(self) -> list[str]:
+        from glm_cli.core.train import distributed as D
+
         p = []
         if self.lr <= 0:
             p.append(f"lr must be > 0 (got {self.lr})")
@@ -93,7 +108,9 @@ class TrainConfig:
             p.append(f"optimizer must be adamw or adafactor (got {self.optimizer!r})")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.batch_tokens < 0:
             p.append("micro_batch_size and grad_accum must be >= 1, batch_tokens >= 0")
-        if self.dtype not in ("auto", "bf16", "fp32"):
+        if self.dtype == "fp16":
+            p.append("dtype fp16 is not supported in training (no loss scaling); use bf16 or fp32")
+        elif self.dtype not in ("auto", "bf16", "fp32"):
             p.append(f"dtype must be auto, bf16 or fp32 (got {self.dtype!r})")
         if self.parallel not in ("auto", *D.MODES):
             p.append(f"parallel must be auto, ddp, fsdp or none (got {self.parallel!r})")
@@ -113,5 +130,27 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def train_config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+@dataclass(kw_only=True, slots=True)
+class PretrainData:
+    sampling: str = "random"
+    """random windows, or sequential packing (every token once per epoch)."""
+    eval_tokens: int = 0
+    """Validation tokens scored at each periodic evaluation (0 = the whole split); the final evaluation
+    always scores the whole split."""
+    eval_batch_size: int = 0
+    """Windows per evaluation batch (0 = twice micro_batch_size)."""
+    curriculum_start: int = 0
+    """Sequence length at step 0, growing linearly to max_seq_len over curriculum_steps (0 = off)."""
+    curriculum_steps: int = 0
+    """Steps over which the sequence length grows from curriculum_start to max_seq_len."""
+
+    def validate(self, max_seq_len: int | None = None) -> list[str]:
+        """Problems, one line each; the curriculum is checked against the model's context when known."""
+        p = []
+        if self.sampling not in ("random", "sequential"):
+            p.append(f"sampling must be random or sequential (got {self.sampling!r})")
+        if max_seq_len is not None and self.curriculum_start and not 16 <= self.curriculum_start <= max_seq_len:
+            p.append(f"curriculum_start must be between 16 and max_seq_len ({max_seq_len})")
+        if min(self.eval_tokens, self.eval_batch_size, self.curriculum_start, self.curriculum_steps) < 0:
+            p.append("eval_tokens, eval_batch_size, curriculum_start and curriculum_steps must be >= 0")
+        return p

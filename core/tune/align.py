@@ -1,4 +1,4 @@
-"""Alignment as `core.train.trainer.Task`s: DPO, reward modelling and PPO (the loop is the engine's).
+"""Alignment as `core.train.task.Task`s: DPO, reward modelling and PPO (the loop is the engine's).
 
 The reference model: with a PEFT method it is the policy itself with its adapters switched off
 (`core.tune.peft.disabled`), which costs no memory; with full fine-tuning it is a frozen copy of the initial
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from glm_cli.core.train import distributed as D
+from glm_cli.core.train.task import Export, TaskBase
 from glm_cli.core.tune.peft import PeftConfig, base_of, disabled, has_peft
 from glm_cli.core.tune.ppo import (
     PPOConfig,
@@ -53,7 +54,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
-class _PairTask:
+class _PairTask(TaskBase):
     """What DPO and reward modelling share: pair data with a cursor, device moves, export settings."""
 
     def __init__(self, model, train_pairs: list[Pair], val_pairs: list[Pair], *, pad_id: int, micro_batch_size: int,
@@ -147,7 +148,7 @@ class DPOTask(_PairTask):
             n += b
         return {k: v / n for k, v in totals.items()}
 
-    def export(self, model):
+    def export(self, model) -> Export:
         return peft_export(D.unwrap(model), self.peft, self.merge, self.tokenizer_dir, self.base)
 
 
@@ -180,8 +181,8 @@ class RewardTask(_PairTask):
             n += b
         return {"val_loss": loss_sum / n, "val_accuracy": correct / n}
 
-    def export(self, model):
-        return reward_export(D.unwrap(model), self.tokenizer_dir, self.base)
+    def export(self, model) -> Export:
+        return Export(**reward_export(D.unwrap(model), self.tokenizer_dir, self.base))
 
 
 # ------------------------------------------------------------------------------------------------- PPO
@@ -226,7 +227,7 @@ ROLLOUT_KEYS = ("input_ids", "positions", "valid", "targets", "answer_mask", "ol
                 "advantages", "returns")
 
 
-class PPOTask:
+class PPOTask(TaskBase):
     def __init__(self, policy: nn.Module, prompts: list[list[int]], val_prompts: list[list[int]],
                  reward_fn: Callable[[list[list[int]], list[list[int]]], torch.Tensor], *, config: PPOConfig,
                  stop_id: int, pad_id: int, seed: int = 0, tokenizer_dir=None, peft: PeftConfig | None = None,
@@ -372,8 +373,9 @@ class PPOTask:
         if self.buffer is None:
             self.queue = []
 
-    def export(self, model):
+    def export(self, model) -> Export:
         policy = D.unwrap(model).policy
-        out = peft_export(policy, self.peft, self.merge, self.tokenizer_dir, self.base)
-        out.setdefault("model", base_of(policy))  # the checkpoint is the policy, without the value head
-        return out
+        export = peft_export(policy, self.peft, self.merge, self.tokenizer_dir, self.base)
+        if export.model is None:  # the checkpoint is the policy, without the value head
+            export.model = base_of(policy)
+        return export

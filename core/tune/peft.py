@@ -10,18 +10,18 @@
   sequence (through `Transformer.hidden_states`); positions, masks and the KV cache are shifted so the
   wrapped model is called exactly like a `Transformer`.
 
-Every method trains only its own tensors and saves them alone: `adapter.safetensors` +
-`adapter_config.json` (method, hyper-parameters, names). `load_with_adapter(base_dir, adapter_dir)`
-rebuilds the model for generate/eval; `disabled(model)` switches adapters off, which turns the policy
-back into its base: the reference model of DPO and PPO for free.
+Every method trains only its own tensors (`adapter_state`), which `core.tune.adapter_io` saves alone as
+`adapter.safetensors` + `adapter_config.json`, and `core.checkpoint.loader.load_with_adapter` puts back on a
+base for generate/eval. This module holds the modules and what they do in memory, no file I/O.
+`disabled(model)` switches adapters off, which turns the policy back into its base: the reference model
+of DPO and PPO for free.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +30,6 @@ import torch.nn.functional as F
 
 from glm_cli.core.errors import CheckpointError, UsageError
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 METHODS = ("lora", "adapter", "prompt")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -322,104 +320,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_config_dict(cfg: PeftConfig, base: str | None = None) -> dict:
-    return {"format": "glm-adapter", "version": 1, **asdict(cfg), "base_model": base}
-
-
-def save_adapter(directory: str | Path, model: nn.Module, cfg: PeftConfig, base: str | None = None) -> Path:
-    """Write the adapter alone: `adapter.safetensors` + `adapter_config.json` (atomically)."""
-    from glm_cli.core.checkpoint.directory import save_tensors, write_manifest
-    from glm_cli.core.io.atomic import atomic_dir
-
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        save_tensors(tmp / ADAPTER_WEIGHTS, adapter_state(model), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(cfg, base), indent=2) + "\n")
-        write_manifest(tmp)
-    return directory
-
-
-def read_adapter_config(directory: str | Path) -> PeftConfig:
-    path = Path(directory) / ADAPTER_CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{path}: no adapter config (`glm finetune --method lora|adapter|prompt` writes one)")
-    try:
-        raw = json.loads(path.read_text())
-        fields = {k: raw[k] for k in ("method", "rank", "alpha", "dropout", "targets", "adapter_dim",
-                                      "prompt_tokens") if k in raw}
-        return PeftConfig(**fields)
-    except (json.JSONDecodeError, TypeError, UsageError) as e:
-        raise CheckpointError(f"{path}: not a valid adapter config ({e})") from None
-
-
-def attach_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply the adapter saved in `adapter_dir` onto a loaded base model; returns the model to use."""
-    from glm_cli.core.checkpoint.directory import load_tensors
-
-    adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
-    tensors = load_tensors(adapter_dir / ADAPTER_WEIGHTS)
-    model = apply_peft(model, cfg)
+def set_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
+    """Copy saved adapter tensors into a model `apply_peft` has just prepared, every name and shape
+    checked; the model comes back frozen, in eval mode (an adapter loaded for use, not for training)."""
     device = next(model.parameters()).device
     params = dict(model.named_parameters())
     missing = [n for n in params if params[n].requires_grad and n not in tensors]
     unexpected = [n for n in tensors if n not in params]
     if missing or unexpected:
-        raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: does not fit this base model "
+        raise CheckpointError(f"{source}: does not fit this base model "
                               f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     with torch.no_grad():
         for n, t in tensors.items():
             if tuple(params[n].shape) != tuple(t.shape):
-                raise CheckpointError(f"{adapter_dir / ADAPTER_WEIGHTS}: {n} has shape {tuple(t.shape)}, "
+                raise CheckpointError(f"{source}: {n} has shape {tuple(t.shape)}, "
                                       f"the base model needs {tuple(params[n].shape)}")
             params[n].copy_(t.to(device))
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
-
-
-def load_base(directory: str | Path, device: str | torch.device = "cpu",
-              dtype: torch.dtype | None = None) -> nn.Module:
-    """A checkpoint as a Transformer: full precision (in `dtype`, else as stored), or with QuantLinear
-    layers if it is quantized (`glm quantize` output), the frozen base of QLoRA-style fine-tuning."""
-    from glm_cli.core.checkpoint.directory import (
-        CONFIG,
-        WEIGHTS,
-        check_checkpoint_dir,
-        load_model,
-        load_tensors,
-        verify_manifest,
-    )
-
-    directory = check_checkpoint_dir(directory)
-    try:
-        hf = json.loads((Path(directory) / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
-        hf = {}
-    if not hf.get("quantization_config"):
-        return load_model(directory, device=device, dtype=dtype)
-    from glm_cli.core.model.config import ModelConfig
-    from glm_cli.core.quant.weight_only import load_quantized_model
-
-    verify_manifest(Path(directory))
-    return load_quantized_model(Path(directory), ModelConfig.load(directory), hf["quantization_config"],
-                                load_tensors(Path(directory) / WEIGHTS), device=device)
-
-
-def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path | None = None,
-                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a checkpoint and, if given (or if the checkpoint itself holds one), its adapter.
-
-    This is what `generate --adapter DIR` and `eval` should call: with `adapter_dir=None` and a plain
-    checkpoint it is exactly `load_model`.
-    """
-    model = load_base(base_dir, device=device)
-    if adapter_dir is None and (Path(base_dir) / ADAPTER_CONFIG).exists():
-        adapter_dir = base_dir
-    if adapter_dir is not None:
-        model = attach_adapter(model, adapter_dir)
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()
 
 

@@ -220,7 +220,8 @@ def reward_export(model: ScalarHead, tokenizer_dir, base: str | None = None, sta
 
 
 def load_reward_model(directory: str | Path, device="cpu") -> ScalarHead:
-    from glm_cli.core.checkpoint.directory import load_model, load_tensors
+    from glm_cli.core.checkpoint.directory import load_tensors
+    from glm_cli.core.checkpoint.loader import load_model
 
     directory = Path(directory)
     if not (directory / VALUE_HEAD).exists():

@@ -1,9 +1,9 @@
-"""Supervised fine-tuning as a `core.train.trainer.Task`: packed instruction rows, answer-only loss.
+"""Supervised fine-tuning as a `core.train.task.Task`: packed instruction rows, answer-only loss.
 
 The engine does the rest (optimizer, schedule, accumulation, DDP/FSDP, checkpoints, exact resume). What
 is exported depends on the method: full fine-tuning and merged LoRA give a plain checkpoint; otherwise
 the checkpoint holds the untouched base weights plus `adapter.safetensors` and `adapter_config.json`
-(`core.tune.peft.load_with_adapter` applies them; Hugging Face sees the base model).
+(`core.checkpoint.loader.load_with_adapter` applies them; Hugging Face sees the base model).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.train import distributed as D
+from glm_cli.core.train.task import Export, TaskBase
+from glm_cli.core.tune.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config_dict
 from glm_cli.core.tune.peft import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     PeftConfig,
-    adapter_config_dict,
     adapter_state,
     base_of,
     base_state,
@@ -28,27 +27,23 @@ from glm_cli.core.tune.peft import (
 from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate
 
 
-def peft_export(model: nn.Module, peft: PeftConfig | None, merge: bool, tokenizer_dir, base: str | None,
-                extra_files: dict | None = None) -> dict:
-    """save_checkpoint kwargs for a (possibly adapted) model; never changes the model."""
-    files = dict(extra_files or {})
-    out = {"model": base_of(model), "tokenizer_dir": tokenizer_dir, "extra_files": files}
+def peft_export(model: nn.Module, peft: PeftConfig | None, merge: bool, tokenizer_dir, base: str | None) -> Export:
+    """What a checkpoint of a (possibly adapted) model holds; never changes the model."""
     if peft is None:
-        return out if files else {"tokenizer_dir": tokenizer_dir}
+        return Export(tokenizer_dir=tokenizer_dir)
     if merge and peft.method == "lora":
-        out["weights"] = merged_state(model)
-        return out
-    out["weights"] = base_state(model)
+        return Export(model=base_of(model), weights=merged_state(model), tokenizer_dir=tokenizer_dir)
+    hf_config = None
     if getattr(base_of(model), "quant_scheme", None) is not None:  # QLoRA: the base stays quantized
         from glm_cli.core.quant.weight_only import quantized_hf_config
 
-        out["hf_config"] = quantized_hf_config(base_of(model))
-    out["extra_tensors"] = {ADAPTER_WEIGHTS: adapter_state(model)}
-    files[ADAPTER_CONFIG] = adapter_config_dict(peft, base)
-    return out
+        hf_config = quantized_hf_config(base_of(model))
+    return Export(model=base_of(model), weights=base_state(model), hf_config=hf_config, tokenizer_dir=tokenizer_dir,
+                  extra_tensors={ADAPTER_WEIGHTS: adapter_state(model)},
+                  extra_files={ADAPTER_CONFIG: adapter_config_dict(peft, base)})
 
 
-class SFTTask:
+class SFTTask(TaskBase):
     def __init__(self, model: nn.Module, train_rows: list[Row], val_rows: list[Row], *, pad_id: int,
                  micro_batch_size: int, seed: int = 0, tokenizer_dir: str | Path | None = None,
                  peft: PeftConfig | None = None, merge: bool = False, base: str | None = None,
@@ -106,5 +101,5 @@ class SFTTask:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
 
-    def export(self, model: nn.Module) -> dict:
+    def export(self, model: nn.Module) -> Export:
         return peft_export(D.unwrap(model), self.peft, self.merge, self.tokenizer_dir, self.base)

@@ -32,5 +32,5 @@ EXTRA=()
 if [ "$METHOD" = full ]; then EXTRA=(--lr "${FINETUNE_LR:-3e-4}"); fi
 if [ "$METHOD" = lora ]; then EXTRA=(--lora-targets all-linear --lora-rank 16 --lora-alpha 32 --merge --lr 2e-3); fi
 echo "50_finetune: $METHOD on $BASE" >&2
-$GLM finetune "$BASE" --data "$TRAIN" --val "$VAL" -o "$DEMO/finetune" --method "$METHOD" "${EXTRA[@]}" \
+$GLM finetune "$BASE" --data "$TRAIN" --val "$VAL" -o "$DEMO/finetune" --peft "$METHOD" "${EXTRA[@]}" \
   --max-steps "${FINETUNE_STEPS:-400}" --micro-batch-size 8 --seed 0 --json > "$DEMO/finetune.json"

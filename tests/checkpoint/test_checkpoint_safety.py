@@ -16,9 +16,10 @@ from _pretrain_util import losses, make_shards, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm_cli.core.checkpoint.directory import load_model, load_tensors, save_tensors
+from glm_cli.core.checkpoint.directory import load_tensors, save_tensors
+from glm_cli.core.checkpoint.loader import load_model
 from glm_cli.core.errors import CheckpointError
-from glm_cli.core.train.trainer import latest_checkpoint
+from glm_cli.core.train.checkpointing import latest_checkpoint
 
 TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helpers live
 

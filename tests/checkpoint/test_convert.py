@@ -12,8 +12,9 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 from glm_cli.core.checkpoint.convert import convert  # noqa: E402
-from glm_cli.core.checkpoint.gguf_export import export_gguf, gguf_name, permute_rotary, unpermute_rotary  # noqa: E402
+from glm_cli.core.checkpoint.gguf_export import export_gguf  # noqa: E402
 from glm_cli.core.checkpoint.gguf_import import llama3_rope_scaling, read_gguf  # noqa: E402
+from glm_cli.core.checkpoint.gguf_layout import gguf_name, permute_rotary, unpermute_rotary  # noqa: E402
 
 # A tiny Llama: head_dim 16, grouped-query attention, ffn 256 so ffn_down rows fit one 256-value K-quant block.
 DIM, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 3, 4, 2, 256, 128
@@ -33,7 +34,7 @@ def train_tokenizer(pre: str, vocab_size: int = 320):
     """A byte-level BPE with ChatML specials (ids 0..2) and one non-special added token, split rules per `pre`."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from glm_cli.core.checkpoint.gguf_import import LLAMA3_PATTERN, QWEN2_PATTERN
+    from glm_cli.core.checkpoint.gguf_layout import LLAMA3_PATTERN, QWEN2_PATTERN
 
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -167,7 +168,7 @@ def hf_logits(directory, ids: torch.Tensor) -> torch.Tensor:
 
 
 def glm_logits(directory, ids: torch.Tensor) -> torch.Tensor:
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
 
     with torch.no_grad():
         return load_model(directory, dtype=torch.float32)(ids).float()
@@ -177,8 +178,7 @@ def glm_logits(directory, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_unpermute_inverts_export_permutation():
-    from glm_cli.core.checkpoint.gguf_export import LAYER_NAMES
-    from glm_cli.core.checkpoint.gguf_import import BLOCK_NAMES, hf_name
+    from glm_cli.core.checkpoint.gguf_layout import BLOCK_NAMES, LAYER_NAMES, hf_name
 
     assert {v: k for k, v in LAYER_NAMES.items()} == BLOCK_NAMES
     for name in random_tensors(8, tied=False):
@@ -226,7 +226,8 @@ def test_glm_export_then_convert_gives_the_checkpoint_back(tmp_path, one_thread)
     """gguf_export permutes q/k; convert un-permutes: an F32 round trip is exact, tokenizer included."""
     from conftest import train_tiny_tokenizer
 
-    from glm_cli.core.checkpoint.directory import load_model, save_checkpoint
+    from glm_cli.core.checkpoint.directory import save_checkpoint
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.model.config import preset
     from glm_cli.core.model.transformer import Transformer
 
@@ -371,8 +372,8 @@ def test_export_names_the_pre_tokenizer_that_import_rebuilds(tmp_path, kind):
     `gguf_import` rebuilds into the same pre-tokenizer (and an unknown splitter is refused)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from glm_cli.core.checkpoint.gguf_export import EXPORT_PRE_NAMES, tokenizer_metadata
-    from glm_cli.core.checkpoint.gguf_import import PRE_TOKENIZERS, pre_tokenizer_of_kind
+    from glm_cli.core.checkpoint.gguf_export import tokenizer_metadata
+    from glm_cli.core.checkpoint.gguf_layout import EXPORT_PRE_NAMES, PRE_TOKENIZERS, pre_tokenizer_of_kind
     from glm_cli.core.errors import UsageError
 
     tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))

@@ -65,16 +65,20 @@ FLAGS = __import__("pathlib").Path(__file__).parents[1] / "golden" / "cli_flags.
 
 
 def _flag_set() -> dict[str, list[str]]:
-    """Every command's (and subcommand's) option names and arguments, as a user types them."""
+    """Every command's (and subcommand's) option names and arguments, as a user types them; a hidden
+    option (kept only to tell old scripts its new name) is marked so."""
     import typer.main
+
+    def names(p) -> list[str]:
+        if p.param_type_name != "option":
+            return [f"<{p.name}>"]
+        return [f"{opt} (hidden)" if p.hidden else opt for opt in p.opts + p.secondary_opts]
 
     root = typer.main.get_command(app)
     flags = {}
     for name in NAMES:
         for words, params in _commands(name):
-            flags[words] = sorted(opt for p in params for opt in (p.opts + p.secondary_opts
-                                                                  if p.param_type_name == "option"
-                                                                  else [f"<{p.name}>"]))
+            flags[words] = sorted(opt for p in params for opt in names(p))
     assert root.commands  # the app built
     return flags
 
@@ -90,3 +94,42 @@ def test_the_flag_set_changes_only_on_purpose():
         FLAGS.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"wrote {FLAGS}")
     assert current == json.loads(FLAGS.read_text())
+
+
+def test_training_commands_agree():
+    """pretrain, finetune and align take their shared settings under the same names, with the help of
+    the TrainConfig field they set (written once), and --dtype reads the same in every command."""
+    import typer.main
+
+    from glm_cli.core.precision import dtype_help
+    from glm_cli.core.train.field_docs import train_doc
+
+    options = {name: {p.opts[0]: p for p in typer.main.get_command(app).commands[name].params
+                      if p.param_type_name == "option"} for name in ("pretrain", "finetune", "align")}
+    for name, opts in options.items():
+        for flag in ("--config", "--set", "--dtype", "--device", "--seed", "--lr", "--max-steps",
+                     "--micro-batch-size", "--grad-accum", "--eval-every"):
+            assert flag in opts, f"glm {name} lacks {flag}"
+        for flag, field in (("--lr", "lr"), ("--max-steps", "max_steps"), ("--grad-accum", "grad_accum"),
+                            ("--eval-every", "eval_every"), ("--device", "device"), ("--seed", "seed")):
+            assert opts[flag].help.startswith(train_doc(field)), (name, flag)
+        assert opts["--dtype"].help.startswith(dtype_help("bf16 autocast on CUDA, fp32 on CPU")), name
+    assert "--peft" in options["finetune"] and "--peft" in options["align"]
+    assert options["finetune"]["--method"].hidden
+    for name in ("generate", "eval", "convert"):
+        dtype = next(p for p in typer.main.get_command(app).commands[name].params if "--dtype" in p.opts)
+        assert dtype.help.startswith("Precision: auto ("), name
+
+
+def test_finetune_method_is_now_peft(tmp_path):
+    proc = run_glm("finetune", tmp_path, "--data", tmp_path / "d.jsonl", "-o", tmp_path / "r", "--method", "lora")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "--peft lora" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["generate", "convert"])
+def test_dtype_refuses_unknown_names_in_one_line(name, tmp_path):
+    args = {"generate": [tmp_path, "hi"], "convert": [tmp_path / "m.gguf", "-o", tmp_path / "out"]}[name]
+    proc = run_glm(name, *args, "--dtype", "fp8")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "--dtype 'fp8'" in err and "bf16" in err and "Traceback" not in err

@@ -137,7 +137,7 @@ def test_finetune_on_the_pretrained_model(pretrained, chat_data, tmp_path, metho
     directory, _, _ = pretrained
     out = tmp_path / method
     summary = json.loads(invoke("finetune", directory, "--data", chat_data / "sft.jsonl", "-o", out,
-                                "--method", method, "--max-steps", "2", "--set", "peak_flops=1",
+                                "--peft", method, "--max-steps", "2", "--set", "peak_flops=1",
                                 "--json").stdout)
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
     assert summary["trainable_params"] < summary["total_params"] / (5 if method == "lora" else 0.99)
@@ -152,7 +152,7 @@ def test_qlora_on_an_int8_base_and_dpo(pretrained, chat_data, tmp_path):
     directory, _, _ = pretrained
     int8 = tmp_path / "int8"
     invoke("quantize", directory, "-o", int8, "--bits", "8")
-    invoke("finetune", int8, "--data", chat_data / "sft.jsonl", "-o", tmp_path / "qlora", "--method", "lora",
+    invoke("finetune", int8, "--data", chat_data / "sft.jsonl", "-o", tmp_path / "qlora", "--peft", "lora",
            "--max-steps", "2", "--set", "peak_flops=1")
     assert (tmp_path / "qlora" / "final" / "adapter_config.json").exists()
     invoke("align", directory, "--method", "dpo", "--data", chat_data / "pairs.jsonl", "-o", tmp_path / "dpo",

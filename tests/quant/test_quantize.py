@@ -7,11 +7,13 @@ import pytest
 import torch
 from conftest import run_glm, write_jsonl
 
-from glm_cli.core.checkpoint.directory import load_model, save_checkpoint
+from glm_cli.core.checkpoint.directory import save_checkpoint
+from glm_cli.core.checkpoint.loader import load_model
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.quant.calibration import calibration_batches, perplexity
 from glm_cli.core.quant.gptq import gptq_quantize_weight, quantize_model_gptq
+from glm_cli.core.quant.quantized_checkpoint import save_quantized
 from glm_cli.core.quant.weight_only import (
     QuantLinear,
     QuantScheme,
@@ -21,7 +23,6 @@ from glm_cli.core.quant.weight_only import (
     quantize_int8,
     quantize_model_rtn,
     quantized_state_dict,
-    save_quantized,
     unpack_int4,
 )
 
@@ -181,7 +182,7 @@ def test_quantized_model_close_to_fp32(tiny_ckpt):
 
 def test_rotary_permutation_matches_interleaved_rope():
     """HF rotate-half on W equals llama.cpp's adjacent-pair rotation on the permuted W."""
-    from glm_cli.core.checkpoint.gguf_export import permute_rotary, unpermute_rotary
+    from glm_cli.core.checkpoint.gguf_layout import permute_rotary, unpermute_rotary
     from glm_cli.core.model.transformer import apply_rope, rope_cos_sin, rope_frequencies
 
     torch.manual_seed(0)
@@ -203,7 +204,8 @@ def test_rotary_permutation_matches_interleaved_rope():
 def test_gguf_reads_back(tiny_ckpt, tmp_path, gguf_type):
     import gguf
 
-    from glm_cli.core.checkpoint.gguf_export import export_gguf, unpermute_rotary
+    from glm_cli.core.checkpoint.gguf_export import export_gguf
+    from glm_cli.core.checkpoint.gguf_layout import unpermute_rotary
 
     _, ckpt = tiny_ckpt
     path = tmp_path / "m.gguf"

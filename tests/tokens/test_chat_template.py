@@ -421,7 +421,7 @@ def test_finetune_and_eval_pick_the_models_template(chatml_ckpt):
 
     _, tokenizer, encoder = load_base_and_tokenizer(str(chatml_ckpt))
     assert isinstance(encoder, TemplateChatEncoder) and encoder.end_id == tokenizer.token_to_id("<|im_end|>")
-    model = __import__("glm_cli.core.checkpoint.directory", fromlist=["load_model"]).load_model(chatml_ckpt)
+    model = __import__("glm_cli.core.checkpoint.loader", fromlist=["load_model"]).load_model(chatml_ckpt)
     scorer = Scorer(model, tokenizer, batch_size=2, checkpoint_dir=str(chatml_ckpt))
     task = Task(name="t", type="gen", source="t", records=[{"prompt": "hi", "answers": ["Paris"]}])
     result = evaluate_gen(scorer, task, max_new_tokens=3, chat=True)

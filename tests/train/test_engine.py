@@ -16,15 +16,13 @@ import torch
 from _pretrain_util import losses, make_shards, run, tiny_config, tiny_task, weights
 
 from glm_cli.core.errors import GlmError, UsageError
+from glm_cli.core.train.checkpointing import average_checkpoints, latest_checkpoint, list_checkpoints
+from glm_cli.core.train.guard import StabilityGuard
+from glm_cli.core.train.optimizer import lr_factor
 from glm_cli.core.train.pretrain_task import PretrainTask
-from glm_cli.core.train.trainer import (
-    TrainConfig,
-    Trainer,
-    average_checkpoints,
-    latest_checkpoint,
-    list_checkpoints,
-    lr_factor,
-)
+from glm_cli.core.train.settings import TrainConfig
+from glm_cli.core.train.task import Export
+from glm_cli.core.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "pretrain_tiny_losses.json"
@@ -130,6 +128,20 @@ def test_keep_last_and_averaging(shards, tmp_path):
     assert (out / "checksums.json").exists()
 
 
+def test_averaging_too_few_checkpoints_names_the_setting_to_change(shards, tmp_path, capsys):
+    run(shards, tmp_path / "run", max_steps=2, keep_last=1, average_last=3)
+    err = capsys.readouterr().err
+    assert "--set average_last=3" in err and "--set keep_last" in err
+    assert not (tmp_path / "run" / "averaged").exists()
+
+
+def test_only_an_export_of_the_trained_state_as_it_is_spares_the_second_copy():
+    assert Export(tokenizer_dir="tok").is_trained_state
+    assert not Export(weights={}).is_trained_state
+    assert not Export(model=torch.nn.Linear(1, 1)).is_trained_state
+    assert not Export(dtype=torch.bfloat16).is_trained_state
+
+
 # ------------------------------------------------------------------------------------ resume
 
 
@@ -183,18 +195,18 @@ def test_single_nan_step_is_skipped(shards, tmp_path):
     trainer = Trainer(task, tiny_config(max_steps=6, checkpoint_every=3), tmp_path / "r")
     before = {}
 
-    original = trainer._train_step
+    original = trainer.train_step
 
     def spy():
         if trainer.step == 3:
             before.update(weights(task.model))
         out = original()
         if trainer.step == 3:
-            assert not out[2]
+            assert not out.ok
             assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())
         return out
 
-    trainer._train_step = spy
+    trainer.train_step = spy
     result = trainer.fit()
     assert result.skipped_steps == 1 and result.rollbacks == 0 and result.step == 6
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -213,6 +225,18 @@ def test_consecutive_nans_roll_back_and_skip_the_data(shards, tmp_path):
     assert rollback["step"] == 4 and rollback["from_step"] == 7
     # after the rollback, step 5 is trained on micro-batch 7, past the poisoned data
     assert task.micro == 7 + 6
+
+
+def test_guard_rolls_back_after_a_run_of_bad_steps_and_gives_up_after_max_rollbacks(tmp_path):
+    guard = StabilityGuard(max_consecutive_bad_steps=2, max_rollbacks=1)
+    assert not guard.record(1, False, math.nan, math.nan)
+    assert not guard.record(2, True, 1.0, 1.0)  # a good step ends the run of bad ones
+    assert not guard.record(3, False, math.nan, 1.0)
+    assert guard.record(4, False, math.inf, 1.0)
+    assert guard.begin_rollback(tmp_path) == tmp_path and guard.bad_in_row == 0
+    with pytest.raises(GlmError, match="after 1 rollbacks"):
+        guard.begin_rollback(tmp_path)
+    assert guard.state_dict() == {"skipped_steps": 3, "rollbacks": 2}
 
 
 def test_divergence_without_checkpoint_fails_loudly(shards, tmp_path):
@@ -275,7 +299,7 @@ def test_time_budget_stops_on_time_with_the_schedule_annealed(shards, tmp_path):
 
 
 def test_clock_takes_over_the_schedule_only_beyond_the_slack():
-    from glm_cli.core.train.trainer import CLOCK_SLACK, TrainConfig, clock_progress, lr_factor
+    from glm_cli.core.train.optimizer import CLOCK_SLACK, clock_progress
 
     cfg = TrainConfig(lr=1.0, warmup_steps=0, max_steps=1000, schedule="linear", min_lr_ratio=0.0)
     # a run slightly behind pace (the clock leads the steps by less than the slack): the step schedule rules
@@ -289,8 +313,8 @@ def test_clock_takes_over_the_schedule_only_beyond_the_slack():
 
 
 def test_log_estimates_the_time_left_from_the_pace_after_the_first_step():
-    from glm_cli.core.train.trainer import TrainConfig, _Display
+    from glm_cli.core.train.display import ProgressDisplay
 
-    display = _Display(TrainConfig(max_steps=100), start=0, enabled=True)
+    display = ProgressDisplay(TrainConfig(max_steps=100), start=0, enabled=True)
     assert display.remaining(1, 5.0) == ""  # the first step pays for warm-up: not a pace
     assert display.remaining(11, 15.0) == ", ~1m29s left"  # 1 s a step, 89 steps to go

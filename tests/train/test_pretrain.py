@@ -153,7 +153,7 @@ def test_cli_reports_every_problem_at_once(shards, tmp_path):
 
 def test_settings_layering_preset_config_set_flags(shards, tmp_path):
     from glm_cli.core.train.pretrain_setup import PretrainOptions, build_run
-    from glm_cli.core.train.trainer import Task
+    from glm_cli.core.train.task import Task
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"dim": 96, "n_heads": 4, "lr": 0.002, "sampling": "sequential"}))

@@ -184,7 +184,8 @@ def test_ppo_resumes_exactly_mid_rollout(tmp_path):
 def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
     from tuning_fixtures import make_base
 
-    from glm_cli.core.checkpoint.directory import load_model, load_tensors
+    from glm_cli.core.checkpoint.directory import load_tensors
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.tokens.chat import ChatEncoder
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.train.trainer import TrainConfig, Trainer

@@ -11,6 +11,7 @@ from glm_cli.core.errors import DataError, UsageError
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import KVCache, Transformer
 from glm_cli.core.tokens.chat import ChatEncoder, messages_from_record
+from glm_cli.core.tune.adapter_io import save_adapter
 from glm_cli.core.tune.peft import (
     PeftConfig,
     apply_peft,
@@ -18,7 +19,6 @@ from glm_cli.core.tune.peft import (
     disabled,
     merge_lora,
     peft_modules,
-    save_adapter,
     trainable_parameters,
 )
 from glm_cli.core.tune.sft_data import IGNORE, Example, RowLoader, collate, make_example, pack
@@ -159,7 +159,7 @@ def test_adapter_save_and_load_roundtrip(tmp_path, method):
     save_checkpoint(tmp_path / "base", Transformer(config))
     cfg = PeftConfig(method=method, rank=2, adapter_dim=4, prompt_tokens=3)
     # start from the saved base, then perturb the trainable tensors
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
 
     model = apply_peft(load_model(tmp_path / "base"), cfg)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_adapter_save_and_load_roundtrip(tmp_path, method):
     idx = torch.randint(0, 512, (1, 10))
     expected = model(idx)
     save_adapter(tmp_path / "adapter", model, cfg)
-    from glm_cli.core.tune.peft import load_with_adapter
+    from glm_cli.core.checkpoint.loader import load_with_adapter
 
     loaded = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
     torch.testing.assert_close(loaded(idx), expected)
@@ -201,7 +201,7 @@ def base_dir(tmp_path_factory):
 
 
 def _sft_task(base_dir, peft_cfg):
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.tune.sft import SFTTask
     from glm_cli.core.tune.sft_data import load_examples
@@ -232,7 +232,7 @@ def test_lora_run_resumes_exactly(base_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert full.metrics["val_loss"] == resumed.metrics["val_loss"]
     # the checkpoint is the untouched base + the adapter; loading both reproduces the trained model
-    from glm_cli.core.tune.peft import load_with_adapter
+    from glm_cli.core.checkpoint.loader import load_with_adapter
 
     saved, base = load_tensors(full.final_dir / "model.safetensors"), load_tensors(base_dir / "model.safetensors")
     assert saved.keys() == base.keys()
@@ -244,14 +244,14 @@ def test_lora_run_resumes_exactly(base_dir, tmp_path):
 def test_finetune_command_lora_merge(base_dir, tmp_path):
     d = base_dir.parent
     r = run_glm("finetune", base_dir, "--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "-o", tmp_path / "run",
-                "--method", "lora", "--merge", "--max-steps", "3", "--set", "peak_flops=1", "--json", check=True)
+                "--peft", "lora", "--merge", "--max-steps", "3", "--set", "peak_flops=1", "--json", check=True)
     summary = json.loads(r.stdout)
     assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"] / 10
     final = tmp_path / "run" / "final"
     assert not (final / "adapter_config.json").exists()  # merged: a plain checkpoint
     from transformers import AutoModelForCausalLM
 
-    from glm_cli.core.checkpoint.directory import load_model
+    from glm_cli.core.checkpoint.loader import load_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     ours = load_model(final)
@@ -263,16 +263,47 @@ def test_finetune_command_lora_merge(base_dir, tmp_path):
     assert r.returncode == 1 and f"{bad}:2:" in r.stderr.decode()
 
 
+def test_finetune_and_align_layer_settings_like_pretrain(base_dir, tmp_path):
+    """Defaults < --config < --set < typed options, in both commands; a default never overrides --config."""
+    d = base_dir.parent
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"max_steps": 5, "lr": 0.01, "weight_decay": 0.05, "micro_batch_size": 4,
+                                  "warmup_steps": 4}))
+    common = ["--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "--config", config, "--set", "peak_flops=1",
+              "--json"]
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "a", "--set", "max_steps=3", check=True)
+    assert json.loads(r.stdout)["steps"] == 3
+    saved = json.loads((tmp_path / "a" / "run.json").read_text())["train_config"]
+    assert (saved["lr"], saved["weight_decay"], saved["micro_batch_size"], saved["warmup_steps"]) == (
+        0.01, 0.05, 4, 4)  # the config's, not the command's defaults (8, a warmup cut to half the run)
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--set", "max_steps=3", "--max-steps", "2",
+                "--dtype", "float32", check=True)
+    assert json.loads(r.stdout)["steps"] == 2
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["train_config"]["dtype"] == "fp32"
+    r = run_glm("align", base_dir, "--data", d / "prefs.jsonl", "--val", d / "prefs_val.jsonl", "-o",
+                tmp_path / "c", "--config", config, "--set", "max_steps=2", "--set", "peak_flops=1", "--json",
+                check=True)
+    assert json.loads(r.stdout)["steps"] == 2
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["train_config"]["lr"] == 0.01
+    for bad, words in ((["--set", "betas=0.9"], "--set betas='0.9': expected 2 comma-separated floats"),
+                       (["--set", "nope=1"], "unknown setting 'nope'"),
+                       (["--dtype", "fp16"], "dtype fp16 is not supported in training")):
+        for command, data in (("finetune", "sft.jsonl"), ("align", "prefs.jsonl")):
+            r = run_glm(command, base_dir, "--data", d / data, "-o", tmp_path / "x", *bad)
+            err = r.stderr.decode()
+            assert r.returncode == 2 and words in err and len(err.strip().splitlines()) == 1, (command, err)
+
+
 def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
-    from glm_cli.core.checkpoint.directory import save_checkpoint
-    from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, save_quantized
-    from glm_cli.core.tune.peft import load_base, load_with_adapter
+    from glm_cli.core.checkpoint.loader import load_model, load_with_adapter
+    from glm_cli.core.quant.quantized_checkpoint import save_quantized
+    from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn
     from glm_cli.core.tune.sft import peft_export
 
     torch.manual_seed(0)
     save_quantized(tmp_path / "q8", quantize_model_rtn(Transformer(preset("tiny")), QuantScheme(bits=8)))
     cfg = PeftConfig(method="lora", rank=4, targets=["all-linear"])
-    model = apply_peft(load_base(tmp_path / "q8"), cfg).train()
+    model = apply_peft(load_model(tmp_path / "q8"), cfg).train()
     assert isinstance(model.model.layers[0].self_attn.q_proj.base, QuantLinear)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     idx = torch.randint(6, 500, (2, 16))
@@ -286,7 +317,7 @@ def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
     assert losses[-1] < losses[0]
     model.eval()
     expected = model(idx)
-    save_checkpoint(tmp_path / "out", **peft_export(model, cfg, merge=False, tokenizer_dir=None, base=None))
+    peft_export(model, cfg, merge=False, tokenizer_dir=None, base=None).save(tmp_path / "out", model)
     loaded = load_with_adapter(tmp_path / "out")
     assert isinstance(loaded.model.layers[0].self_attn.q_proj.base, QuantLinear)
     torch.testing.assert_close(loaded(idx), expected)

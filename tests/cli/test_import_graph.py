@@ -1,0 +1,95 @@
+"""core/ is layered: no module of it imports, even lazily inside a function, a module that imports it back.
+
+A cycle hidden behind a function-level import still couples the two modules (neither can be read, moved or
+tested alone), so the graph here counts every `import` and `from ... import` of `glm_cli.core.*`, wherever it
+appears in the file. `commands/` is checked for the one direction the house style asks: it may import core,
+core never imports commands.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE = ROOT / "core"
+PACKAGE = "glm_cli.core"
+
+
+def module_name(path: Path) -> str:
+    parts = [*path.relative_to(CORE).with_suffix("").parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([PACKAGE, *parts])
+
+
+def imported_modules(tree: ast.AST, known: set[str]) -> set[str]:
+    """Every glm_cli.* module a file imports; `from pkg import mod` counts as importing `pkg.mod`."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in known else node.module)
+    return {name for name in found if name.startswith("glm_cli.")}
+
+
+def core_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in CORE.rglob("*.py")}
+    known = set(files)
+    return {name: imported_modules(ast.parse(path.read_text(), str(path)), known) - {name}
+            for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None; depth-first search, iterative so deep graphs cannot overflow."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path, stack = [root], [iter(sorted(graph[root] & graph.keys()))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt] & graph.keys())))
+    return None
+
+
+def test_core_has_no_import_cycle():
+    cycle = find_cycle(core_graph())
+    assert cycle is None, "import cycle in core/: " + " -> ".join(c.removeprefix(PACKAGE + ".") for c in cycle)
+
+
+def test_core_never_imports_commands_or_the_app():
+    upward = {name: sorted(d for d in deps if d.startswith(("glm_cli.commands", "glm_cli.app")))
+              for name, deps in core_graph().items()}
+    upward = {k: v for k, v in upward.items() if v}
+    assert not upward, f"core/ modules import the command layer: {upward}"
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ({"a": {"a"}}, ["a", "a"]),
+    ({"x": {"b"}, "b": {"c"}, "c": {"b"}}, ["b", "c", "b"]),
+])
+def test_find_cycle_reports_the_loop(graph, expected):
+    assert find_cycle(graph) == expected
+
+
+def test_function_level_imports_count():
+    source = "def f():\n    from glm_cli.core.quant import weight_only\n    import glm_cli.core.io.atomic\n"
+    known = {"glm_cli.core.quant.weight_only", "glm_cli.core.io.atomic"}
+    assert imported_modules(ast.parse(source), known) == known
