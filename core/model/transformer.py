@@ -305,12 +305,7 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None, ignore_index: int = -100):
         """Logits (B, T, V) for token ids idx (B, T); with targets, also the mean cross-entropy."""
         h = self.hidden_states(self.embed(idx), positions, mask, cache)
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index)
-        return logits, loss
+        return logits_and_loss(self.lm_head(h), targets, ignore_index)
 
     def fuse_projections(self) -> int:
         """For inference: one matmul for q/k/v and one for gate/up in every block (fewer, larger calls
@@ -321,3 +316,12 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def logits_and_loss(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int = -100):
+    """What every causal-LM forward returns: the logits, or with targets also the mean cross-entropy
+    (computed in float32, so bf16 logits lose nothing in the softmax)."""
+    if targets is None:
+        return logits
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+    return logits, loss

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.errors import CheckpointError, UsageError
+from glm_cli.core.model.transformer import logits_and_loss
 
 METHODS = ("lora", "adapter", "prompt")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -197,12 +198,7 @@ class PromptTuned(nn.Module):
 
     def forward(self, idx, targets=None, *, positions=None, mask=None, cache=None, ignore_index: int = -100):
         h = self.hidden_states(self.embed(idx), positions, mask, cache)
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index)
-        return logits, loss
+        return logits_and_loss(self.lm_head(h), targets, ignore_index)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
