@@ -63,7 +63,7 @@ from glm_cli.core.train.checkpointing import (
 from glm_cli.core.train.curves import plot_curves
 from glm_cli.core.train.display import ProgressDisplay
 from glm_cli.core.train.guard import StabilityGuard
-from glm_cli.core.train.metrics import MetricsLog, Throughput, memory_mb, mfu, run_peak_flops
+from glm_cli.core.train.metrics import MetricsLog, Throughput, memory_mb, mfu, remeasure_for, run_peak_flops
 from glm_cli.core.train.optimizer import build_optimizer, clock_progress, lr_factor
 from glm_cli.core.train.settings import TrainConfig
 from glm_cli.core.train.signals import StopSignal
@@ -257,7 +257,8 @@ class Trainer:
         self.peak, self.peak_source = run_peak_flops(cfg.peak_flops, self.device,
                                                      self.autocast_dtype or torch.float32, self.info.world_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.info.is_main)
-        self.throughput = Throughput(self.flops_per_token, self.peak, cfg.log_every)
+        self.throughput = Throughput(self.flops_per_token, self.peak, cfg.log_every,
+                                     remeasure=remeasure_for(self.peak_source, self.device))
 
     def _grad_accum(self) -> int:
         """Micro-batches per optimizer step: `grad_accum`, or as many as reach `batch_tokens` over all ranks."""
@@ -348,6 +349,9 @@ class Trainer:
 
     def _log_step(self, outcome: StepOutcome, lr: float, seconds: float, display: ProgressDisplay) -> None:
         tokens_per_s, step_mfu = self.throughput.update(self.step, outcome.tokens, seconds)
+        if self.throughput.peak != self.peak:
+            self.peak = self.throughput.peak
+            log(f"MFU roof measured again: {self.peak / 1e9:.0f} GFLOP/s (the machine was busy at the first measure)")
         record = {"step": self.step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                   "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "mfu": step_mfu,
                   "step_time": seconds, "elapsed": self.elapsed, "memory_mb": memory_mb(self.device),

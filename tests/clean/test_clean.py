@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 from conftest import read_jsonl, run_glm, write_jsonl
+from corpus_fixtures import SENTENCES, prose
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,28 +22,6 @@ from glm_cli.core.clean.quality import C4Document, C4Lines, GopherQuality, Gophe
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.corpus import BadRecord, Document, ErrorPolicy
 from glm_cli.core.io.parallel import map_ordered
-
-SENTENCES = [
-    "The river had risen in the night and the ferry would not cross until noon.",
-    "She kept a ledger of every debt that the village owed to the mill.",
-    "Nobody in the house could remember who had planted the walnut tree.",
-    "When the letters stopped coming, her brother took the coach to London.",
-    "A surveyor arrived with maps that showed roads where there were only fields.",
-    "The schoolmaster read aloud from a history of the war with Spain.",
-    "By autumn the orchard had given more apples than the cellar could hold.",
-    "Rain came through the roof of the chapel and spoiled the painted saints.",
-    "They sold the grey horse at the fair and bought a cart with the money.",
-    "It was agreed that the bridge should be built of stone and not of timber.",
-    "His mother wrote to say that the harvest was good and the lambs were strong.",
-    "Every evening the old sailor walked to the harbour to watch the boats come in.",
-]
-
-
-def prose(n_sentences: int = 8, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    picked = rng.sample(SENTENCES, min(n_sentences, len(SENTENCES)))
-    return " ".join(picked[:4]) + "\n\n" + " ".join(picked[4:])
-
 
 FRENCH = ("Il était une fois une petite fille qui vivait dans un village au bord de la forêt avec sa mère. "
           "Chaque matin, elle portait du pain et du lait à sa grand-mère, qui habitait seule de l'autre côté "

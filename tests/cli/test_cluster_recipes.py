@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, read_jsonl, train_tiny_tokenizer, write_jsonl
-from test_clean import prose
-from test_dedup import glm
-from test_parquet_io import write_parquet
+from conftest import glm_stdout as glm
+from corpus_fixtures import prose, write_parquet
 
 from glm_cli.core.io.corpus import read_documents
 from glm_cli.core.io.shards import ShardSet

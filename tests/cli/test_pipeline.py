@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from test_clean import prose
+from corpus_fixtures import prose
 
 from glm_cli.core.io.shards import ShardSet
 

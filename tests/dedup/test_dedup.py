@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import glm_stdout as glm
 from conftest import read_jsonl, run_glm, write_jsonl
+from corpus_fixtures import edit, sharded_corpus, words
 
 from glm_cli.core.dedup import exact as exact_dedup
 from glm_cli.core.dedup import lines as line_dedup
@@ -15,27 +17,6 @@ from glm_cli.core.dedup import minhash
 from glm_cli.core.dedup.pipeline import DedupConfig, apply_plan, cluster, compute_signatures
 from glm_cli.core.errors import UsageError
 from glm_cli.core.io.corpus import Document
-
-VOCAB = [f"w{k}" for k in range(3000)]
-
-
-def glm(*args) -> bytes:
-    """Run a glm command in this process (faster than a subprocess); returns its stdout."""
-    from typer.testing import CliRunner
-
-    from glm_cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout_bytes
-
-
-def words(rng: random.Random, n: int = 200) -> list[str]:
-    return [rng.choice(VOCAB) for _ in range(n)]
-
-
-def edit(rng: random.Random, ws: list[str], rate: float) -> list[str]:
-    return [rng.choice(VOCAB) if rng.random() < rate else w for w in ws]
 
 
 def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
@@ -235,26 +216,8 @@ def test_config_reports_every_problem_at_once():
     assert "--threshold" in str(e.value) and "--shingle" in str(e.value) and "--line-min-docs" in str(e.value)
 
 
-def _sharded_corpus(tmp_path):
-    rng = random.Random(3)
-    base = [" ".join(words(rng, 120)) + "\nCopyright notice of the publisher, all rights reserved.\n" for _ in range(30)]
-    files = []
-    for f in range(3):
-        records = []
-        for k in range(10):
-            i = f * 10 + k
-            text = base[i]
-            if i % 7 == 3:  # duplicates across files: an exact copy and a near copy of earlier docs
-                text = base[i // 2].upper()
-            elif i % 7 == 5:
-                text = " ".join(edit(rng, base[i - 4].split(), 0.005))
-            records.append({"id": f"f{f}-{k}", "text": text, "source": f"file{f}"})
-        files.append(write_jsonl(tmp_path / f"part{f}.jsonl", records))
-    return files
-
-
 def test_three_steps_over_shards_equal_one_run(tmp_path):
-    _sharded_corpus(tmp_path)
+    sharded_corpus(tmp_path)
     inputs = str(tmp_path / "part*.jsonl")
     single, single_clusters = tmp_path / "single.jsonl", tmp_path / "single-clusters.jsonl"
     glm("dedup", inputs, "-o", single, "--clusters", single_clusters, "--line-min-docs", "3")
@@ -288,7 +251,7 @@ def test_three_steps_over_shards_equal_one_run(tmp_path):
 
 
 def test_core_steps_are_deterministic_and_parallel_equal(tmp_path):
-    files = _sharded_corpus(tmp_path)
+    files = sharded_corpus(tmp_path)
     docs = [Document(id=r["id"], text=r["text"]) for f in files for r in read_jsonl(f)]
     config = DedupConfig(line_min_docs=3).resolved()
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import invoke_glm as glm
 from conftest import run_glm
 from eval_fixtures import make_checkpoint
 
@@ -146,17 +147,6 @@ def test_contrastive_decoding_follows_its_definition():
 
 # ------------------------------------------------------------------------------------------ command
 # In-process (typer's CliRunner): a subprocess per call would spend seconds importing torch each time.
-
-
-def glm(*args, input=None):
-    from typer.testing import CliRunner
-
-    from glm_cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        return result.exit_code, result.stdout, result.exception
-    return result.exit_code, result.stdout, None
 
 
 @pytest.fixture(scope="module")

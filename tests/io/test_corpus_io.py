@@ -10,6 +10,7 @@ import os
 import pytest
 import zstandard
 from conftest import read_jsonl, run_glm, write_jsonl
+from corpus_fixtures import PASS_THROUGH
 
 from glm_cli.core.errors import DataError, UsageError
 from glm_cli.core.io.corpus import (
@@ -22,11 +23,6 @@ from glm_cli.core.io.corpus import (
     shard_sources,
     write_records,
 )
-
-# `glm clean` as a pure reader/writer: nothing is filtered or changed.
-PASS_THROUGH = ["--no-langid", "--no-pii", "--no-gopher-quality", "--no-gopher-repetition", "--no-c4",
-                "--no-c4-lines", "--no-navigation-lines", "--no-gutenberg", "--unicode-form", "none",
-                "--keep-control", "--no-whitespace", "--html", "never", "-q"]
 
 
 def texts(docs):

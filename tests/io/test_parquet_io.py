@@ -9,9 +9,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import glm_stdout as glm
 from conftest import read_jsonl, run_glm, train_tiny_tokenizer, write_jsonl
-from test_corpus_io import PASS_THROUGH
-from test_dedup import glm
+from corpus_fixtures import PASS_THROUGH, sharded_corpus, write_parquet
 
 from glm_cli.core.errors import DataError, GlmError, UsageError
 from glm_cli.core.io.corpus import (
@@ -32,13 +32,6 @@ def records(n=12):
     return [{"id": f"d{i}", "text": f"document {i}\nsecond line {i}", "url": f"https://x/{i}", "n": i,
              "score": i / 4, "tags": ["a", str(i)], "info": {"k": i, "ok": i % 2 == 0},
              **({"note": f"every third {i}"} if i % 3 == 0 else {})} for i in range(n)]
-
-
-def write_parquet(path, rows, row_group_size=4, **columns):
-    with RecordWriter(str(path), Columns(**columns), row_group_size=row_group_size) as writer:
-        for row in rows:
-            writer.write(row)
-    return path
 
 
 def docs_as_records(paths, columns=Columns(), policy=None, shard=None):
@@ -229,9 +222,8 @@ def test_cli_clean_parquet_to_parquet_with_shards_and_skip(tmp_path):
 
 
 def test_cli_dedup_three_steps_and_encode_on_parquet(tmp_path):
-    from test_dedup import _sharded_corpus
 
-    files = _sharded_corpus(tmp_path)  # JSONL parts with exact and near duplicates across them
+    files = sharded_corpus(tmp_path)  # JSONL parts with exact and near duplicates across them
     docs = [r for f in files for r in read_jsonl(f)]
     corpus = write_parquet(tmp_path / "corpus.parquet", docs, row_group_size=max(1, len(docs) // 6))
     glm("dedup", files[0].parent / "part*.jsonl", "-o", tmp_path / "one.jsonl", "-q")

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import invoke_glm
 
 from glm_cli.core.errors import CheckpointError, DataError
 from glm_cli.core.tokens.chat import ChatEncoder
@@ -393,11 +394,9 @@ def chatml_ckpt(tmp_path_factory):
 
 
 def test_generate_chat_with_the_models_template(chatml_ckpt):
-    from test_generate import glm
-
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
-    code, out, error = glm("generate", chatml_ckpt, "--chat", "hi", "-n", "5", "--json")
+    code, out, error = invoke_glm("generate", chatml_ckpt, "--chat", "hi", "-n", "5", "--json")
     assert code == 0, error
     record = json.loads(out)
     encoder = chat_encoder_for(chatml_ckpt, load_tokenizer(chatml_ckpt))
@@ -406,12 +405,10 @@ def test_generate_chat_with_the_models_template(chatml_ckpt):
 
 
 def test_generate_prompts_with_an_unknown_role_name_the_line(chatml_ckpt, tmp_path):
-    from test_generate import glm
-
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"messages": [Q1]}) + "\n"
                        + json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n")
-    code, _, error = glm("generate", chatml_ckpt, "--chat", "--prompts", prompts, "-n", "2")
+    code, _, error = invoke_glm("generate", chatml_ckpt, "--chat", "--prompts", prompts, "-n", "2")
     assert isinstance(error, DataError) and (error.source, error.line) == (str(prompts), 2)
 
 

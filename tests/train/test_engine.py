@@ -318,3 +318,23 @@ def test_log_estimates_the_time_left_from_the_pace_after_the_first_step():
     display = ProgressDisplay(TrainConfig(max_steps=100), start=0, enabled=True)
     assert display.remaining(1, 5.0) == ""  # the first step pays for warm-up: not a pace
     assert display.remaining(11, 15.0) == ", ~1m29s left"  # 1 s a step, 89 steps to go
+
+
+def test_a_roof_measured_on_a_busy_machine_is_measured_again_when_mfu_passes_100_percent():
+    from glm_cli.core.train.metrics import Throughput
+
+    calls = []
+
+    def remeasure():
+        calls.append(1)
+        return 150.0
+
+    meter = Throughput(flops_per_token=10.0, peak=100.0, log_every=1, remeasure=remeasure)
+    assert meter.update(1, tokens=5, seconds=1.0) == (5.0, 0.5)  # 50 FLOP/s of 100: left alone
+    assert not calls
+    _, first = meter.update(2, tokens=12, seconds=1.0)  # 120 FLOP/s: the roof was low, measure again
+    assert calls and meter.peak == 150.0 and first == pytest.approx(0.8)
+    _, second = meter.update(3, tokens=20, seconds=1.0)  # 200 FLOP/s beats the new measure too
+    assert meter.peak == 200.0 and second == 1.0
+    given = Throughput(flops_per_token=10.0, peak=100.0, log_every=1)  # a given roof is never changed
+    assert given.update(1, tokens=20, seconds=1.0)[1] == 2.0 and given.peak == 100.0
