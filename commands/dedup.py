@@ -337,6 +337,9 @@ def cluster_step(
 def filter_step(
     inputs: Inputs,
     plan: Annotated[str, typer.Option("--plan", help="Plan written by `glm dedup cluster`.")] = "",
+    signatures: Annotated[str, typer.Option(
+        "--signatures", help="This shard's file from `glm dedup signatures` (optional): documents whose "
+        "lines hold no boilerplate key are then written without splitting and hashing their lines again.")] = "",
     output: Output = "-",
     text_column: TextColumn = "text",
     id_column: IdColumn = "id",
@@ -354,24 +357,32 @@ def filter_step(
         glm dedup filter data/clean/ --plan plan.json --shard 0/4 -o dedup/0.jsonl
     """
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.dedup.pipeline import DropPlan, apply_plan
+    from glm_cli.core.dedup.pipeline import DropPlan, SignatureFile, apply_plan
     from glm_cli.core.errors import UsageError
     from glm_cli.core.io.corpus import RecordWriter, parse_shard, read_documents
 
     set_quiet(quiet)
     if not plan:
         raise UsageError("--plan: give the plan file written by `glm dedup cluster`")
-    loaded = DropPlan.load(plan)
     shard_spec = parse_shard(shard)
+    loaded = DropPlan.load(plan, shard_spec[0] if shard_spec else 0)
     count = shard_spec[1] if shard_spec else 1
     if count != loaded.shards:
         raise UsageError(f"--shard {shard or '(none)'}: the plan was made from {loaded.shards} shard(s)")
+    index = shard_spec[0] if shard_spec else 0
+    holders = None
+    if signatures:
+        own = SignatureFile(signatures)
+        if own.ids_sha256 != loaded.ids_sha256[index]:
+            raise UsageError(f"--signatures {signatures}: not the signature file of shard {index} of this plan "
+                             "(its documents differ)")
+        holders = own.holders_of(loaded.boilerplate)
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
     columns = columns_for(text_column, id_column)
     with RecordWriter(output, columns, row_group_size) as writer:
-        counts = apply_plan(read_documents(inputs, policy, shard_spec, columns), loaded,
-                            shard_spec[0] if shard_spec else 0, writer)
+        counts = apply_plan(read_documents(inputs, policy, shard_spec, columns), loaded, index, writer,
+                            holders=holders)
     policy.close()
     seconds = time.perf_counter() - start
     log(f"dedup filter: {counts['documents']} documents in, dropped {counts['dropped']}, "

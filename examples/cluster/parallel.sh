@@ -63,7 +63,7 @@ echo "== dedup cluster (once)" >&2
 $GLM dedup cluster "$WORK/sigs/*.npz" -o "$WORK/plan.json" --clusters "$WORK/clusters.jsonl" -q
 
 echo "== dedup filter" >&2
-each_shard '$GLM dedup filter "$WORK/clean" --plan "$WORK/plan.json" --shard {}/$N -o "$WORK/dedup/{}.parquet" -q $COLUMN_ARGS'
+each_shard '$GLM dedup filter "$WORK/clean" --plan "$WORK/plan.json" --signatures "$WORK/sigs/{}.npz" --shard {}/$N -o "$WORK/dedup/{}.parquet" -q $COLUMN_ARGS'
 
 if [ -n "$TOKENIZER" ]; then
   echo "== tokenize encode" >&2

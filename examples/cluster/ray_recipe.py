@@ -49,7 +49,8 @@ def run_pipeline(inputs: str, work: Path, n: int, tokenizer: str | None = None, 
                           f"{work}/sigs/{i}.npz", "-q", *column_args, *dedup_args])
     ray.get(glm.remote(["dedup", "cluster", f"{work}/sigs/*.npz", "-o", f"{work}/plan.json",
                         "--clusters", f"{work}/clusters.jsonl", "-q"], command))
-    each_shard(lambda i: ["dedup", "filter", f"{work}/clean", "--plan", f"{work}/plan.json", "--shard", f"{i}/{n}",
+    each_shard(lambda i: ["dedup", "filter", f"{work}/clean", "--plan", f"{work}/plan.json",
+                          "--signatures", f"{work}/sigs/{i}.npz", "--shard", f"{i}/{n}",
                           "-o", f"{work}/dedup/{i}.parquet", "-q", *column_args])
     if tokenizer:
         each_shard(lambda i: ["tokenize", "encode", f"{work}/dedup", "-t", tokenizer, "--shard", f"{i}/{n}",

@@ -58,7 +58,7 @@ sigs=$(submit signatures "$clean" "$array" \
 plan=$(submit cluster "$sigs" "" \
   '$GLM dedup cluster "$WORK/sigs/*.npz" -o "$WORK/plan.json" --clusters "$WORK/clusters.jsonl" -q')
 filter=$(submit filter "$plan" "$array" \
-  '$GLM dedup filter "$WORK/clean" --plan "$WORK/plan.json" --shard $i/$N -o "$WORK/dedup/$i.parquet" -q $COLUMN_ARGS')
+  '$GLM dedup filter "$WORK/clean" --plan "$WORK/plan.json" --signatures "$WORK/sigs/$i.npz" --shard $i/$N -o "$WORK/dedup/$i.parquet" -q $COLUMN_ARGS')
 echo "submitted: clean $clean, signatures $sigs, cluster $plan, filter $filter" >&2
 if [ -n "$TOKENIZER" ]; then
   encode=$(submit encode "$filter" "$array" \

@@ -232,6 +232,10 @@ def test_three_steps_over_shards_equal_one_run(tmp_path):
         glm("dedup", "filter", inputs, "--plan", tmp_path / "plan.json", "--shard", f"{i}/3",
             "-o", tmp_path / f"out{i}.jsonl")
         outputs += (tmp_path / f"out{i}.jsonl").read_bytes()
+        # with the shard's signatures, only documents holding a boilerplate key are split: same bytes
+        glm("dedup", "filter", inputs, "--plan", tmp_path / "plan.json", "--signatures", tmp_path / f"sigs/{i}.npz",
+            "--shard", f"{i}/3", "-o", tmp_path / f"fast{i}.jsonl")
+        assert (tmp_path / f"fast{i}.jsonl").read_bytes() == (tmp_path / f"out{i}.jsonl").read_bytes()
     assert outputs == single.read_bytes()
     assert clusters.read_bytes() == single_clusters.read_bytes()
     ids = [r["id"] for r in read_jsonl(single)]
@@ -242,6 +246,9 @@ def test_three_steps_over_shards_equal_one_run(tmp_path):
     proc = run_glm("dedup", "filter", tmp_path / "part0.jsonl", "--plan", tmp_path / "plan.json", "--shard", "1/3",
                    "-o", tmp_path / "x.jsonl")
     assert proc.returncode == 1 and "differs" in proc.stderr.decode()
+    proc = run_glm("dedup", "filter", inputs, "--plan", tmp_path / "plan.json", "--signatures", tmp_path / "sigs/0.npz",
+                   "--shard", "1/3", "-o", tmp_path / "x.jsonl")
+    assert proc.returncode == 2 and "sigs/0.npz: not the signature file of shard 1" in proc.stderr.decode()
     proc = run_glm("dedup", "cluster", tmp_path / "sigs/0.npz", tmp_path / "sigs/2.npz", "-o", tmp_path / "p.json")
     assert proc.returncode == 2 and "1/3" in proc.stderr.decode()
     proc = run_glm("dedup", "filter", inputs, "--plan", tmp_path / "plan.json", "--shard", "0/2", "-o", tmp_path / "x")
@@ -407,3 +414,31 @@ def test_plan_file_lists_only_what_goes(corpus, tmp_path):
         DropPlan.load(tmp_path / "bad.json")
     proc = run_glm("dedup", "cluster", tmp_path / "plan.json", "-o", tmp_path / "p2.json")
     assert proc.returncode == 1 and "plan.json: unreadable signature file" in proc.stderr.decode()
+
+
+def test_a_shards_filter_reads_only_its_own_drops_from_the_plan(tmp_path):
+    from glm_cli.core.dedup.pipeline import DedupConfig, DropPlan
+    from glm_cli.core.errors import GlmError
+
+    dropped = [(np.array([3, 9, 40], np.int64), np.array([2, 3, 1], np.int8)),
+               (np.zeros(0, np.int64), np.zeros(0, np.int8)),
+               (np.arange(0, 3_000_000, 7, dtype=np.int64), np.full(428_572, 3, np.int8))]
+    plan = DropPlan(config=DedupConfig(), shards=3, documents=[50, 10, 3_000_000], ids_sha256=["a", "b", "c"],
+                    dropped=dropped, boilerplate=np.array([5, 1 << 63], np.uint64))
+    plan.save(tmp_path / "plan.json")
+    whole = DropPlan.load(tmp_path / "plan.json")
+    for k in range(3):
+        assert whole.dropped[k][0].tolist() == dropped[k][0].tolist()
+        assert whole.dropped[k][1].tolist() == dropped[k][1].tolist()
+        one = DropPlan.load(tmp_path / "plan.json", shard=k)
+        assert [d[0].size for j, d in enumerate(one.dropped) if j != k] == [0, 0]
+        assert one.dropped[k][0].tolist() == dropped[k][0].tolist()
+        assert one.boilerplate.tolist() == [5, 1 << 63] and one.documents == plan.documents
+    text = (tmp_path / "plan.json").read_text()
+    (tmp_path / "bad.json").write_text(text.replace('"positions": [3, 9, 40]', '"positions": [3, x9, 40]'))
+    DropPlan.load(tmp_path / "bad.json", shard=1)  # another shard's damage is not read
+    with pytest.raises(GlmError, match="bad.json: unreadable dedup plan"):
+        DropPlan.load(tmp_path / "bad.json", shard=0)
+    (tmp_path / "cut.json").write_text(text[: text.index('"positions": [0, 7')])
+    with pytest.raises(GlmError, match="shard 2 of 3 is missing"):
+        DropPlan.load(tmp_path / "cut.json")
