@@ -415,9 +415,15 @@ def section_qdecode(args, work: Path) -> dict:
     prompt = prompt_rows(work / "fp32", 1, args.prompt_len)[0].tolist()
     config = GenerationConfig(max_new_tokens=args.new_tokens)
     n_ctx = args.prompt_len + args.new_tokens + 8
+    # llama.cpp's Q8_0 and Q4_0 store the (tied) embedding and output head in 8 bits too; glm keeps them
+    # in fp32 by default (--keep-embeddings), so "head int8 too" is the like-for-like row.
     pairs = [("int8", "glm int8", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
+             ("int8-head", "glm int8, head int8 too", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
              ("int4-gptq", "glm int4 (GPTQ)", "llamacpp-q4_0.gguf", "llama.cpp Q4_0")]
-    fns, first, llms = {}, {}, []
+    if not (work / "int8-head" / "config.json").exists():
+        glm_cli("quantize", str(work / "fp32"), "-o", str(work / "int8-head"), "--bits", "8",
+                "--no-keep-embeddings", "--quiet")
+    fns, first, llms = {}, {}, {}
     for glm_dir, glm_label, gguf_file, ll_label in pairs:
         model = load_model(work / glm_dir)
         prepare_for_inference(model)
@@ -425,8 +431,9 @@ def section_qdecode(args, work: Path) -> dict:
         def run_glm(model=model):
             return generate(model, [prompt], config)[0].tokens
 
-        llm = llama(work / gguf_file, n_ctx, args.threads, logits_all=False)
-        llms.append(llm)
+        if gguf_file not in llms:
+            llms[gguf_file] = llama(work / gguf_file, n_ctx, args.threads, logits_all=False)
+        llm = llms[gguf_file]
 
         def run_ll(llm=llm):
             return llama_greedy(llm, prompt, args.new_tokens)
@@ -435,7 +442,7 @@ def section_qdecode(args, work: Path) -> dict:
     for name, fn in fns.items():  # warm-up; the tokens show whether both still say the same
         first[name] = fn()
     best = gen.best_times(fns, args.repeats)
-    for llm in llms:
+    for llm in llms.values():
         llm.close()
     rows = []
     for _, glm_label, _, ll_label in pairs:

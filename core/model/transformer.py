@@ -134,10 +134,11 @@ class Attention(nn.Module):
     def fuse_projections(self) -> bool:
         """Concatenate q/k/v into one matmul: at decode time each matmul call costs as much overhead as
         arithmetic. Inference only; the separate weights (HF's names) are dropped. Skipped (False) when a
-        projection is wrapped (LoRA) or quantized."""
-        if not all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
+        projection is wrapped (LoRA) or the three are stored differently."""
+        fused = stack_projections([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
             return False
-        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
         return True
 
@@ -172,9 +173,10 @@ class MLP(nn.Module):
 
     def fuse_projections(self) -> bool:
         """Concatenate gate and up into one matmul (see `Attention.fuse_projections`)."""
-        if not all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj)):
+        fused = stack_projections([self.gate_proj, self.up_proj])
+        if fused is None:
             return False
-        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        self.gate_up_proj = fused
         del self.gate_proj, self.up_proj
         return True
 
@@ -184,6 +186,21 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def stack_projections(modules: list[nn.Module]) -> nn.Module | None:
+    """One module whose output is `modules`' outputs side by side, or None where that cannot be exact.
+
+    Plain Linears are concatenated here. Another kind of layer (a quantized one, which the model must
+    not import) offers the same through a `stacked(modules)` classmethod that returns None when the
+    layers' formats differ; wrappers such as LoRA offer none and are left alone."""
+    kind = type(modules[0])
+    if any(type(m) is not kind for m in modules):
+        return None
+    if kind is nn.Linear:
+        return concat_linears(modules)
+    stacked = getattr(kind, "stacked", None)
+    return stacked(modules) if stacked is not None else None
 
 
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:

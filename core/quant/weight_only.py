@@ -237,6 +237,18 @@ class QuantLinear(nn.Module):
             raise UsageError("quantizing a Linear with a bias is not supported")
         return cls.from_tensors(quantize_weight(linear.weight.detach(), bits, group_size), bits)
 
+    @classmethod
+    def stacked(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One layer computing `layers` side by side (q/k/v, gate/up), so decoding makes one kernel call
+        where it made three; None when their bits or groups differ. Exact: every stored number is per
+        output row (int8 scales; int4 groups run along the input), so stacking the rows changes nothing."""
+        first = layers[0]
+        if any((m.bits, m.group_size, m.in_features) != (first.bits, first.group_size, first.in_features)
+               for m in layers):
+            return None
+        tensors = {name: torch.cat([m.quantized_tensors()[name] for m in layers]) for name in first.quantized_tensors()}
+        return cls.from_tensors(tensors, first.bits)
+
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
             buffer = getattr(self, name)

@@ -124,6 +124,30 @@ def test_fused_projections_give_the_same_logits_and_greedy_tokens():
     assert_same_logits_and_greedy_tokens(fused, reference, tol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_projections_fuse_exactly(bits):
+    """q/k/v and gate/up of an int8 or int4 model become one QuantLinear each, holding the same stored
+    numbers, so decoding makes one kernel call where it made three."""
+    reference = quantize_model_rtn(tiny(), QuantScheme(bits=bits, group_size=32))
+    fused = quantize_model_rtn(tiny(), QuantScheme(bits=bits, group_size=32))
+    assert fused.fuse_projections() == 2 * fused.config.n_layers
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, QuantLinear) and not hasattr(attn, "q_proj")
+    unfused = reference.model.layers[0].self_attn
+    stored = torch.cat([unfused.q_proj.dequantize(), unfused.k_proj.dequantize(), unfused.v_proj.dequantize()])
+    assert torch.equal(attn.qkv_proj.dequantize(), stored)
+    assert_same_logits_and_greedy_tokens(fused, reference, tol=1e-5)
+
+
+def test_quantized_projections_in_different_formats_stay_apart():
+    model = quantize_model_rtn(tiny(), QuantScheme(bits=8))
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = QuantLinear.from_linear(nn.Linear(attn.k_proj.in_features, attn.k_proj.out_features,
+                                                    bias=False), bits=4, group_size=32)
+    assert QuantLinear.stacked([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    assert model.fuse_projections() == 2 * model.config.n_layers - 1  # every MLP, attention but the first
+
+
 def test_fusion_skips_wrapped_projections():
     model = apply_peft(tiny(), PeftConfig(method="lora", targets=["q_proj"]))
     assert model.fuse_projections() == model.config.n_layers  # every MLP, no attention
