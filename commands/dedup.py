@@ -365,11 +365,10 @@ def filter_step(
     if not plan:
         raise UsageError("--plan: give the plan file written by `glm dedup cluster`")
     shard_spec = parse_shard(shard)
-    loaded = DropPlan.load(plan, shard_spec[0] if shard_spec else 0)
-    count = shard_spec[1] if shard_spec else 1
+    index, count = shard_spec if shard_spec else (0, 1)
+    loaded = DropPlan.load(plan, index)
     if count != loaded.shards:
         raise UsageError(f"--shard {shard or '(none)'}: the plan was made from {loaded.shards} shard(s)")
-    index = shard_spec[0] if shard_spec else 0
     holders = None
     if signatures:
         own = SignatureFile(signatures)

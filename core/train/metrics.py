@@ -120,13 +120,12 @@ def run_peak_flops(given: float, device: torch.device, dtype: torch.dtype, world
     return peak * (world_size if device.type == "cuda" else 1), source
 
 
-def remeasure_for(source: str, device: torch.device):
-    """How to measure the roof again, for a roof that was measured (not given, not a datasheet's); else None."""
+def remeasure_for(source: str, device: torch.device, dtype: torch.dtype, world_size: int):
+    """How to measure the run's roof again, the way `run_peak_flops` measured it; None for a roof that was
+    given or read from a datasheet (those are never changed)."""
     if not source.startswith("measured"):
         return None
-    if device.type == "cuda":
-        return lambda: measure_matmul_flops(8192, device=device)
-    return measure_matmul_flops
+    return lambda: run_peak_flops(0.0, device, dtype, world_size)[0]
 
 
 def memory_mb(device: torch.device) -> float:

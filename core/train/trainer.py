@@ -254,11 +254,11 @@ class Trainer:
         self.optimizer = build_optimizer(D.unwrap_for_state(self.model), cfg, self.device)
         self.grad_accum = self._grad_accum()
         self.flops_per_token = float(self.task.flops_per_token() or 0.0)
-        self.peak, self.peak_source = run_peak_flops(cfg.peak_flops, self.device,
-                                                     self.autocast_dtype or torch.float32, self.info.world_size)
+        roof_dtype = self.autocast_dtype or torch.float32
+        self.peak, self.peak_source = run_peak_flops(cfg.peak_flops, self.device, roof_dtype, self.info.world_size)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.info.is_main)
-        self.throughput = Throughput(self.flops_per_token, self.peak, cfg.log_every,
-                                     remeasure=remeasure_for(self.peak_source, self.device))
+        remeasure = remeasure_for(self.peak_source, self.device, roof_dtype, self.info.world_size)
+        self.throughput = Throughput(self.flops_per_token, self.peak, cfg.log_every, remeasure=remeasure)
 
     def _grad_accum(self) -> int:
         """Micro-batches per optimizer step: `grad_accum`, or as many as reach `batch_tokens` over all ranks."""
@@ -351,7 +351,9 @@ class Trainer:
         tokens_per_s, step_mfu = self.throughput.update(self.step, outcome.tokens, seconds)
         if self.throughput.peak != self.peak:
             self.peak = self.throughput.peak
-            log(f"MFU roof measured again: {self.peak / 1e9:.0f} GFLOP/s (the machine was busy at the first measure)")
+            if self.info.is_main:
+                log(f"MFU roof measured again: {self.peak / 1e9:.0f} GFLOP/s (the machine was busy at the first "
+                    "measure)")
         record = {"step": self.step, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                   "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "mfu": step_mfu,
                   "step_time": seconds, "elapsed": self.elapsed, "memory_mb": memory_mb(self.device),
