@@ -73,7 +73,10 @@ _register()
 
 
 def main() -> None:
+    from glm_cli.core.allocator import retain_freed_memory
     from glm_cli.core.errors import GlmError
+
+    retain_freed_memory()
 
     if hasattr(signal, "SIGPIPE"):
         # A reader that goes away (`glm clean ... | head`) ends us quietly, as it ends coreutils (status 141),

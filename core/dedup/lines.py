@@ -61,20 +61,24 @@ def batch_keys(pieces: list[str], min_chars: int) -> np.ndarray:
     return keys
 
 
-def _ascii_line_keys(texts: list[str], min_chars: int,
-                     text_hashes: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _ascii_line_keys(texts: list[str], min_chars: int, text_hashes: bool = False,
+                     shingle_n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple | None]:
     """`batch_keys` of the lines of ASCII texts, and lines per text, without a Python loop per line; with
     `text_hashes`, also `exact.text_hash` of each text, from the same normalized lines (a text's
-    normalized form is its non-empty normalized lines joined by spaces)."""
-    from glm_cli.core.dedup.minhash import _prefix, _spans
+    normalized form is its non-empty normalized lines joined by spaces); with `shingle_n`, also the
+    texts' word n-gram hashes and counts (`minhash.span_hashes`), from the same bytes and prefix sums."""
+    from glm_cli.core.dedup.minhash import _prefix, _spans, ascii_word_shingles
 
     data, text_ends = ascii_batch.as_bytes(texts)
     starts, ends, per_text = ascii_batch.line_units(data, text_ends)
     normalized, first, stop = ascii_batch.collapse(data, starts, ends, nul=1)
-    keys = _spans(_prefix(normalized), first, stop)
+    prefix = _prefix(normalized)
+    keys = _spans(prefix, first, stop)
     keys[keys == 0] = 1
     keys[(stop - first) < max(min_chars, 1)] = 0
-    return keys, per_text, _joined_line_hashes(texts, normalized, first, stop, per_text) if text_hashes else None
+    hashes = _joined_line_hashes(texts, normalized, first, stop, per_text) if text_hashes else None
+    shingles = ascii_word_shingles(normalized, prefix, first, stop, per_text, shingle_n) if shingle_n else None
+    return keys, per_text, hashes, shingles
 
 
 def _joined_line_hashes(texts, normalized, first, stop, per_text) -> np.ndarray:
@@ -100,19 +104,32 @@ def _joined_line_hashes(texts, normalized, first, stop, per_text) -> np.ndarray:
 def unit_keys_and_text_hashes(texts: list[str], min_chars: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`unit_keys(texts, "line", min_chars)` and `exact.text_hashes(texts)` in one pass over the ASCII
     texts (the normalization is the same); the others take the `str` paths."""
+    keys, counts, hashes, _ = line_features(texts, min_chars)
+    return keys, counts, hashes
+
+
+def line_features(texts: list[str], min_chars: int, shingle_n: int | None = None):
+    """`unit_keys_and_text_hashes`, and with `shingle_n` also `minhash.span_hashes(texts, shingle_n,
+    "word")` as a 4th item (else None), sharing one normalization of the ASCII texts among the three."""
     from glm_cli.core.dedup.exact import text_hash
+    from glm_cli.core.dedup.minhash import span_hashes
 
     ascii_ = [k for k, t in enumerate(texts) if t.isascii()]
     if len(ascii_) == len(texts):
-        return _ascii_line_keys(texts, min_chars, text_hashes=True)
+        return _ascii_line_keys(texts, min_chars, text_hashes=True, shingle_n=shingle_n)
     other = [k for k, t in enumerate(texts) if not t.isascii()]
+    other_texts = [texts[k] for k in other]
     hashes = np.zeros(len(texts), dtype=np.uint64)
-    hashes[other] = [text_hash(texts[k]) for k in other]
-    other_keys, other_counts = unit_keys([texts[k] for k in other], "line", min_chars)
+    hashes[other] = [text_hash(t) for t in other_texts]
+    other_keys, other_counts = unit_keys(other_texts, "line", min_chars)
+    other_shingles = span_hashes(other_texts, shingle_n, "word") if shingle_n else None
     if not ascii_:
-        return other_keys, other_counts, hashes
-    keys, counts, hashes[ascii_] = _ascii_line_keys([texts[k] for k in ascii_], min_chars, text_hashes=True)
-    return (*_in_text_order(len(texts), ascii_, keys, counts, other, other_keys, other_counts), hashes)
+        return other_keys, other_counts, hashes, other_shingles
+    keys, counts, hashes[ascii_], shingles = _ascii_line_keys([texts[k] for k in ascii_], min_chars,
+                                                             text_hashes=True, shingle_n=shingle_n)
+    if shingle_n:
+        shingles = _in_text_order(len(texts), ascii_, *shingles, other, *other_shingles)
+    return (*_in_text_order(len(texts), ascii_, keys, counts, other, other_keys, other_counts), hashes, shingles)
 
 
 def _in_text_order(n: int, first: list[int], first_keys: np.ndarray, first_counts: np.ndarray, second: list[int],
@@ -140,7 +157,7 @@ def unit_keys(texts: list[str], unit: str, min_chars: int) -> tuple[np.ndarray, 
             return other_keys, other_counts
     if not ascii_:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    keys, counts, _ = _ascii_line_keys([texts[k] for k in ascii_], min_chars)
+    keys, counts, _, _ = _ascii_line_keys([texts[k] for k in ascii_], min_chars)
     if len(ascii_) == len(texts):
         return keys, counts
     return _in_text_order(len(texts), ascii_, keys, counts, other, other_keys, other_counts)
@@ -168,6 +185,27 @@ def unit_hashes(text: str, unit: str, min_chars: int) -> np.ndarray:
     return batch_unit_hashes([text], unit, min_chars)[0]
 
 
+def is_member(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """`np.isin(values, keys)` for uint64 hashes, `keys` sorted: a bool per value.
+
+    Filters test millions of line keys against a few thousand boilerplate keys. A table indexed by the
+    low bits of each key (16 or more, so the keys fill under 1/16 of it) rules out nearly every value
+    with one lookup; only the rest are binary-searched. Hashes are uniform, so the low bits are as good
+    as any."""
+    out = np.zeros(values.size, dtype=bool)
+    if keys.size == 0 or values.size == 0:
+        return out
+    bits = min(max(16, int(keys.size * 16).bit_length()), 24)
+    mask = np.uint64((1 << bits) - 1)
+    table = np.zeros(1 << bits, dtype=bool)
+    table[(keys & mask).astype(np.intp)] = True
+    maybe = np.flatnonzero(np.take(table, (values & mask).astype(np.intp)))
+    candidates = values[maybe]
+    at = np.minimum(np.searchsorted(keys, candidates), keys.size - 1)
+    out[maybe] = keys[at] == candidates
+    return out
+
+
 def remove_units_batch(texts: list[str], boilerplate: np.ndarray, unit: str, min_chars: int,
                        keys: np.ndarray | None = None) -> list[tuple[str, int]]:
     """Each text without its boilerplate units (`boilerplate` sorted uint64), and how many were removed.
@@ -177,8 +215,7 @@ def remove_units_batch(texts: list[str], boilerplate: np.ndarray, unit: str, min
     per_doc = [split_units(t, unit) for t in texts]
     if keys is None:
         keys, _ = unit_keys(texts, unit, min_chars)  # the same units as split_units cuts
-    pos = np.minimum(np.searchsorted(boilerplate, keys), boilerplate.size - 1)
-    drop = (boilerplate[pos] == keys) & (keys != 0)
+    drop = is_member(keys, boilerplate) & (keys != 0)
     counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(per_doc))
     removed = np.bincount(np.repeat(np.arange(len(texts)), counts)[drop], minlength=len(texts)).tolist()
     keep = (~drop).tolist()

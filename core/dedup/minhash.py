@@ -168,6 +168,39 @@ def span_hashes(texts: list[str], n: int, unit: str = "word",
     return _ngrams(_prefix(values), doc, len(texts), n, whole_if_short)
 
 
+_ASCII_WORD = np.zeros(256, dtype=bool)
+_ASCII_WORD[[*range(48, 58), *range(65, 91), *range(97, 123)]] = True  # str.isalnum in ASCII
+
+
+def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarray, stop: np.ndarray,
+                        per_text: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`span_hashes(texts, n, "word")` of ASCII texts, from the bytes their line keys already hashed.
+
+    `values` are the texts' lines lowercased with whitespace collapsed (`ascii_batch.collapse`), line i
+    being `values[first[i]:stop[i]]` and text k having `per_text[k]` lines; `prefix` is `_prefix(values)`.
+    Collapsing removes only whitespace, so every line keeps its words as they were; and a span hash does
+    not depend on where the span lies, so each word hashes to what `span_hashes` gives it from the text's
+    code points (ASCII bytes are the same numbers). Line dedup and MinHash then share one lowercasing
+    and one prefix pass instead of two.
+    """
+    size = values.size
+    is_word = np.take(_ASCII_WORD, values)
+    cut = np.zeros(size + 1, dtype=bool)  # a word never runs across a line end
+    cut[first], cut[stop] = True, True
+    prev_word = np.zeros(size, dtype=bool)
+    prev_word[1:] = is_word[:-1]
+    prev_word &= ~cut[:size]
+    next_word = np.zeros(size, dtype=bool)
+    next_word[:-1] = is_word[1:]
+    next_word &= ~cut[1:]
+    starts = np.flatnonzero(is_word & ~prev_word)
+    ends = np.flatnonzero(is_word & ~next_word) + 1
+    text_end = np.concatenate([[0], stop])[np.cumsum(per_text)]
+    words_per_text = np.diff(np.searchsorted(starts, text_end), prepend=0)
+    unit_doc = np.repeat(np.arange(per_text.size), words_per_text)
+    return _ngrams(_prefix(_spans(prefix, starts, ends)), unit_doc, per_text.size, n)
+
+
 def s_curve(similarity, bands: int, rows: int):
     """Probability that a pair of Jaccard similarity `similarity` shares at least one of `bands` bands."""
     return 1.0 - (1.0 - np.asarray(similarity, dtype=np.float64) ** rows) ** bands

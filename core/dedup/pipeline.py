@@ -49,6 +49,7 @@ from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import atomic_open
 from glm_cli.core.io.corpus import Document
 from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.io.records import utf8_size
 from glm_cli.core.steps import Drop, run_batch
 
 PLAN_FORMAT = "glm-dedup-plan-v2"
@@ -166,13 +167,15 @@ def batch_features(config: DedupConfig, texts: list[str], keep_units: bool = Fal
     """Everything the clustering step needs about a batch of documents (runs in worker processes);
     `keep_units`: also every unit key (`unit_keys`, `unit_counts`), for the filter to reuse."""
     n = len(texts)
-    shared = config.exact and config.lines and config.line_unit == "line"  # one normalization for both
+    shared = config.exact and config.lines and config.line_unit == "line"  # one normalization for all
+    shingles = None
     if shared:
-        unit_keys, unit_counts, exact = line_dedup.unit_keys_and_text_hashes(texts, config.line_min_chars)
+        word_n = config.ngram if config.near and config.unit == "word" else None
+        unit_keys, unit_counts, exact, shingles = line_dedup.line_features(texts, config.line_min_chars, word_n)
     out = {"exact": exact if shared else exact_dedup.text_hashes(texts) if config.exact else np.zeros(n, np.uint64)}
     if config.near:
         hasher = minhash.MinHasher(config.num_perm, config.ngram, config.unit, config.seed)
-        hashes, counts = minhash.span_hashes(texts, config.ngram, config.unit)
+        hashes, counts = shingles if shingles is not None else minhash.span_hashes(texts, config.ngram, config.unit)
         sig, shingled = hasher.signatures_from_hashes(hashes, counts)
         out["bands"] = minhash.band_hashes(sig, config.bands, config.rows)
         out["sketch"] = minhash.bottom_k_sketch(hashes, counts, config.sketch)
@@ -357,8 +360,7 @@ class SignatureFile:
         total = self.shape("line_hashes")[0]
         for lo in range(0, total, chunk):
             part = self.read("line_hashes", lo, lo + chunk)
-            at = np.minimum(np.searchsorted(keys, part), keys.size - 1)
-            found = np.flatnonzero(keys[at] == part) + lo
+            found = np.flatnonzero(line_dedup.is_member(part, keys)) + lo
             held[np.searchsorted(owner_end, found, side="right")] = True
         return held
 
@@ -381,7 +383,7 @@ def _batches(docs: Iterable[Document], size: int, ids: list[str], nbytes: list[i
     chars = 0
     for doc in docs:
         ids.append(doc.id)
-        nbytes.append(len(doc.text.encode("utf-8", "surrogatepass")))
+        nbytes.append(utf8_size(doc.text))
         if spool is not None:
             spool.write_document(doc)
         if batch and (len(batch) >= size or chars + len(doc.text) > max_chars):
@@ -803,14 +805,14 @@ def apply_plan(docs: Iterable[Document], plan: DropPlan, shard_index: int, write
                     counts["dropped"][outcome.reason] += 1
                 continue
             counts["kept"] += 1
-            counts["bytes_out"] += len(outcome.doc.text.encode("utf-8", "surrogatepass"))
+            counts["bytes_out"] += utf8_size(outcome.doc.text)
             writer.write_document(outcome.doc)
         pending.clear()
 
     for position, doc in enumerate(docs):
         digest.update(doc.id.encode("utf-8", "surrogatepass") + b"\x00")
         counts["documents"] += 1
-        counts["bytes_in"] += len(doc.text.encode("utf-8", "surrogatepass"))
+        counts["bytes_in"] += utf8_size(doc.text)
         pending.append(Placed(position, doc))
         if len(pending) >= batch_size:
             flush()

@@ -34,7 +34,14 @@ import zstandard
 
 from glm_cli.core.errors import DataError, UsageError
 from glm_cli.core.io.atomic import atomic_open
-from glm_cli.core.io.records import DEFAULT_COLUMNS, BadRecord, Columns, Document, json_default
+from glm_cli.core.io.records import (
+    DEFAULT_COLUMNS,
+    BadRecord,
+    Columns,
+    Document,
+    is_plain_ascii,
+    record_json,
+)
 
 ONE_DOCUMENT_SUFFIXES = (".txt", ".html", ".htm", ".xml", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -286,7 +293,7 @@ def _parse_json_line(source: str, number: int, raw: bytes, columns: Columns = DE
     except UnicodeDecodeError as e:
         return BadRecord(source, number, f"invalid UTF-8 at column {e.start + 1}",
                          raw.decode("utf-8", "backslashreplace"))
-    if not line.strip():
+    if not line or line.isspace():
         return BadRecord(source, number, "blank line", line)
     try:
         record = json.loads(line)
@@ -299,7 +306,9 @@ def _parse_json_line(source: str, number: int, raw: bytes, columns: Columns = DE
         reason = (f"no {columns.text!r} field" if text is None
                   else f"{columns.text!r} is {type(text).__name__}, not a string")
         return BadRecord(source, number, reason, line)
-    if "\\u" in line:  # only a \u escape can bring in a lone surrogate, which no writer can encode
+    # only a \u escape can bring in a lone surrogate, which no writer can encode; an all-ASCII record
+    # holds none (checked without scanning the line: the common case)
+    if not (text.isascii() and is_plain_ascii(record)) and "\\u" in line:
         for name, value in ((repr(columns.text), text), ("a field", json.dumps(record, ensure_ascii=False))):
             try:
                 value.encode("utf-8")
@@ -506,7 +515,7 @@ class RecordWriter:
         if hasattr(self._sink, "write_record"):
             self.bytes += self._sink.write_record(record)
         else:
-            data = (json.dumps(record, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+            data = (record_json(record) + "\n").encode("utf-8")
             self._sink.write(data)
             self.bytes += len(data)
         self.count += 1

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import TypeVar
 
+from glm_cli.core.allocator import retain_freed_memory
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -71,7 +73,7 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_si
 
     iterator = iter(items)
     max_in_flight = 2 * workers
-    pool = multiprocessing.get_context("spawn").Pool(workers)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=retain_freed_memory)
     try:
         pending: deque = deque()
         exhausted = False

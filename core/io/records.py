@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import decimal
+import json
 from dataclasses import dataclass, field
 
 from glm_cli.core.errors import UsageError
@@ -70,3 +71,36 @@ def json_default(value):
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8 (lone surrogates as 3 bytes, as they are written). An ASCII string
+    (`isascii` reads a flag CPython keeps, so it costs nothing) is its length; only others are encoded."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+_PLAIN_TYPES = (int, float, bool, type(None))
+
+
+def is_plain_ascii(record: dict) -> bool:
+    """True when every key and value of `record` is an ASCII string or a number, bool or null.
+
+    For such a record `json.dumps` writes the same bytes with `ensure_ascii` on or off, and the C
+    encoder's ASCII path is twice as fast on long texts; nor can such a record hold a lone surrogate.
+    Anything nested or non-ASCII answers False, and callers take their general path."""
+    for key, value in record.items():
+        if not key.isascii():
+            return False
+        if type(value) is str:
+            if not value.isascii():
+                return False
+        elif not isinstance(value, _PLAIN_TYPES):
+            return False
+    return True
+
+
+def record_json(record: dict) -> str:
+    """`record` as one JSON line (no newline), UTF-8 characters kept as they are (`ensure_ascii=False`)."""
+    if is_plain_ascii(record):
+        return json.dumps(record)
+    return json.dumps(record, ensure_ascii=False, default=json_default)

@@ -106,3 +106,36 @@ def test_line_keys_and_text_hashes_in_one_pass_equal_the_separate_ones(seed):
         want_keys, want_counts = _split_and_hash(texts, "line", 3)
         assert keys.tolist() == want_keys.tolist() and counts.tolist() == want_counts
         assert hashes.tolist() == [text_hash(t) for t in texts], texts
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_word_shingles_from_the_line_bytes_equal_span_hashes(seed):
+    """One normalization serves line keys, exact hashes and MinHash shingles: the shingles it gives equal
+    `span_hashes` of the texts, on ASCII batches (the shared path) and mixed ones (merged in text order)."""
+    from glm_cli.core.dedup.minhash import span_hashes
+
+    rng = random.Random(seed)
+    words = [*ALPHABET, "the", "Cat", "x1", "_", "9", "  "]
+    for trial in range(400):
+        texts = ["".join(rng.choice(words) for _ in range(rng.randint(0, 30))) for _ in range(rng.randint(0, 6))]
+        if trial % 3:
+            texts = [t.encode("ascii", "ignore").decode() for t in texts]
+        n = rng.choice([1, 2, 5])
+        keys, counts, hashes, (shingles, shingle_counts) = line_dedup.line_features(texts, 3, n)
+        want, want_counts = span_hashes(texts, n, "word")
+        assert shingles.tolist() == want.tolist(), (texts, n)
+        assert shingle_counts.tolist() == want_counts.tolist()
+        assert (keys.tolist(), counts.tolist(), hashes.tolist()) == tuple(
+            x.tolist() for x in line_dedup.unit_keys_and_text_hashes(texts, 3))
+
+
+@pytest.mark.parametrize("n_keys", [0, 1, 7, 5000, 2_000_000])
+def test_is_member_equals_isin(n_keys):
+    rng = np.random.default_rng(n_keys)
+    keys = np.unique(rng.integers(0, 2**64, n_keys, dtype=np.uint64))
+    values = np.concatenate([rng.integers(0, 2**64, 20_000, dtype=np.uint64), keys[:5000],
+                             keys[:50] ^ np.uint64(1 << 40)])  # equal low bits, different high bits
+    rng.shuffle(values)
+    got = line_dedup.is_member(values, keys)
+    assert got.tolist() == np.isin(values, keys).tolist()
+    assert got.sum() == min(n_keys, 5000)

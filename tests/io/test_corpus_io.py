@@ -255,3 +255,29 @@ def test_read_records_reports_bad_lines(tmp_path):
     path.write_bytes(b'{"q": 1}\n\n[1]\n')
     with pytest.raises(DataError, match="tasks.jsonl:3: expected a JSON object"):
         list(read_records(str(path)))
+
+
+def test_the_ascii_json_fast_path_writes_what_json_dumps_writes():
+    import json
+
+    from glm_cli.core.io.records import is_plain_ascii, record_json, utf8_size
+
+    records = [{"id": "a", "text": "plain \"quoted\" \\ back\nslash\t\x01", "n": 3, "x": 1.5, "ok": True, "z": None},
+               {"id": "b", "text": "caf\u00e9 \u2028 \U0001d408"}, {"id": "c", "text": "x", "tags": ["t"]},
+               {"id": "d", "text": "lone \ud800"}, {"id": "e", "text": "x", "m": {"k": "v"}},
+               {"id": "f", "text": "x", "\u00e9": 1}, {"id": 7, "text": ""}]
+    plain = [is_plain_ascii(r) for r in records]
+    assert plain == [True, False, False, False, False, False, True]
+    for record in records:
+        assert record_json(record) == json.dumps(record, ensure_ascii=False)
+        assert utf8_size(record["text"]) == len(record["text"].encode("utf-8", "surrogatepass"))
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc():
+    import platform
+
+    from glm_cli.core.allocator import retain_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert retain_freed_memory() is expected
+    assert retain_freed_memory() is expected  # once per process; again is harmless
