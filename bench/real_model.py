@@ -342,6 +342,8 @@ def section_quant(args, work: Path) -> dict:
             "int4-gptq": ["--bits", "4", "--method", "gptq", "--seq-len", str(args.window),
                           "--calibration-samples", str(args.calibration_samples),
                           *[x for f in calibration_files(3) for x in ("--calibration", f)]]}
+    # llama.cpp's Q4_0 keeps the output head in 8 bits (here Q8_0): int4 GPTQ with an int8 head is its like
+    made["int4-gptq-h8"] = [*made["int4-gptq"], "--no-keep-embeddings", "--head-bits", "8"]
     for name, flags in made.items():
         _, quantize_s[name] = glm_cli("quantize", str(ckpt), "-o", str(work / name), *flags, "--quiet")
     for kind in ("f32", "q8_0", "q4_0"):
@@ -377,7 +379,8 @@ def section_quant(args, work: Path) -> dict:
            "glm_rows": glm_rows, "llama_cpp_rows": ll_rows,
            "llama_f32_vs_glm_fp32_rel": ll_ref / glm_ref - 1,
            "target_int8_under_1pct": by["glm int8"]["change_pct"] < 1.0,
-           "target_gptq_better_than_llama_q4_0": gptq["change_pct"] < ll_q4["change_pct"]}
+           "target_gptq_better_than_llama_q4_0": gptq["change_pct"] < ll_q4["change_pct"],
+           "gptq_head_int8_better_than_llama_q4_0": by["glm int4-gptq-h8"]["change_pct"] < ll_q4["change_pct"]}
     out["table"] = markdown(
         f"quantization: perplexity on {HELD_OUT.name}[:{args.quant_bytes}] ({out['eval_tokens']} tokens in "
         f"windows of {args.window}); glm rows vs glm fp32, llama.cpp rows vs llama.cpp F32",
@@ -419,10 +422,13 @@ def section_qdecode(args, work: Path) -> dict:
     # in fp32 by default (--keep-embeddings), so "head int8 too" is the like-for-like row.
     pairs = [("int8", "glm int8", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
              ("int8-head", "glm int8, head int8 too", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
-             ("int4-gptq", "glm int4 (GPTQ)", "llamacpp-q4_0.gguf", "llama.cpp Q4_0")]
+             ("int4-gptq", "glm int4 (GPTQ)", "llamacpp-q4_0.gguf", "llama.cpp Q4_0"),
+             ("int4-gptq-h8", "glm int4 (GPTQ), head int8", "llamacpp-q4_0.gguf", "llama.cpp Q4_0")]
     if not (work / "int8-head" / "config.json").exists():
         glm_cli("quantize", str(work / "fp32"), "-o", str(work / "int8-head"), "--bits", "8",
                 "--no-keep-embeddings", "--quiet")
+    if not (work / "int4-gptq-h8" / "config.json").exists():
+        sys.exit(f"no {work / 'int4-gptq-h8'}: run the quant section first")
     fns, first, llms = {}, {}, {}
     for glm_dir, glm_label, gguf_file, ll_label in pairs:
         model = load_model(work / glm_dir)

@@ -32,6 +32,9 @@ Format = Annotated[str, typer.Option("--format", help="safetensors: a glm checkp
                                      "generate/eval load. gguf: one .gguf file for llama.cpp.")]
 GgufType = Annotated[str, typer.Option("--gguf-type", help="GGUF tensor type: q8_0, q4_0, f16 or f32 "
                                        "(done by the gguf package; --bits/--method do not apply).")]
+HeadBits = Annotated[int | None, typer.Option("--head-bits", help=(
+    "Bits of the output head (and tied embedding) with --no-keep-embeddings, if not --bits: 8 beside "
+    "--bits 4 is what llama.cpp's Q4_0 does (the head loses least in 8 bits, and costs little)."))]
 KeepEmbeddings = Annotated[bool, typer.Option("--keep-embeddings/--no-keep-embeddings",
                                               help="Keep the token embedding and output head in full "
                                               "precision (F16 in GGUF).")]
@@ -56,6 +59,7 @@ def command(
     format: Format = "safetensors",
     gguf_type: GgufType = "q8_0",
     keep_embeddings: KeepEmbeddings = True,
+    head_bits: HeadBits = None,
     seed: Seed = 0,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
@@ -76,6 +80,8 @@ def command(
     problems = []
     if format not in ("safetensors", "gguf"):
         problems.append(f"--format must be safetensors or gguf, not {format!r}")
+    if format == "gguf" and head_bits is not None:
+        problems.append("--head-bits applies to --format safetensors (a GGUF type fixes its own head type)")
     if format == "gguf" and method == "gptq":
         problems.append("GGUF tensors are quantized by the gguf package (round to nearest); "
                         "use --method gptq with --format safetensors")
@@ -100,7 +106,8 @@ def command(
     else:
         from glm_cli.core.quant.weight_only import QuantScheme
 
-        scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings)
+        scheme = QuantScheme(bits=bits, method=method, group_size=group_size, keep_embeddings=keep_embeddings,
+                             head_bits=head_bits)
         summary = workflow.quantize_to_safetensors(checkpoint, output, scheme, calibration=calibration,
                                                    calibration_samples=calibration_samples, seq_len=seq_len,
                                                    eval_data=eval_data, eval_tokens=eval_tokens, seed=seed)
@@ -120,7 +127,8 @@ def _print_report(summary: dict) -> None:
 
     what = (f"gguf {summary['gguf_type']}" if summary["format"] == "gguf"
             else f"int{summary['bits']} {summary['method']}"
-            + (f" group {summary['group_size']}" if summary["bits"] == 4 else " per-channel"))
+            + (f" group {summary['group_size']}" if summary["bits"] == 4 else " per-channel")
+            + (f", head int{summary['head_bits']}" if summary.get("head_bits") else ""))
     log(f"quantized ({what}): {summary['output']}")
     log(f"  size: {summary['source_bytes'] / 1e6:.2f} MB -> {summary['output_bytes'] / 1e6:.2f} MB "
         f"({summary['compression']:.2f}x smaller)")

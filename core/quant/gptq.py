@@ -188,6 +188,7 @@ def quantize_model_gptq(model: nn.Module, scheme: QuantScheme, batches: list[tor
 
 def _quantize_layer(model: nn.Module, name: str, hessian: torch.Tensor, scheme: QuantScheme) -> None:
     linear = model.get_submodule(name)
-    tensors = gptq_quantize_weight(linear.weight, hessian, scheme.bits, scheme.group_size, scheme.damp,
+    bits = scheme.bits_for(name)
+    tensors = gptq_quantize_weight(linear.weight, hessian, bits, scheme.group_size, scheme.damp,
                                    scheme.block_size)
-    install(model, name, tensors, scheme.bits)
+    install(model, name, tensors, bits)

@@ -41,8 +41,10 @@ def scheme_of(quant_config: dict, source: str | Path) -> QuantScheme:
     bits = int(quant_config.get("bits", 0))
     if bits not in (4, 8):
         raise CheckpointError(f"{source}: quantization_config.bits must be 4 or 8, not {bits}")
-    fields = {k: quant_config[k] for k in ("bits", "method", "keep_embeddings", "modules_not_converted")
+    fields = {k: quant_config[k] for k in ("bits", "head_bits", "method", "keep_embeddings", "modules_not_converted")
               if k in quant_config}
+    if fields.get("head_bits") not in (None, 4, 8):
+        raise CheckpointError(f"{source}: quantization_config.head_bits must be 4 or 8, not {fields['head_bits']}")
     return QuantScheme(**fields, group_size=max(8, int(quant_config.get("group_size", 128)))
                        if bits == 4 else 128)
 
@@ -55,8 +57,12 @@ def fill_quantized(model: nn.Module, quant_config: dict, state: dict[str, torch.
     scheme = scheme_of(quant_config, source)
     config = model.config
     state = dict(state)
-    names = ("qweight", "scales", "qzeros") if scheme.bits == 4 else ("qweight", "scales")
     for prefix in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}):
+        bits = scheme.bits_for(prefix)
+        names = ("qweight", "scales", "qzeros") if bits == 4 else ("qweight", "scales")
+        if bits == 8 and f"{prefix}.qzeros" in state:
+            raise CheckpointError(f"{source}: {prefix} has int4 zero points, but quantization_config says "
+                                  f"{'head_bits' if bits != scheme.bits else 'bits'} 8")
         try:
             tensors = {n: state.pop(f"{prefix}.{n}") for n in names}
         except KeyError as e:
@@ -64,11 +70,11 @@ def fill_quantized(model: nn.Module, quant_config: dict, state: dict[str, torch.
         if prefix == "model.embed_tokens":
             if not config.tie_embeddings:
                 raise CheckpointError(f"{source}: a quantized embedding needs tie_word_embeddings")
-            install(model, "lm_head", tensors, scheme.bits)
+            install(model, "lm_head", tensors, bits)
         else:
             if not isinstance(_submodule(model, prefix, source), nn.Linear):
                 raise CheckpointError(f"{source}: {prefix} is not a linear layer and cannot be quantized")
-            install(model, prefix, tensors, scheme.bits)
+            install(model, prefix, tensors, bits)
     tied_float_head = config.tie_embeddings and not isinstance(model.lm_head, QuantLinear)
     if tied_float_head:
         state.pop("lm_head.weight", None)

@@ -170,6 +170,53 @@ def test_quantized_checkpoint_roundtrip(tiny_ckpt, tmp_path, bits, method, keep)
     assert (out / "model.safetensors").stat().st_size < 0.75 * (ckpt / "model.safetensors").stat().st_size
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_int4_blocks_with_an_int8_head_save_and_load_exactly(tiny_ckpt, tmp_path, method):
+    """--head-bits 8 beside --bits 4 (llama.cpp's Q4_0 layout): the head and the tied embedding are int8,
+    every block projection int4, and the checkpoint reloads to the same logits."""
+    from glm_cli.core.quant.weight_only import QuantEmbedding
+
+    root, ckpt = tiny_ckpt
+    model = load_model(ckpt)
+    scheme = QuantScheme(bits=4, method=method, group_size=32, keep_embeddings=False, head_bits=8)
+    if method == "gptq":
+        quantize_model_gptq(model, scheme, calibration_batches(torch.randint(0, 320, (4000,)).numpy(), 8, 32))
+    else:
+        quantize_model_rtn(model, scheme)
+    blocks = {m.bits for name, m in model.named_modules() if isinstance(m, QuantLinear) and ".layers." in name}
+    assert model.lm_head.bits == 8 and blocks == {4}
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and model.model.embed_tokens.table.bits == 8
+    out = save_quantized(tmp_path / "q", model, tokenizer_dir=ckpt)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["head_bits"] == 8
+    loaded = load_model(out)
+    assert loaded.lm_head.bits == 8
+    idx = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(idx[:, :1]), model(idx[:, :1]), rtol=0, atol=0)  # kernel path
+
+
+def test_head_bits_is_refused_where_it_cannot_apply(tiny_ckpt, tmp_path):
+    from glm_cli.core.errors import CheckpointError, UsageError
+
+    with pytest.raises(UsageError, match="--no-keep-embeddings"):
+        QuantScheme(bits=4, head_bits=8)
+    with pytest.raises(UsageError, match="--head-bits must be 8 or 4"):
+        QuantScheme(bits=4, head_bits=2, keep_embeddings=False)
+    # a checkpoint whose config says head_bits 8 over an int4 head is refused, naming the module
+    root, ckpt = tiny_ckpt
+    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=4, group_size=32, keep_embeddings=False))
+    out = save_quantized(tmp_path / "q", model, tokenizer_dir=ckpt)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["head_bits"] = 8
+    (out / "config.json").write_text(json.dumps(config))
+    from glm_cli.core.checkpoint.directory import write_manifest
+
+    write_manifest(out)  # a consistent but wrong checkpoint, not a corrupted one
+    with pytest.raises(CheckpointError, match="model.embed_tokens has int4 zero points"):
+        load_model(out)
+
+
 def test_quantized_model_close_to_fp32(tiny_ckpt):
     _, ckpt = tiny_ckpt
     tokens = np.random.default_rng(0).integers(0, 320, 3000)
