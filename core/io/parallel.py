@@ -4,8 +4,10 @@
 of workers, so a command's output is byte-identical with 1 or 16 workers.
 
 - `workers == 1` runs inline (no pool, no pickling, plain tracebacks): the default and the reference.
-- `workers > 1` uses a `multiprocessing` pool from the *spawn* context (safe with threads, torch and
-  macOS; no forked locks). `fn` must therefore be a picklable top-level function (or a
+- `workers > 1` uses a `multiprocessing` pool of `workers - 1` processes from the *spawn* context (safe
+  with threads, torch and macOS; no forked locks), and the calling process computes chunks too whenever
+  the next result in order is not ready yet, instead of waiting: `workers` processes in all, and none
+  idle while the caller's own share of the work (reading, writing) is lighter than theirs. `fn` must therefore be a picklable top-level function (or a
   `functools.partial` of one), and the calling script must be import-safe (`if __name__ == "__main__"`).
 - Memory stays bounded for inputs of any length: items are consumed lazily in chunks of `chunk_size`,
   and at most `2 * workers` chunks are in flight at once; results are yielded as soon as the next one in
@@ -25,6 +27,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+from multiprocessing.pool import AsyncResult
 from typing import TypeVar
 
 from glm_cli.core.allocator import retain_freed_memory
@@ -56,6 +59,14 @@ def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | 
         return False, _portable(error)
 
 
+def _apply_here(fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | BaseException]:
+    """`_apply_chunk` in this process: an error is kept as raised, and re-raised in its turn."""
+    try:
+        return True, [fn(item) for item in chunk]
+    except Exception as error:  # noqa: BLE001 - re-raised by map_ordered when its turn comes
+        return False, error
+
+
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 64) -> Iterator[R]:
     """Yield `fn(item)` for each item, in input order, using `workers` processes.
 
@@ -73,9 +84,11 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_si
 
     iterator = iter(items)
     max_in_flight = 2 * workers
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=retain_freed_memory)
+    # `workers` processes compute: a pool of workers - 1, and this one whenever its next result is not
+    # ready yet (it would only wait), so no core idles while the caller's own work (reading) is light
+    pool = multiprocessing.get_context("spawn").Pool(workers - 1, initializer=retain_freed_memory)
     try:
-        pending: deque = deque()
+        pending: deque = deque()  # in input order: pool results, or (ok, value) computed here
         exhausted = False
         while True:
             while not exhausted and len(pending) < max_in_flight:
@@ -86,7 +99,15 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_si
                 pending.append(pool.apply_async(_apply_chunk, (fn, chunk)))
             if not pending:
                 break
-            ok, value = pending.popleft().get()
+            head = pending[0]
+            if isinstance(head, AsyncResult) and not head.ready() and not exhausted:
+                chunk = list(islice(iterator, chunk_size))
+                if chunk:
+                    pending.append(_apply_here(fn, chunk))
+                    continue
+                exhausted = True
+            pending.popleft()
+            ok, value = head.get() if isinstance(head, AsyncResult) else head
             if not ok:
                 raise value
             yield from value
