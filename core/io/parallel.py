@@ -7,8 +7,9 @@ of workers, so a command's output is byte-identical with 1 or 16 workers.
 - `workers > 1` uses a `multiprocessing` pool of `workers - 1` processes from the *spawn* context (safe
   with threads, torch and macOS; no forked locks), and the calling process computes chunks too whenever
   the next result in order is not ready yet, instead of waiting: `workers` processes in all, and none
-  idle while the caller's own share of the work (reading, writing) is lighter than theirs. `fn` must therefore be a picklable top-level function (or a
-  `functools.partial` of one), and the calling script must be import-safe (`if __name__ == "__main__"`).
+  idle while the caller's own share of the work (reading, writing) is lighter than theirs. `fn` must
+  therefore be a picklable top-level function (or a `functools.partial` of one), and the calling script
+  must be import-safe (`if __name__ == "__main__"`).
 - Memory stays bounded for inputs of any length: items are consumed lazily in chunks of `chunk_size`,
   and at most `2 * workers` chunks are in flight at once; results are yielded as soon as the next one in
   order is ready.
