@@ -113,4 +113,12 @@ def prepare_for_inference(model: nn.Module) -> dict[str, int]:
 
     base = base_of(model)
     fused = base.fuse_projections() if hasattr(base, "fuse_projections") else 0
-    return {"fused_projections": fused, "packed_linears": pack_for_cpu_inference(model)}
+    native = False
+    if base is model and hasattr(model, "fast_decode"):  # not under LoRA: the step runs the base weights
+        from glm_cli.core.quant.native import NativeDecoder
+        from glm_cli.core.quant.weight_only import is_quantized
+
+        if is_quantized(model):
+            model.fast_decode = NativeDecoder.build(model)
+            native = model.fast_decode is not None
+    return {"fused_projections": fused, "packed_linears": pack_for_cpu_inference(model), "native_decode": native}

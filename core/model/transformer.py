@@ -261,6 +261,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", scaled_rope_frequencies(config), persistent=False)
         self.gradient_checkpointing = False
+        # set by inference preparation (`prepare_for_inference`) where a native decode step exists for this
+        # model: fast_decode(x, cos, sin, cache) -> final hidden states, or None to run the blocks here
+        self.fast_decode = None
         self.init_weights()
 
     @torch.no_grad()
@@ -319,6 +322,11 @@ class Transformer(nn.Module):
             if longest > self.config.max_seq_len:
                 inv_freq = scaled_rope_frequencies(self.config, longest).to(x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+        if self.fast_decode is not None and cache is not None and mask is None and T == 1 and not self.training:
+            out = self.fast_decode(x, cos, sin, cache)
+            if out is not None:
+                cache.advance(T)
+                return out
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)

@@ -193,6 +193,11 @@ def dequantize(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ inference modules
 
+NATIVE_MAX_ROWS = 4
+"""Rows up to which glm's native CPU kernels run the product (`core.quant.native`): they read each
+weight row from cache once per input row, so past a few rows PyTorch's tiled kernels are faster."""
+
+
 def _kernel_max_rows() -> int:
     """Rows (batch x positions) up to which the packed CPU kernels are used: decode-sized inputs.
 
@@ -235,6 +240,7 @@ class QuantLinear(nn.Module):
             raise UsageError(f"bits must be 8 or 4, not {bits}")
         self.kernel_max_rows = _kernel_max_rows()
         self._kernel_state: tuple | None = None  # derived kernel layouts, built on first use
+        self._native_state: tuple | bool | None = None  # (library, NativeWeights), or False: not here
         self._kernel_ok = True
 
     @classmethod
@@ -272,6 +278,7 @@ class QuantLinear(nn.Module):
                                       f"expected {tuple(buffer.shape)}")
             setattr(self, name, value.to(buffer.dtype).to(buffer.device))
         self._kernel_state = None
+        self._native_state = None
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         names = ("qweight", "scales", "qzeros") if self.bits == 4 else ("qweight", "scales")
@@ -306,8 +313,22 @@ class QuantLinear(nn.Module):
         packed, sz = self._kernel_layout()
         return torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
 
+    def _native(self):
+        """The native kernels' view of this layer (`core.quant.native`), or None where they don't run."""
+        if self._native_state is None:
+            from glm_cli.core.quant.native import NativeWeights, load_cpu_kernels
+
+            lib = load_cpu_kernels()
+            self._native_state = (lib, NativeWeights(self)) if lib and NativeWeights.supports(self) else False
+        return self._native_state or None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        native = (self._native() if rows <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and self.kernel_max_rows
+                  and x.device.type == "cpu" and not torch.is_grad_enabled() else None)
+        if native:
+            lib, weights = native
+            return weights.matmul(lib, x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if (self._kernel_ok and rows <= self.kernel_max_rows and x.device.type == "cpu"
                 and not torch.is_grad_enabled()):
             try:

@@ -159,7 +159,8 @@ def test_prepare_for_inference_fuses_then_packs(monkeypatch):
     reference, model = tiny(), tiny()
     n_layers = model.config.n_layers
     assert prepare_for_inference(model) == {"fused_projections": 2 * n_layers,
-                                           "packed_linears": 4 * n_layers + 1}  # qkv o gate_up down, head
+                                           "packed_linears": 4 * n_layers + 1,  # qkv o gate_up down, head
+                                           "native_decode": False}  # not quantized
     assert_same_logits_and_greedy_tokens(model, reference, tol=1e-4)
 
 

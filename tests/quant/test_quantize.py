@@ -130,6 +130,7 @@ def test_gptq_beats_rtn_on_layer_output_error():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantlinear_kernel_matches_dequantized(bits, monkeypatch):
+    monkeypatch.setattr("glm_cli.core.quant.weight_only.NATIVE_MAX_ROWS", 0)  # PyTorch's kernel, not glm's
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 192, bias=False)
     q = QuantLinear.from_linear(linear, bits, 64)

@@ -1,0 +1,135 @@
+"""glm's native CPU kernels (cpu_ext/decode.cpp through core/quant/native.py) against references.
+
+The products are checked against float64 products of the dequantized weights; the decode step against
+the Python forward run on the same dequantized weights (GLM_QUANT_KERNEL=off), step by step, keys and
+values in the cache included. Skipped where the library cannot run (not x86-64 Linux with AVX2/FMA, or no
+compiler): there `loader.py` returns None and the PyTorch path runs.
+"""
+
+import pytest
+import torch
+
+from glm_cli.core.infer.generation import GenerationConfig, generate
+from glm_cli.core.model.config import preset
+from glm_cli.core.model.packed_linear import prepare_for_inference
+from glm_cli.core.model.transformer import KVCache, Transformer
+from glm_cli.core.quant.native import NativeDecoder, NativeWeights
+from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, quantize_weight
+from glm_cli.cpu_ext.loader import load_cpu_kernels
+
+lib = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(lib is None, reason="native CPU kernels unavailable here")
+
+
+@pytest.mark.parametrize("bits,k,n,group", [(8, 64, 40, 0), (8, 576, 193, 0), (4, 256, 96, 64),
+                                            (4, 576, 130, 64), (4, 1536, 70, 128), (4, 96, 33, 32)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_products_equal_dequantized_weights(bits, k, n, group, rows):
+    gen = torch.Generator().manual_seed(k + n + rows)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)  # rows of different scales
+    layer = QuantLinear.from_tensors(quantize_weight(w, bits, group or 128), bits)
+    assert layer.group_size == (group or k)
+    x = torch.randn(rows, k, generator=gen)
+    want = x.double() @ layer.dequantize().double().T
+    got = NativeWeights(layer).matmul(lib, x)
+    # float32 sums of k terms: the error is a few ulps of the largest partial sums
+    tol = 4e-6 * (x.abs().double() @ layer.dequantize().abs().double().T).max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+def test_quantlinear_runs_native_for_few_rows_only(monkeypatch):
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), 8)
+    calls = []
+    original = NativeWeights.matmul
+    monkeypatch.setattr(NativeWeights, "matmul", lambda self, lib, x: calls.append(len(x)) or original(self, lib, x))
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 64))
+        layer(torch.randn(1, 9, 64))  # above NATIVE_MAX_ROWS: PyTorch's kernel
+        layer(torch.randn(2, 64).bfloat16())  # not float32: PyTorch's kernel
+    assert calls == [3]
+
+
+def quantized_model(bits: int, seed: int = 0) -> Transformer:
+    """A small GQA Llama (2 key/value heads for 4 query heads), quantized by round to nearest."""
+    torch.manual_seed(seed)
+    config = preset("tiny", dim=128, n_heads=4, n_kv_heads=2, n_layers=3, vocab_size=512, max_seq_len=512)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # sharp logits: greedy paths are not near-ties
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # norms that are not all ones, so a missing weight shows
+    scheme = QuantScheme(bits=bits, group_size=32, keep_embeddings=False)
+    return quantize_model_rtn(model, scheme)
+
+
+def reference_of(model: Transformer) -> Transformer:
+    """The same weights through the Python forward, every product on the dequantized weights."""
+    ref = quantized_model(model._test_bits)
+    ref.load_state_dict(model.state_dict())
+    ref.fuse_projections()
+    for m in ref.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_max_rows = 0
+    return ref
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_step_equals_the_python_forward(bits):
+    model = quantized_model(bits)
+    model._test_bits = bits
+    reference = reference_of(model)
+    assert prepare_for_inference(model)["native_decode"]
+    calls = []
+    step = model.fast_decode
+    model.fast_decode = lambda *a: calls.append(1) or step(*a)
+    # 300 positions: long enough that attention runs its heads in parallel (L * H * D >= 32768)
+    prompt = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(bits))
+    caches = [KVCache(m.config, 1, 340, "cpu", torch.float32) for m in (model, reference)]
+    with torch.inference_mode():
+        logits = [m(prompt, cache=c)[:, -1] for m, c in zip((model, reference), caches, strict=True)]
+        for i in range(300):
+            token = logits[1].argmax(-1, keepdim=True)
+            positions = torch.tensor([[caches[0].length]])
+            logits = [m(token, positions=positions, cache=c)[:, -1]
+                      for m, c in zip((model, reference), caches, strict=True)]
+            if i % 50 == 0 or i == 299:
+                scale = logits[1].abs().max().item()
+                torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=2e-5 * scale)
+    assert len(calls) == 300 and caches[0].length == caches[1].length == 340
+    for layer in (0, 2):
+        for got, want in ((caches[0].keys[layer], caches[1].keys[layer]),
+                          (caches[0].values[layer], caches[1].values[layer])):
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_native_step(monkeypatch):
+    model = quantized_model(4, seed=1)
+    model._test_bits = 4
+    reference = reference_of(model)
+    prepare_for_inference(model)
+    assert model.fast_decode is not None
+    prompts, config = [[5, 6, 7, 8, 9]], GenerationConfig(max_new_tokens=40)
+    assert generate(model, prompts, config)[0].tokens == generate(reference, prompts, config)[0].tokens
+    # a batch of two and a padded batch run the Python blocks (the step is for one sequence): same tokens
+    two = [[5, 6, 7, 8, 9], [3, 4]]
+    assert ([c.tokens for c in generate(model, two, config)]
+            == [c.tokens for c in generate(reference, two, config)])
+
+
+def test_decoder_declines_what_it_does_not_run():
+    model = quantized_model(8)
+    model.fuse_projections()
+    decoder = NativeDecoder.build(model)
+    assert decoder is not None
+    cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
+    x = torch.randn(1, 1, model.config.dim)
+    cos = sin = torch.ones(model.config.head_dim)
+    with torch.inference_mode():
+        assert decoder(x.bfloat16(), cos, sin, cache) is None  # not float32
+        assert decoder(torch.randn(2, 1, model.config.dim), cos, sin,
+                       KVCache(model.config, 2, 8, "cpu", torch.float32)) is None  # two sequences
+        cache.length = 8
+        assert decoder(x, cos, sin, cache) is None  # cache full: the Python path raises the error
+    unfused = quantized_model(8)
+    assert NativeDecoder.build(unfused) is None  # q/k/v not fused: nothing to run natively
