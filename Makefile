@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test demo data bench lint cuda_ext clean-data
+.PHONY: install test demo data bench lint cuda_ext cpu_ext clean-data
 
 install: $(VENV)/.installed
 
@@ -41,10 +41,14 @@ bench: install
 	bash bench/run_all.sh
 
 lint: install
-	$(BIN)/ruff check glm_cli commands core cuda_ext tests bench examples
+	$(BIN)/ruff check glm_cli commands core cuda_ext cpu_ext tests bench examples
 
 cuda_ext: install
 	$(BIN)/python -m glm_cli.cuda_ext.build
+
+# The native CPU decode kernels (built on first use anyway; this does it ahead of time and shows the compiler).
+cpu_ext: install
+	$(BIN)/python -m glm_cli.cpu_ext.build -v
 
 clean-data:
 	rm -rf data runs

@@ -12,9 +12,10 @@
 // seconds. Threads come from OpenMP; linked against the libgomp that torch has already loaded, it
 // shares torch's thread pool and honours torch.set_num_threads.
 //
-// Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row;
-// int4 weights packed (N, K/2), column 2j in the low nibble of byte j, column 2j+1 in the high one,
-// with a float scale and zero point per group of G columns: w = (q - z) * s.
+// Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
+// with a float scale and zero point per group of G columns, w = (q - z) * s, stored by glm as (N, K/2)
+// bytes (column 2j in the low nibble of byte j) and rearranged once, at load, into the lane layout of
+// `glm_int4_lane_layout` (the same bytes in another order).
 
 #include <immintrin.h>
 #include <math.h>
@@ -27,7 +28,7 @@
 
 extern "C" {
 
-int glm_cpu_abi_version() { return 1; }
+int glm_cpu_abi_version() { return 2; }
 
 }  // extern "C"
 
@@ -57,22 +58,29 @@ inline float dot_int8(const float* x, const int8_t* w, int64_t K) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-// One int4 row against x in the "nibble order" of `permute_for_int4`, group by group:
-// sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k). K and G multiples of 32.
-inline float dot_int4(const float* xp, const float* xsum, const uint8_t* w, const float* s, const float* z,
+// One int4 row in the lane layout (`glm_int4_lane_layout`), group by group:
+// sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k). K and G multiples of 64.
+// Each 256-bit load holds 64 codes as 8 words; shifting and masking the words gives the codes of 8
+// consecutive columns in 8 int32 lanes, so no byte shuffles are needed (they were the bottleneck).
+inline float dot_int4(const float* x, const float* xsum, const uint32_t* w, const float* s, const float* z,
                       int64_t K, int64_t G) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
   __m256 total = _mm256_setzero_ps();
   float offset = 0.0f;
   for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k0 + G; k += 32) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xp + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xp + k + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xp + k + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xp + k + 24), a3);
+    for (int64_t k = k0; k < k0 + G; k += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
+#define GLM_CODES(shift) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), nibble))
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(GLM_CODES(4), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(GLM_CODES(8), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(GLM_CODES(12), _mm256_loadu_ps(x + k + 24), a3);
+      a0 = _mm256_fmadd_ps(GLM_CODES(16), _mm256_loadu_ps(x + k + 32), a0);
+      a1 = _mm256_fmadd_ps(GLM_CODES(20), _mm256_loadu_ps(x + k + 40), a1);
+      a2 = _mm256_fmadd_ps(GLM_CODES(24), _mm256_loadu_ps(x + k + 48), a2);
+      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), _mm256_loadu_ps(x + k + 56), a3);
+#undef GLM_CODES
     }
     __m256 group = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     total = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), group, total);
@@ -81,14 +89,7 @@ inline float dot_int4(const float* xp, const float* xsum, const uint8_t* w, cons
   return hsum(total) - offset;
 }
 
-// x (K) -> xp: within each 32 columns, the 16 even ones first, then the 16 odd ones (the order in
-// which dot_int4 unpacks low and high nibbles); xsum: the sum of x over each group of G.
-void permute_for_int4(const float* x, int64_t K, int64_t G, float* xp, float* xsum) {
-  for (int64_t c = 0; c < K; c += 32)
-    for (int j = 0; j < 16; ++j) {
-      xp[c + j] = x[c + 2 * j];
-      xp[c + 16 + j] = x[c + 2 * j + 1];
-    }
+void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
   for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
     float acc = 0.0f;
     for (int64_t k = k0; k < k0 + G; ++k) acc += x[k];
@@ -115,23 +116,38 @@ void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, cons
   }
 }
 
-// y (M, N) = x (M, K) @ dequant(w).T for packed int4 w (N, K/2), scales and zeros (N, K/G).
-// K % 32 == 0, G % 32 == 0. scratch: M * (K + K/G) floats.
-void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+// glm's stored int4 rows (N, K/2 bytes, column 2j in the low nibble of byte j) -> the lane layout of
+// dot_int4: per 64 columns, 8 uint32 words, word l holding column 8j + l in bits 4j..4j+3. K % 64 == 0.
+void glm_int4_lane_layout(const uint8_t* packed, int64_t N, int64_t K, uint32_t* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = packed + n * (K / 2);
+    uint32_t* dst = out + n * (K / 8);
+    for (int64_t b = 0; b < K; b += 64)
+      for (int l = 0; l < 8; ++l) {
+        uint32_t word = 0;
+        for (int j = 0; j < 8; ++j) {
+          const int64_t col = b + 8 * j + l;
+          const uint32_t code = (row[col / 2] >> (4 * (col % 2))) & 0x0F;
+          word |= code << (4 * j);
+        }
+        dst[b / 8 + l] = word;
+      }
+  }
+}
+
+// y (M, N) = x (M, K) @ dequant(w).T for int4 w in the lane layout (N, K/8 words), scales and zeros
+// (N, K/G). K % 64 == 0, G % 64 == 0. scratch: M * (K / G) floats.
+void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, const float* scales,
                      const float* zeros, int64_t G, int64_t N, float* y, float* scratch) {
   const int64_t n_groups = K / G;
-  for (int64_t m = 0; m < M; ++m)
-    permute_for_int4(x + m * K, K, G, scratch + m * (K + n_groups), scratch + m * (K + n_groups) + K);
+  for (int64_t m = 0; m < M; ++m) group_sums(x + m * K, K, G, scratch + m * n_groups);
   const bool parallel = N * K / 2 >= kParallelMinBytes;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* row = w + n * (K / 2);
+    const uint32_t* row = w + n * (K / 8);
     const float* s = scales + n * n_groups;
     const float* z = zeros + n * n_groups;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xp = scratch + m * (K + n_groups);
-      y[m * N + n] = dot_int4(xp, xp + K, row, s, z, K, G);
-    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_int4(x + m * K, scratch + m * n_groups, row, s, z, K, G);
   }
 }
 
@@ -140,7 +156,7 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, con
 struct GlmLinear {
   int64_t bits;  // 8 or 4
   int64_t in_features, out_features, group_size;
-  const void* weight;    // int8 (N, K) or packed uint8 (N, K/2)
+  const void* weight;    // int8 (N, K), or int4 in the lane layout (N, K/8 words)
   const float* scales;   // (N) or (N, K/G)
   const float* zeros;    // int4 only: (N, K/G)
 };
@@ -166,7 +182,7 @@ void linear(const GlmLinear& l, const float* x, float* y, float* scratch) {
   if (l.bits == 8)
     glm_linear_int8(x, 1, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
   else
-    glm_linear_int4(x, 1, l.in_features, static_cast<const uint8_t*>(l.weight), l.scales, l.zeros,
+    glm_linear_int4(x, 1, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
                     l.group_size, l.out_features, y, scratch);
 }
 

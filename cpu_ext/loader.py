@@ -46,6 +46,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glm_linear_int8.restype = None
     lib.glm_linear_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p]
     lib.glm_linear_int4.restype = None
+    lib.glm_int4_lane_layout.argtypes = [p, i64, i64, p]
+    lib.glm_int4_lane_layout.restype = None
     lib.glm_decode_scratch_floats.argtypes = [p, i64]
     lib.glm_decode_scratch_floats.restype = i64
     lib.glm_decode_step.argtypes = [p, p, p, p, i64, i64, p, p, p]
@@ -53,7 +55,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 def _load():

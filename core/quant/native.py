@@ -20,6 +20,7 @@ import torch
 
 from glm_cli.cpu_ext.loader import load_cpu_kernels
 
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -28,18 +29,25 @@ class NativeWeights:
     """A QuantLinear's tensors as the native kernels read them: the stored codes as they are, scales
     (and int4 zero points) as float32. Kept alive as long as anything may call the kernels on them."""
 
-    def __init__(self, layer):
+    def __init__(self, lib, layer):
         self.bits, self.in_features, self.out_features = layer.bits, layer.in_features, layer.out_features
         self.group_size = layer.group_size
-        self.weight = layer.qweight.contiguous()
         self.scales = layer.scales.float().contiguous()
         self.zeros = layer.qzeros.float().contiguous() if layer.bits == 4 else None
+        if layer.bits == 8:
+            self.weight = layer.qweight.contiguous()
+        else:  # the int4 kernel reads its own arrangement of the same bytes (cpu_ext/decode.cpp)
+            packed = layer.qweight.contiguous()
+            self.weight = torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32)
+            lib.glm_int4_lane_layout(packed.data_ptr(), self.out_features, self.in_features, self.weight.data_ptr())
 
     @staticmethod
     def supports(layer) -> bool:
-        """The kernels' shape rules: 32 columns at a time, int4 groups of whole 32-column blocks."""
-        return (layer.qweight.device.type == "cpu" and layer.in_features % 32 == 0
-                and (layer.bits == 8 or layer.group_size % 32 == 0))
+        """The kernels' shape rules: int8 rows of whole 32-column blocks; int4 rows and groups of whole
+        64-column blocks (every group size glm picks for in_features a multiple of 64)."""
+        block = 32 if layer.bits == 8 else 64
+        return (layer.qweight.device.type == "cpu" and layer.in_features % block == 0
+                and layer.group_size % block == 0)
 
     def matmul(self, lib, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) float32 -> (M, N) float32."""
@@ -50,8 +58,7 @@ class NativeWeights:
             lib.glm_linear_int8(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(),
                                 self.scales.data_ptr(), self.out_features, y.data_ptr())
         else:
-            groups = self.in_features // self.group_size
-            scratch = torch.empty(rows * (self.in_features + groups), dtype=torch.float32)
+            scratch = torch.empty(rows * (self.in_features // self.group_size), dtype=torch.float32)
             lib.glm_linear_int4(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(),
                                 self.scales.data_ptr(), self.zeros.data_ptr(), self.group_size,
                                 self.out_features, y.data_ptr(), scratch.data_ptr())
@@ -105,7 +112,7 @@ class NativeDecoder:
         self._weights = []  # keeps every tensor the structs point to alive
         layers = (_Layer * c.n_layers)()
         for i, block in enumerate(model.model.layers):
-            qkv, o, gate_up, down = (NativeWeights(m) for m in _block_layers(block))
+            qkv, o, gate_up, down = (NativeWeights(lib, m) for m in _block_layers(block))
             norms = (block.input_layernorm.weight.detach().float().contiguous(),
                      block.post_attention_layernorm.weight.detach().float().contiguous())
             self._weights += [qkv, o, gate_up, down, *norms]

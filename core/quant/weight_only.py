@@ -214,11 +214,13 @@ def _kernel_max_rows() -> int:
 class QuantLinear(nn.Module):
     """A bias-free Linear whose weight is stored int8 or packed int4 (see the module docstring).
 
-    forward, for decode-sized inputs on CPU (<= 16 rows), calls PyTorch's weight-only kernels
-    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the int8/int4 weights directly.
-    Those kernels are fast only with bfloat16 activations, so the input is cast to bf16 for that matmul and
-    the result cast back. Larger inputs (prefill, evaluation) dequantize the weight once per call and use
-    an ordinary fp32 matmul, which on CPU is faster there and exact with respect to the stored weights.
+    forward, for a few float32 rows on CPU (<= NATIVE_MAX_ROWS), runs glm's native products
+    (`core.quant.native`: float32 activations against the stored codes). Up to 16 rows it calls PyTorch's
+    weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the int8/int4
+    weights directly but are fast only with bfloat16 activations, so the input is cast to bf16 for that
+    matmul and the result cast back. Larger inputs (prefill, evaluation) dequantize the weight once per
+    call and use an ordinary fp32 matmul, which on CPU is faster there and exact with respect to the
+    stored weights.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128):
@@ -319,7 +321,7 @@ class QuantLinear(nn.Module):
             from glm_cli.core.quant.native import NativeWeights, load_cpu_kernels
 
             lib = load_cpu_kernels()
-            self._native_state = (lib, NativeWeights(self)) if lib and NativeWeights.supports(self) else False
+            self._native_state = (lib, NativeWeights(lib, self)) if lib and NativeWeights.supports(self) else False
         return self._native_state or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
