@@ -131,8 +131,9 @@ def command(
     for m in (model, amateur_model):
         if m is not None:
             prepared = prepare_for_inference(m)
+            native = ", glm's native CPU decode step" if prepared["native_decode"] else ""
             log(f"decoding with {prepared['fused_projections']} fused projection groups, "
-                f"{prepared['packed_linears']} oneDNN-packed linears")
+                f"{prepared['packed_linears']} oneDNN-packed linears{native}")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

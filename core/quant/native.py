@@ -89,13 +89,17 @@ class _Model(ctypes.Structure):
                 ("norm_eps", ctypes.c_float), ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
 
 
+def _is_quant_linear(module) -> bool:
+    """A `QuantLinear`, known by its class name: weight_only imports this module, so this one does not
+    import it back (and a wrapper around one, such as LoRA's, is not one)."""
+    return type(module).__name__ == "QuantLinear" and type(module).__module__.endswith("quant.weight_only")
+
+
 def _block_layers(block) -> list | None:
     """The four projections of a block in the fused form the step runs, or None when it is not."""
-    from glm_cli.core.quant.weight_only import QuantLinear
-
     layers = [getattr(block.self_attn, "qkv_proj", None), block.self_attn.o_proj,
               getattr(block.mlp, "gate_up_proj", None), block.mlp.down_proj]
-    if not all(type(m) is QuantLinear and NativeWeights.supports(m) for m in layers):
+    if not all(_is_quant_linear(m) and NativeWeights.supports(m) for m in layers):
         return None
     return layers
 
