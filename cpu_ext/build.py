@@ -1,10 +1,14 @@
-"""Compile `decode.cpp` into a shared library, cached by the source, flags and compiler.
+"""Compile glm's native CPU libraries, cached by source, flags and compiler.
 
-The library has a plain C ABI and includes no torch headers, so a build takes seconds. It is linked
-with `-fopenmp`: the OpenMP runtime it needs is the `libgomp.so.1` that torch has already loaded by the
-time `loader.py` opens it, so both share one thread pool.
+Two libraries, each a plain C ABI without torch headers (so a build takes a second or two):
 
-Cache: `$GLM_CPU_EXT_DIR`, else `$XDG_CACHE_HOME/glm/cpu_ext` (`~/.cache/glm/cpu_ext`). The file name
+- `decode`: `decode.cpp`, the quantized decode step and products. Linked with `-fopenmp`; the OpenMP
+  runtime it needs is the `libgomp.so.1` that torch has already loaded by the time `loader.py` opens it,
+  so both share one thread pool.
+- `data`: `data.cpp`, MinHash signatures and whitespace collapsing for `glm dedup`, which runs without
+  torch: no OpenMP.
+
+Cache: `$GLM_CPU_EXT_DIR`, else `$XDG_CACHE_HOME/glm/cpu_ext` (`~/.cache/glm/cpu_ext`). A file's name
 holds a hash of everything that goes into it; it is written to a temporary name and renamed, so a build
 killed halfway, or two processes building at once, never leave a truncated library behind.
 """
@@ -19,8 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "decode.cpp"
-FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+HERE = Path(__file__).resolve().parent
+COMMON_FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno"]
+LIBRARIES = {
+    "decode": (HERE / "decode.cpp", [*COMMON_FLAGS, "-fopenmp"]),
+    "data": (HERE / "data.cpp", COMMON_FLAGS),
+}
 
 
 def compiler() -> str | None:
@@ -43,31 +51,33 @@ def _version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def library_path(cxx: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _version(cxx).encode()).hexdigest()
-    return cache_dir() / f"glm_cpu_{key[:16]}.so"
+def library_path(name: str, cxx: str) -> Path:
+    source, flags = LIBRARIES[name]
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _version(cxx).encode()).hexdigest()
+    return cache_dir() / f"glm_{name}_{key[:16]}.so"
 
 
-def build(verbose: bool = False) -> Path:
-    """The compiled library's path, building it first when the cache lacks it. Raises RuntimeError with
-    the compiler's first error line when the build fails."""
+def build(name: str = "decode", verbose: bool = False) -> Path:
+    """Library `name`'s path, building it first when the cache lacks it. Raises RuntimeError with the
+    compiler's first error line when the build fails."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-    target = library_path(cxx)
+    source, flags = LIBRARIES[name]
+    target = library_path(name, cxx)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, str(source), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if verbose or done.returncode:
+        if verbose:  # otherwise a failure is the one line raised below (`make cpu_ext` shows it all)
             sys.stderr.write(" ".join(cmd) + "\n" + done.stderr)
         if done.returncode:
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:200])
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {first}")
+            raise RuntimeError(f"compiling {source.name} failed: {first}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -76,4 +86,5 @@ def build(verbose: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(verbose="-v" in sys.argv))
+    for library in LIBRARIES:
+        print(build(library, verbose="-v" in sys.argv))

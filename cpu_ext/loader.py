@@ -1,9 +1,9 @@
-"""`load_cpu_kernels()`: the native CPU library (ctypes), or None where it cannot run here.
+"""`load_cpu_kernels()` and `load_data_kernels()`: glm's native CPU libraries (ctypes), or None.
 
-Decided once per process and never raises. None on: GLM_CPU_KERNELS=off (the switch for comparing
-against PyTorch's kernels), a machine that is not x86-64 Linux with AVX2 and FMA, no compiler, or a
-failed build (that one with a log line; the PyTorch path then runs, with the same results to float
-rounding).
+Each is decided once per process and never raises. None on: GLM_CPU_KERNELS=off (the switch for
+comparing against the Python/PyTorch paths), a machine that is not x86-64 Linux with AVX2 and FMA, no
+compiler, or a failed build (that one with a log line). The fallback then runs, with the same results:
+to float rounding for the decode step, exactly for the data kernels.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import ctypes
 import os
 import platform
 
-_UNSET = object()
-_cached = _UNSET
+DECODE_ABI = 2
+DATA_ABI = 1
+_cached: dict[str, object] = {}
 
 
 def _log(message: str) -> None:
@@ -39,9 +40,8 @@ def cpu_supported() -> bool:
     return False
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _declare_decode(lib: ctypes.CDLL) -> int:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.glm_cpu_abi_version.restype = ctypes.c_int
     lib.glm_linear_int8.argtypes = [p, i64, i64, p, p, i64, p]
     lib.glm_linear_int8.restype = None
     lib.glm_linear_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p]
@@ -52,38 +52,52 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glm_decode_scratch_floats.restype = i64
     lib.glm_decode_step.argtypes = [p, p, p, p, i64, i64, p, p, p]
     lib.glm_decode_step.restype = None
-    return lib
+    return lib.glm_cpu_abi_version()
 
 
-ABI_VERSION = 2
+def _declare_data(lib: ctypes.CDLL) -> int:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.glm_minhash.argtypes = [p, p, i64, p, p, i64, p]
+    lib.glm_minhash.restype = None
+    lib.glm_collapse.argtypes = [p, p, p, i64, ctypes.c_uint8, p, p, p]
+    lib.glm_collapse.restype = i64
+    lib.glm_word_shingles.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_uint64, p, p, p]
+    lib.glm_word_shingles.restype = i64
+    return lib.glm_data_abi_version()
 
 
-def _load():
+def _load(name: str, declare, abi: int):
     if os.environ.get("GLM_CPU_KERNELS", "auto").lower() == "off" or not cpu_supported():
         return None
     try:
-        import torch  # noqa: F401  (loads the OpenMP runtime the library links against)
-
         from glm_cli.cpu_ext.build import build
 
-        lib = _declare(ctypes.CDLL(str(build())))
-        if lib.glm_cpu_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"ABI {lib.glm_cpu_abi_version()}, expected {ABI_VERSION}")
+        lib = ctypes.CDLL(str(build(name)))
+        version = declare(lib)
+        if version != abi:
+            raise RuntimeError(f"ABI {version}, expected {abi}")
         return lib
     except Exception as exc:
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
-        _log(f"native CPU kernels: unavailable ({text}); using PyTorch's")
+        _log(f"native CPU kernels ({name}): unavailable ({text}); using the Python path")
         return None
 
 
 def load_cpu_kernels():
-    """The library, or None; decided once per process, never raises."""
-    global _cached
-    if _cached is _UNSET:
-        _cached = _load()
-    return _cached
+    """The decode library (quantized products and the decode step), or None."""
+    if "decode" not in _cached:
+        import torch  # noqa: F401  (loads the OpenMP runtime the library links against, before it)
+
+        _cached["decode"] = _load("decode", _declare_decode, DECODE_ABI)
+    return _cached["decode"]
+
+
+def load_data_kernels():
+    """The data commands' library (MinHash, whitespace collapsing; no torch, no threads), or None."""
+    if "data" not in _cached:
+        _cached["data"] = _load("data", _declare_data, DATA_ABI)
+    return _cached["data"]
 
 
 def reset_cache() -> None:
-    global _cached
-    _cached = _UNSET
+    _cached.clear()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from glm_cli.cpu_ext.loader import load_data_kernels
+
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 _LINE_BREAK = np.zeros(256, dtype=bool)  # what str.splitlines ends a line at, in ASCII ("\r\n" is one)
@@ -29,11 +31,36 @@ def as_bytes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return data, ends
 
 
+def ordered_segments(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> bool:
+    """Segments the native kernel may take: as many starts as ends, in order, within `data`, not
+    overlapping (so the output fits in data's size). Anything else (an empty batch gives one start and no
+    end) keeps the numpy passes, which define the result."""
+    if starts.size != ends.size:
+        return False
+    if starts.size == 0:
+        return True
+    return bool(starts[0] >= 0 and ends[-1] <= data.size and (starts <= ends).all()
+                and (starts[1:] >= ends[:-1]).all())
+
+
 def collapse(data: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-             nul: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             nul: int = 0, native: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each segment `data[starts[i]:ends[i]]` (segments tile `data` in order) lowercased with its
     whitespace runs as one space and no outer space: `(bytes, first, stop)`, segment i being
-    `bytes[first[i]:stop[i]]`. `nul`: the byte a NUL becomes (line keys read it as `\\x01`)."""
+    `bytes[first[i]:stop[i]]`. `nul`: the byte a NUL becomes (line keys read it as `\\x01`).
+
+    One pass of glm's native kernel (`cpu_ext/data.cpp`) where it loads, else the array passes below;
+    the same bytes and offsets either way (tested)."""
+    lib = load_data_kernels() if native and ordered_segments(data, starts, ends) else None
+    if lib is not None:
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        ends = np.ascontiguousarray(ends, dtype=np.int64)
+        out = np.empty(data.size, dtype=np.uint8)
+        first, stop = np.empty(starts.size, dtype=np.int64), np.empty(starts.size, dtype=np.int64)
+        size = lib.glm_collapse(data.ctypes.data, starts.ctypes.data, ends.ctypes.data, starts.size, nul,
+                                out.ctypes.data, first.ctypes.data, stop.ctypes.data)
+        return out[:size], first, stop
     n = data.size
     lowered = np.take(_LOWER, data)
     if nul:

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glm_cli.core.dedup.ascii_batch import ordered_segments
+from glm_cli.cpu_ext.loader import load_data_kernels
+
 _NON_WORD = re.compile(r"[\W_]+")
 _BASE = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
 _BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))
@@ -173,7 +176,7 @@ _ASCII_WORD[[*range(48, 58), *range(65, 91), *range(97, 123)]] = True  # str.isa
 
 
 def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarray, stop: np.ndarray,
-                        per_text: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+                        per_text: np.ndarray, n: int, native: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """`span_hashes(texts, n, "word")` of ASCII texts, from the bytes their line keys already hashed.
 
     `values` are the texts' lines lowercased with whitespace collapsed (`ascii_batch.collapse`), line i
@@ -181,8 +184,25 @@ def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarra
     Collapsing removes only whitespace, so every line keeps its words as they were; and a span hash does
     not depend on where the span lies, so each word hashes to what `span_hashes` gives it from the text's
     code points (ASCII bytes are the same numbers). Line dedup and MinHash then share one lowercasing
-    and one prefix pass instead of two.
+    and one prefix pass instead of two. glm's native kernel (`cpu_ext/data.cpp`) computes the same
+    hashes in one pass where it loads (`native`; tested equal).
     """
+    lines = int(per_text.sum()) if per_text.size else 0
+    # the kernel reads lines 0..lines-1 and writes at most one hash a byte: only for lines in order
+    # within `values` (as `collapse` makes them); anything else keeps the numpy passes
+    safe = lines <= min(first.size, stop.size) and (lines == 0 or ordered_segments(values, first[:lines], stop[:lines]))
+    lib = load_data_kernels() if native and safe else None
+    if lib is not None:
+        values = np.ascontiguousarray(values, dtype=np.uint8)
+        first, stop, per_text = (np.ascontiguousarray(a, dtype=np.int64) for a in (first, stop, per_text))
+        out = np.empty(values.size + 1, dtype=np.uint64)
+        counts = np.empty(per_text.size, dtype=np.int64)
+        words = np.empty(values.size + 1, dtype=np.uint64)
+        table = np.ascontiguousarray(_ASCII_WORD, dtype=np.uint8)
+        size = lib.glm_word_shingles(values.ctypes.data, table.ctypes.data, first.ctypes.data, stop.ctypes.data,
+                                     per_text.ctypes.data, per_text.size, n, int(_BASE), out.ctypes.data,
+                                     counts.ctypes.data, words.ctypes.data)
+        return out[:size].copy(), counts
     size = values.size
     is_word = np.take(_ASCII_WORD, values)
     cut = np.zeros(size + 1, dtype=bool)  # a word never runs across a line end
@@ -256,6 +276,7 @@ class MinHasher:
     unit: str = "word"
     seed: int = 0
     block: int = 1 << 14  # shingles per (num_perm, block) work array: ~8 MB at 128 permutations
+    native: bool = True  # use cpu_ext's kernel where it loads (False: numpy, for the tests' comparison)
 
     def _params(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, 0x6D696E68])
@@ -272,12 +293,20 @@ class MinHasher:
         return self.signatures_from_hashes(hashes, counts)
 
     def signatures_from_hashes(self, hashes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What `signatures` returns, from `span_hashes`' output: on glm's native kernel where it runs
+        (`cpu_ext/data.cpp`, several times faster), else in numpy; the same integers either way (tested)."""
         a, b = self._params()
         x = (hashes >> np.uint64(32)).astype(np.uint32)
         n = counts.size
         sig = np.full((n, self.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
         nonempty = counts > 0
         bounds = np.concatenate([[0], np.cumsum(counts)])
+        lib = load_data_kernels() if self.native else None
+        if lib is not None:
+            bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+            lib.glm_minhash(x.ctypes.data, bounds.ctypes.data, n, a.ctypes.data, b.ctypes.data, self.num_perm,
+                            sig.ctypes.data)
+            return sig, nonempty
         work = np.empty((self.num_perm, self.block), dtype=np.uint32)
         doc = 0
         while doc < n:
