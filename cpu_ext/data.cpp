@@ -54,23 +54,27 @@ void glm_minhash(const uint32_t* x, const int64_t* bounds, int64_t n, const uint
 // first[i]..stop[i]; returns the number of bytes written.
 int64_t glm_collapse(const uint8_t* data, const int64_t* starts, const int64_t* ends, int64_t n_segments,
                      uint8_t nul, uint8_t* out, int64_t* first, int64_t* stop) {
+  // byte -> what a word byte becomes (lowercase, NUL as `nul`); whitespace marked separately
+  uint8_t to[256], space[256];
+  for (int c = 0; c < 256; ++c) {
+    to[c] = (c >= 65 && c <= 90) ? uint8_t(c + 32) : (c == 0 && nul ? nul : uint8_t(c));
+    space[c] = c == 32 || (c >= 9 && c <= 13) || (c >= 28 && c <= 31);
+  }
   int64_t o = 0;
   for (int64_t i = 0; i < n_segments; ++i) {
     first[i] = o;
-    bool seen_word = false, pending_space = false;
+    // Branch-free (word/space boundaries are unpredictable): every byte stores a tentative space and its
+    // own value, and the output position advances only past what is kept. `out` has room: a kept space
+    // is followed by a kept word byte of the same segment, so o never passes p.
+    uint8_t seen_word = 0, pending = 0;
     for (int64_t p = starts[i]; p < ends[i]; ++p) {
-      const uint8_t c = data[p];
-      const bool space = c == 32 || (c >= 9 && c <= 13) || (c >= 28 && c <= 31);
-      if (space) {
-        pending_space = seen_word;
-        continue;
-      }
-      if (pending_space) {
-        out[o++] = 32;
-        pending_space = false;
-      }
-      out[o++] = (c >= 65 && c <= 90) ? c + 32 : (c == 0 && nul ? nul : c);
-      seen_word = true;
+      const uint8_t c = data[p], sp = space[c], word = sp ^ 1;
+      out[o] = 32;
+      o += word & pending;
+      out[o] = to[c];
+      o += word;
+      pending = sp & (pending | seen_word);
+      seen_word |= word;
     }
     stop[i] = o;
   }
