@@ -77,6 +77,7 @@ def build(name: str = "decode", verbose: bool = False) -> Path:
             sys.stderr.write(" ".join(cmd) + "\n" + done.stderr)
         if done.returncode:
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:200])
+            first = first or f"{cxx} exited with status {done.returncode}"
             raise RuntimeError(f"compiling {source.name} failed: {first}")
         os.replace(tmp, target)
     finally:
