@@ -63,9 +63,9 @@ def quantized_model(bits: int, seed: int = 0) -> Transformer:
     return quantize_model_rtn(model, scheme)
 
 
-def reference_of(model: Transformer) -> Transformer:
+def reference_of(model: Transformer, bits: int) -> Transformer:
     """The same weights through the Python forward, every product on the dequantized weights."""
-    ref = quantized_model(model._test_bits)
+    ref = quantized_model(bits)
     ref.load_state_dict(model.state_dict())
     ref.fuse_projections()
     for m in ref.modules():
@@ -77,8 +77,7 @@ def reference_of(model: Transformer) -> Transformer:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_step_equals_the_python_forward(bits):
     model = quantized_model(bits)
-    model._test_bits = bits
-    reference = reference_of(model)
+    reference = reference_of(model, bits)
     assert prepare_for_inference(model)["native_decode"]
     calls = []
     step = model.fast_decode
@@ -105,8 +104,7 @@ def test_decode_step_equals_the_python_forward(bits):
 
 def test_generate_gives_the_same_tokens_with_and_without_the_native_step(monkeypatch):
     model = quantized_model(4, seed=1)
-    model._test_bits = 4
-    reference = reference_of(model)
+    reference = reference_of(model, 4)
     prepare_for_inference(model)
     assert model.fast_decode is not None
     prompts, config = [[5, 6, 7, 8, 9]], GenerationConfig(max_new_tokens=40)
