@@ -173,6 +173,7 @@ def span_hashes(texts: list[str], n: int, unit: str = "word",
 
 _ASCII_WORD = np.zeros(256, dtype=bool)
 _ASCII_WORD[[*range(48, 58), *range(65, 91), *range(97, 123)]] = True  # str.isalnum in ASCII
+_ASCII_WORD_BYTES = _ASCII_WORD.astype(np.uint8)  # the same table as the native kernel reads it
 
 
 def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarray, stop: np.ndarray,
@@ -198,8 +199,7 @@ def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarra
         out = np.empty(values.size + 1, dtype=np.uint64)
         counts = np.empty(per_text.size, dtype=np.int64)
         words = np.empty(values.size + 1, dtype=np.uint64)
-        table = np.ascontiguousarray(_ASCII_WORD, dtype=np.uint8)
-        size = lib.glm_word_shingles(values.ctypes.data, table.ctypes.data, first.ctypes.data, stop.ctypes.data,
+        size = lib.glm_word_shingles(values.ctypes.data, _ASCII_WORD_BYTES.ctypes.data, first.ctypes.data, stop.ctypes.data,
                                      per_text.ctypes.data, per_text.size, n, int(_BASE), out.ctypes.data,
                                      counts.ctypes.data, words.ctypes.data)
         return out[:size].copy(), counts

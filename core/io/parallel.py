@@ -53,19 +53,16 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error} (in a worker process)")
 
 
-def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | BaseException]:
+def _apply_chunk(fn: Callable[[T], R], chunk: list[T], portable: bool = True) -> tuple[bool, list[R] | BaseException]:
+    """(True, results) or (False, error), the error re-raised by map_ordered in its turn. In a pool worker
+    (`portable`) any error goes back to the parent made picklable; in the calling process an Exception
+    is kept as raised, and anything else (Ctrl-C) is not held back."""
     try:
         return True, [fn(item) for item in chunk]
-    except BaseException as error:  # noqa: BLE001 - handed to the parent, which re-raises it
-        return False, _portable(error)
-
-
-def _apply_here(fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | BaseException]:
-    """`_apply_chunk` in this process: an error is kept as raised, and re-raised in its turn."""
-    try:
-        return True, [fn(item) for item in chunk]
-    except Exception as error:  # noqa: BLE001 - re-raised by map_ordered when its turn comes
-        return False, error
+    except BaseException as error:  # noqa: BLE001 - handed to map_ordered, which re-raises it
+        if not portable and not isinstance(error, Exception):
+            raise
+        return False, _portable(error) if portable else error
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 64) -> Iterator[R]:
@@ -104,7 +101,7 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_si
             if isinstance(head, AsyncResult) and not head.ready() and not exhausted:
                 chunk = list(islice(iterator, chunk_size))
                 if chunk:
-                    pending.append(_apply_here(fn, chunk))
+                    pending.append(_apply_chunk(fn, chunk, portable=False))
                     continue
                 exhausted = True
             pending.popleft()

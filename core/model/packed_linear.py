@@ -116,9 +116,7 @@ def prepare_for_inference(model: nn.Module) -> dict[str, int]:
     native = False
     if base is model and hasattr(model, "fast_decode"):  # not under LoRA: the step runs the base weights
         from glm_cli.core.quant.native import NativeDecoder
-        from glm_cli.core.quant.weight_only import is_quantized
 
-        if is_quantized(model):
-            model.fast_decode = NativeDecoder.build(model)
-            native = model.fast_decode is not None
+        model.fast_decode = NativeDecoder.build(model)  # None unless every block is quantized
+        native = model.fast_decode is not None
     return {"fused_projections": fused, "packed_linears": pack_for_cpu_inference(model), "native_decode": native}

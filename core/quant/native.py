@@ -27,9 +27,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class NativeWeights:
     """A QuantLinear's tensors as the native kernels read them: the stored codes as they are, scales
-    (and int4 zero points) as float32. Kept alive as long as anything may call the kernels on them."""
+    (and int4 zero points) as float32. Made once per layer (`QuantLinear.native_weights`), for its own
+    products and the decode step alike; kept alive as long as anything may call the kernels on them."""
 
     def __init__(self, lib, layer):
+        self.lib = lib
         self.bits, self.in_features, self.out_features = layer.bits, layer.in_features, layer.out_features
         self.group_size = layer.group_size
         self.scales = layer.scales.float().contiguous()
@@ -49,8 +51,9 @@ class NativeWeights:
         return (layer.qweight.device.type == "cpu" and layer.in_features % block == 0
                 and layer.group_size % block == 0)
 
-    def matmul(self, lib, x2: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) float32 -> (M, N) float32."""
+        lib = self.lib
         x2 = x2.contiguous()
         rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
@@ -89,19 +92,13 @@ class _Model(ctypes.Structure):
                 ("norm_eps", ctypes.c_float), ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
 
 
-def _is_quant_linear(module) -> bool:
-    """A `QuantLinear`, known by its class name: weight_only imports this module, so this one does not
-    import it back (and a wrapper around one, such as LoRA's, is not one)."""
-    return type(module).__name__ == "QuantLinear" and type(module).__module__.endswith("quant.weight_only")
-
-
-def _block_layers(block) -> list | None:
-    """The four projections of a block in the fused form the step runs, or None when it is not."""
+def _block_weights(block) -> list[NativeWeights] | None:
+    """The native weights of a block's four projections in the fused form the step runs, or None when it
+    is not that form. Only a QuantLinear offers `native_weights` (a wrapper such as LoRA's does not)."""
     layers = [getattr(block.self_attn, "qkv_proj", None), block.self_attn.o_proj,
               getattr(block.mlp, "gate_up_proj", None), block.mlp.down_proj]
-    if not all(_is_quant_linear(m) and NativeWeights.supports(m) for m in layers):
-        return None
-    return layers
+    weights = [m.native_weights() if hasattr(m, "native_weights") else None for m in layers]
+    return None if any(w is None for w in weights) else weights
 
 
 class NativeDecoder:
@@ -110,13 +107,12 @@ class NativeDecoder:
     and values into `cache`; or None when these inputs are not its case (the caller then runs the
     Python forward). Its case: one sequence, float32, a float32 cache of that batch size."""
 
-    def __init__(self, lib, model):
+    def __init__(self, lib, model, block_weights: list[list[NativeWeights]]):
         c = model.config
         self.lib, self.config = lib, c
         self._weights = []  # keeps every tensor the structs point to alive
         layers = (_Layer * c.n_layers)()
-        for i, block in enumerate(model.model.layers):
-            qkv, o, gate_up, down = (NativeWeights(lib, m) for m in _block_layers(block))
+        for i, (block, (qkv, o, gate_up, down)) in enumerate(zip(model.model.layers, block_weights, strict=True)):
             norms = (block.input_layernorm.weight.detach().float().contiguous(),
                      block.post_attention_layernorm.weight.detach().float().contiguous())
             self._weights += [qkv, o, gate_up, down, *norms]
@@ -135,19 +131,19 @@ class NativeDecoder:
         """A decoder for `model`, or None when the library is missing or the model is not a quantized
         Llama of the supported form (every block's q/k/v and gate/up fused, all four projections int8 or
         int4 in the kernels' shapes, float32 norms, on CPU)."""
-        lib = load_cpu_kernels()
-        if lib is None:
-            return None
         c = model.config
         if c.n_heads % c.n_kv_heads or c.head_dim % 2:
             return None
+        block_weights = []
         for block in model.model.layers:
-            if _block_layers(block) is None:
-                return None
             norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
             if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
                 return None
-        return cls(lib, model)
+            weights = _block_weights(block)
+            if weights is None:
+                return None
+            block_weights.append(weights)
+        return cls(load_cpu_kernels(), model, block_weights)
 
     def _pointers(self, cache):
         """The cache's per-layer key/value addresses as C arrays, built once per cache (kept on it, and

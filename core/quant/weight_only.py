@@ -242,7 +242,7 @@ class QuantLinear(nn.Module):
             raise UsageError(f"bits must be 8 or 4, not {bits}")
         self.kernel_max_rows = _kernel_max_rows()
         self._kernel_state: tuple | None = None  # derived kernel layouts, built on first use
-        self._native_state: tuple | bool | None = None  # (library, NativeWeights), or False: not here
+        self._native_state = None  # NativeWeights, or False where the native kernels don't run; built on first use
         self._kernel_ok = True
 
     @classmethod
@@ -315,22 +315,23 @@ class QuantLinear(nn.Module):
         packed, sz = self._kernel_layout()
         return torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
 
-    def _native(self):
-        """The native kernels' view of this layer (`core.quant.native`), or None where they don't run."""
+    def native_weights(self):
+        """This layer as glm's native kernels read it (`core.quant.native.NativeWeights`, made once and
+        shared by its own products and the decode step), or None where they don't run."""
         if self._native_state is None:
-            from glm_cli.core.quant.native import NativeWeights, load_cpu_kernels
+            from glm_cli.core.quant.native import NativeWeights
+            from glm_cli.cpu_ext.loader import load_cpu_kernels
 
-            lib = load_cpu_kernels()
-            self._native_state = (lib, NativeWeights(lib, self)) if lib and NativeWeights.supports(self) else False
+            lib = load_cpu_kernels() if NativeWeights.supports(self) else None
+            self._native_state = NativeWeights(lib, self) if lib is not None else False
         return self._native_state or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        native = (self._native() if rows <= NATIVE_MAX_ROWS and x.dtype == torch.float32 and self.kernel_max_rows
-                  and x.device.type == "cpu" and not torch.is_grad_enabled() else None)
-        if native:
-            lib, weights = native
-            return weights.matmul(lib, x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        native = (self.native_weights() if rows <= NATIVE_MAX_ROWS and x.dtype == torch.float32
+                  and self.kernel_max_rows and x.device.type == "cpu" and not torch.is_grad_enabled() else None)
+        if native is not None:
+            return native.matmul(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if (self._kernel_ok and rows <= self.kernel_max_rows and x.device.type == "cpu"
                 and not torch.is_grad_enabled()):
             try:

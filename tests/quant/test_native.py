@@ -31,7 +31,7 @@ def test_products_equal_dequantized_weights(bits, k, n, group, rows):
     assert layer.group_size == (group or k)
     x = torch.randn(rows, k, generator=gen)
     want = x.double() @ layer.dequantize().double().T
-    got = NativeWeights(lib, layer).matmul(lib, x)
+    got = NativeWeights(lib, layer).matmul(x)
     # float32 sums of k terms: the error is a few ulps of the largest partial sums
     tol = 4e-6 * (x.abs().double() @ layer.dequantize().abs().double().T).max().item()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
@@ -41,7 +41,7 @@ def test_quantlinear_runs_native_for_few_rows_only(monkeypatch):
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), 8)
     calls = []
     original = NativeWeights.matmul
-    monkeypatch.setattr(NativeWeights, "matmul", lambda self, lib, x: calls.append(len(x)) or original(self, lib, x))
+    monkeypatch.setattr(NativeWeights, "matmul", lambda self, x: calls.append(len(x)) or original(self, x))
     with torch.no_grad():
         layer(torch.randn(1, 3, 64))
         layer(torch.randn(1, 9, 64))  # above NATIVE_MAX_ROWS: PyTorch's kernel
