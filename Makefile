@@ -13,9 +13,35 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(MAKE) --no-print-directory cpu-torch; fi
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# The CPU build of torch: from PyTorch's CPU wheel index where it answers within seconds (one try, a
+# 5 s timeout, so an unreachable index costs seconds, not minutes), else from the package index pip is
+# configured with (on PyPI for Linux that is a CUDA build). Then one line saying which build came from
+# where, read from pip's install report. tests/train/test_engine.py reads the pin from here.
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+.PHONY: cpu-torch
+cpu-torch:
+	$(BIN)/pip install -q --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) \
+		--report $(VENV)/torch-report.json $(TORCH) \
+	|| { echo "PyTorch's CPU index ($(TORCH_CPU_INDEX)) failed; trying the package index" >&2; \
+	     $(BIN)/pip install -q --report $(VENV)/torch-report.json $(TORCH); }
+	$(BIN)/python -c "$$TORCH_SOURCE" $(VENV)/torch-report.json
+
+define TORCH_SOURCE
+import json, sys
+installed = [i for i in json.load(open(sys.argv[1]))["install"] if i["metadata"]["name"].lower() == "torch"]
+for item in installed:
+    cuda = any(r.startswith("nvidia") for r in item["metadata"].get("requires_dist") or [])
+    kind = "a CUDA build (PyTorch's CPU index was not reachable)" if cuda else "a CPU build"
+    sys.stderr.write(f"torch {item['metadata']['version']}: {kind}, from {item['download_info']['url']}\n")
+if not installed:
+    sys.stderr.write("torch: already installed, left as it is\n")
+endef
+export TORCH_SOURCE
 
 # `data` first: the clean thresholds are tested on the real plays (a PyPI sdist, fetched once).
 test: install data

@@ -1,16 +1,24 @@
 """glm's native data kernels (cpu_ext/data.cpp) give exactly what the numpy code gives.
 
-Skipped where the library cannot load; there the numpy code runs, and the rest of tests/dedup covers it.
+Skipped only where the library cannot exist (a CPU without AVX2/FMA, or no compiler); there the numpy
+code runs, and the rest of tests/dedup covers it. A library that fails to build fails this module
+(`conftest.native_library`): the comparisons below would otherwise compare numpy with itself.
 """
 
 import numpy as np
 import pytest
+from conftest import native_library
 
 from glm_cli.core.dedup import ascii_batch
 from glm_cli.core.dedup.minhash import MinHasher
 from glm_cli.cpu_ext.loader import load_data_kernels
 
-pytestmark = pytest.mark.skipif(load_data_kernels() is None, reason="native data kernels unavailable here")
+native_library("data")
+
+
+def test_the_dedup_code_loads_the_native_kernels():
+    """The comparisons below only mean something when `native=True` really runs the kernels."""
+    assert load_data_kernels() is not None
 
 
 @pytest.mark.parametrize("num_perm", [128, 64, 13, 1])

@@ -13,7 +13,7 @@ from glm_cli.core.eval.tasks import Scorer, evaluate_task, fewshot_prefix, load_
 from glm_cli.core.eval.text_metrics import corpus_bleu, exact_match, normalize_answer, rouge_l, token_f1
 from glm_cli.core.tokens.tokenizer import load_tokenizer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from glm_cli.core.infer.sampling import SamplingConfig, contrastive_scores
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import Transformer
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on a shared CI machine
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention
 
 
 def tiny(seed=0, **overrides) -> Transformer:

@@ -2,12 +2,14 @@
 
 The products are checked against float64 products of the dequantized weights; the decode step against
 the Python forward run on the same dequantized weights (GLM_QUANT_KERNEL=off), step by step, keys and
-values in the cache included. Skipped where the library cannot run (not x86-64 Linux with AVX2/FMA, or no
-compiler): there `loader.py` returns None and the PyTorch path runs.
+values in the cache included. Skipped only where the library cannot exist (a CPU without AVX2/FMA, or no
+compiler: there `loader.py` returns None and the PyTorch path runs, tested in test_native_fallbacks.py);
+a library that fails to build fails this module (`conftest.native_library`).
 """
 
 import pytest
 import torch
+from conftest import native_library, torch_threads
 
 from glm_cli.core.infer.generation import GenerationConfig, generate
 from glm_cli.core.model.config import preset
@@ -15,10 +17,9 @@ from glm_cli.core.model.packed_linear import prepare_for_inference
 from glm_cli.core.model.transformer import KVCache, Transformer
 from glm_cli.core.quant.native import NativeDecoder, NativeWeights
 from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, quantize_weight
-from glm_cli.cpu_ext.loader import load_cpu_kernels
 
-lib = load_cpu_kernels()
-pytestmark = pytest.mark.skipif(lib is None, reason="native CPU kernels unavailable here")
+lib = native_library("decode")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; where threads matter, a test says so
 
 
 @pytest.mark.parametrize("bits,k,n,group", [(8, 64, 40, 0), (8, 576, 193, 0), (4, 256, 96, 64),
@@ -74,8 +75,12 @@ def reference_of(model: Transformer, bits: int) -> Transformer:
     return ref
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_decode_step_equals_the_python_forward(bits):
+@pytest.mark.parametrize("bits,threads", [(8, 1), (4, 1), (4, 2)])
+def test_decode_step_equals_the_python_forward(bits, threads):
+    """With 2 threads the native steps at positions 300 to 340 run the attention's parallel branch
+    (heads split among threads once L * H * D >= 32768, here L >= 256; it does not depend on the bits)
+    and the products' row blocks in parallel; with 1 thread, the serial code. Everything else runs on
+    one thread: on a busy 2-core machine two threads cost ten times the wall time, and test nothing new."""
     model = quantized_model(bits)
     reference = reference_of(model, bits)
     assert prepare_for_inference(model)["native_decode"]
@@ -90,8 +95,9 @@ def test_decode_step_equals_the_python_forward(bits):
         for i in range(300):
             token = logits[1].argmax(-1, keepdim=True)
             positions = torch.tensor([[caches[0].length]])
-            logits = [m(token, positions=positions, cache=c)[:, -1]
-                      for m, c in zip((model, reference), caches, strict=True)]
+            with torch_threads(threads if i >= 260 else 1):
+                native = model(token, positions=positions, cache=caches[0])[:, -1]
+            logits = [native, reference(token, positions=positions, cache=caches[1])[:, -1]]
             if i % 50 == 0 or i == 299:
                 scale = logits[1].abs().max().item()
                 torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=2e-5 * scale)

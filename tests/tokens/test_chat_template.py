@@ -13,7 +13,7 @@ from glm_cli.core.errors import CheckpointError, DataError
 from glm_cli.core.tokens.chat import ChatEncoder
 from glm_cli.core.tokens.chat_template import TemplateChatEncoder, chat_encoder_for
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention
 
 # Short templates in the style of the public ones (written for these tests).
 CHATML = (
