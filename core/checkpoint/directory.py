@@ -228,6 +228,45 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers alone (nothing else is read), in the files
+    `load_weights` would read: what the config is checked against before any memory is allocated."""
+    index_path = directory / WEIGHTS_INDEX
+    if (directory / WEIGHTS).exists() or not index_path.exists():
+        files = [directory / WEIGHTS]
+    else:
+        try:
+            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+        if any(Path(shard).name != shard for shard in shards):
+            raise CheckpointError(f"{index_path}: a shard is outside the checkpoint directory")
+        files = [directory / shard for shard in shards]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        shapes.update(_header_shapes(path))
+    return shapes
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    refuse_pickle(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little")
+            if len(head) < 8 or length > min(path.stat().st_size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+            header = json.loads(f.read(length))
+        return {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()
+                if name != "__metadata__"}
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200]})") from None
+
+
 def stored_dtype(state: dict[str, torch.Tensor], where: Path) -> torch.dtype:
     """The one floating dtype the weights were saved in (a model is kept in it unless asked otherwise)."""
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}

@@ -25,7 +25,9 @@ from glm_cli.core.checkpoint.directory import (
     read_hf_config,
     stored_dtype,
     verify_manifest,
+    weight_shapes,
 )
+from glm_cli.core.checkpoint.shapes import check_shapes
 from glm_cli.core.errors import CheckpointError
 from glm_cli.core.model.config import ModelConfig
 from glm_cli.core.model.transformer import Transformer
@@ -43,8 +45,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if verify:
         verify_manifest(directory)
     config = ModelConfig.load(directory)
-    state = load_weights(directory)
     quant_config = read_hf_config(directory).get("quantization_config")
+    # every shape against the headers, on the meta device, before a byte is read or allocated
+    check_shapes(config, weight_shapes(directory), directory, complete=quant_config is None)
+    state = load_weights(directory)
     if quant_config is not None:
         model = fill_quantized(empty_model(config), quant_config, state, directory).to(device)
         return (cast_unquantized(model, dtype) if dtype is not None else model).eval()
@@ -81,7 +85,8 @@ def empty_model(config: ModelConfig, device: str | torch.device = "cpu",
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str | Path,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     """A `Transformer` in eval mode holding `state` (HF names), every name and shape checked against
-    `config`."""
+    `config` before the model is allocated."""
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     model = empty_model(config, device, dtype)
     state = dict(state)
     if config.tie_embeddings:
