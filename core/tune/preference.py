@@ -209,8 +209,11 @@ def reward_export(model: ScalarHead, tokenizer_dir, base: str | None = None, sta
     if has_peft(trunk):
         import copy
 
-        trunk = merge_lora(copy.deepcopy(trunk))
-    weights = base_state(trunk)
+        weights = base_state(merge_lora(copy.deepcopy(trunk)))
+    else:  # --peft full: every weight trained; base_state would skip them all as adapter tensors
+        from glm_cli.core.checkpoint.directory import model_state_for_saving
+
+        weights = model_state_for_saving(trunk)
     return {"model": trunk, "weights": weights, "tokenizer_dir": tokenizer_dir,
             "extra_tensors": {VALUE_HEAD: {k: v.detach().float() for k, v in model.value_head.state_dict().items()}},
             "extra_files": {REWARD_CONFIG: {"format": "glm-reward-model", "version": 1, "base_model": base,
