@@ -90,19 +90,57 @@ def test_generate_every_strategy_runs(pretrained, strategy):
     assert result.stdout.rstrip("\n") != ""  # the completion (a random model: any six tokens)
 
 
+def steered(directory, target, winner: int):
+    """A copy of the model whose greedy choice is always token `winner`: every embedding writes +10 into
+    dimension 0, no layer writes there, the final norm keeps only that dimension, and an untied head
+    reads it into `winner`'s logit alone (the end-of-turn token gets -1 x it otherwise)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(directory, target)
+    state = load_file(str(target / "model.safetensors"))
+    embed = state["model.embed_tokens.weight"].clone()
+    embed[:, 0] = 10.0
+    state["model.embed_tokens.weight"] = embed
+    for name in list(state):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            state[name] = state[name].clone()
+            state[name][0] = 0.0
+    state["model.norm.weight"] = torch.zeros_like(state["model.norm.weight"])
+    state["model.norm.weight"][0] = 1.0
+    head = torch.zeros_like(embed)
+    head[2, 0] = -1.0  # <|im_end|>
+    head[winner, 0] = 1.0
+    state["lm_head.weight"] = head
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    return target
+
+
 def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(pretrained, tmp_path):
     directory, _, hf_tok = pretrained
+    assert hf_tok.convert_tokens_to_ids("<|im_end|>") == 2
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Who art thou?"}]}) + "\n")
-    out = tmp_path / "chat_out.jsonl"
-    invoke("generate", directory, "--chat", "--prompts", prompts, "-o", out, "-n", "40")
-    record = json.loads(out.read_text())
     expected_prompt = hf_tok.apply_chat_template([{"role": "user", "content": "Who art thou?"}],
                                                  add_generation_prompt=True, tokenize=True)
     if not isinstance(expected_prompt, list):  # transformers 5 returns a BatchEncoding
         expected_prompt = expected_prompt["input_ids"]
+    # the end of turn comes first: the answer stops there, and says so
+    ends = steered(directory, tmp_path / "ends", winner=2)
+    invoke("generate", ends, "--chat", "--prompts", prompts, "-o", tmp_path / "ends.jsonl", "-n", "40")
+    record = json.loads((tmp_path / "ends.jsonl").read_text())
     assert record["prompt_tokens"] == len(expected_prompt)
+    assert record["finish_reason"] == "stop" and record["completion_tokens"] == 0, record
     assert "<|im_end|>" not in record["completion"]
+    # the end of turn never comes: all 5 tokens, stopped by the length
+    runs_on = steered(directory, tmp_path / "runs_on", winner=7)
+    invoke("generate", runs_on, "--chat", "--prompts", prompts, "-o", tmp_path / "runs_on.jsonl", "-n", "5")
+    record = json.loads((tmp_path / "runs_on.jsonl").read_text())
+    assert record["finish_reason"] == "length" and record["completion_tokens"] == 5, record
+    assert record["completion"] == hf_tok.decode([7] * 5)
 
 
 def test_eval_bits_per_byte_equals_transformers(pretrained, tmp_path):
