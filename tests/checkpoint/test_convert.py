@@ -395,3 +395,81 @@ def test_missing_gguf_package_is_one_line_with_the_install_command(tmp_path, mon
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
     with pytest.raises(GlmError, match=r"pip install gguf"):
         read_gguf(tmp_path / "model.gguf")
+
+
+# ------------------------------------------------------------------- K-quants, independent reference
+# The block layouts of llama.cpp's ggml-quants.c (dequantize_row_q4_K / q5_K / q6_K), written here from
+# that C code, not from gguf-py: random integer parameters (6-bit sub-block scales and mins, 4/5/6-bit
+# quants, fp16 super-block scales) are packed into blocks, and what glm imports must equal the values
+# those integers stand for. gguf's own dequantize (which glm calls) is not used, so a wrong layout in
+# either gguf or glm's reading of it (dimension order, reshape) fails here.
+
+
+def _fp16(x) -> np.ndarray:
+    return np.frombuffer(np.float16(x).tobytes(), dtype=np.uint8)
+
+
+def _pack_scale_min_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The 12 bytes holding eight 6-bit scales and eight 6-bit mins (the inverse of get_scale_min_k4)."""
+    q = np.zeros(12, dtype=np.uint8)
+    for j in range(4):
+        q[j] = sc[j] | ((sc[j + 4] >> 4) << 6)
+        q[j + 4] = m[j] | ((m[j + 4] >> 4) << 6)
+        q[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4)
+    return q
+
+
+def k_quant_reference(qtype, rows: int, cols: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(block bytes, the float64 values they encode), each row `cols` values in 256-value super-blocks."""
+    blocks, values = [], []
+    for _ in range(rows * cols // 256):
+        d, dmin = float(np.float16(rng.uniform(1e-3, 4e-3))), float(np.float16(rng.uniform(1e-3, 4e-3)))
+        if qtype == Q.Q6_K:
+            sc = rng.integers(-128, 128, 16).astype(np.int8)
+            q = rng.integers(0, 64, 256)  # stored 6-bit; the value is q - 32
+            ql, qh = np.zeros(128, dtype=np.uint8), np.zeros(64, dtype=np.uint8)
+            y = np.zeros(256)
+            for half in range(2):
+                for v in range(128):
+                    g, l = divmod(v, 32)
+                    qi = int(q[128 * half + v])
+                    byte = 64 * half + l + 32 * (g % 2)
+                    ql[byte] |= (qi & 0xF) << (4 * (g // 2))
+                    qh[32 * half + l] |= (qi >> 4) << (2 * g)
+                    y[128 * half + v] = d * sc[8 * half + l // 16 + 2 * g] * (qi - 32)
+            blocks.append(np.concatenate([ql, qh, sc.view(np.uint8), _fp16(d)]))
+        else:
+            sc, m = rng.integers(0, 64, 8).astype(np.uint8), rng.integers(0, 64, 8).astype(np.uint8)
+            bits = 4 if qtype == Q.Q4_K else 5
+            q = rng.integers(0, 2**bits, 256)
+            qs, qh = np.zeros(128, dtype=np.uint8), np.zeros(32, dtype=np.uint8)
+            y = np.zeros(256)
+            for s in range(8):  # sub-block s: values 32s..32s+31
+                for l in range(32):
+                    qi = int(q[32 * s + l])
+                    qs[32 * (s // 2) + l] |= (qi & 0xF) << (4 * (s % 2))
+                    qh[l] |= (qi >> 4) << s
+                    y[32 * s + l] = d * sc[s] * qi - dmin * m[s]
+            parts = [_fp16(d), _fp16(dmin), _pack_scale_min_k4(sc, m)] + ([qh] if bits == 5 else []) + [qs]
+            blocks.append(np.concatenate(parts))
+        values.append(y)
+    return np.stack(blocks).reshape(rows, -1), np.concatenate(values).reshape(rows, cols)
+
+
+def test_k_quants_import_the_values_their_blocks_encode(tmp_path):
+    tok = train_tokenizer("gpt-2")
+    tensors = random_tensors(tok.get_vocab_size())
+    rng = np.random.default_rng(7)
+    qtypes, raw, want = {}, {}, {}
+    for i, qtype in enumerate((Q.Q4_K, Q.Q5_K, Q.Q6_K)):
+        name = f"model.layers.{i}.mlp.down_proj.weight"  # (DIM, FFN): one 256-value super-block a row
+        raw[name], want[name] = k_quant_reference(qtype, DIM, FFN, rng)
+        qtypes[name] = qtype
+        assert raw[name].shape[1] == gguf.GGML_QUANT_SIZES[qtype][1]  # the layout's size, per ggml
+    write_gguf(tmp_path / "m.gguf", tensors, tok, qtypes=qtypes, raw=raw)
+    gg = read_gguf(tmp_path / "m.gguf")
+    for name, expected in want.items():
+        got = gg.tensors[name].double().numpy()
+        assert np.abs(expected).max() > 0.05, name  # scales that make every bit matter
+        # float32 rounding of d*sc*q - dmin*m: a few ulps of the block's largest terms
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=name)
