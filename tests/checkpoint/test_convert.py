@@ -15,6 +15,7 @@ from glm_cli.core.checkpoint.convert import convert  # noqa: E402
 from glm_cli.core.checkpoint.gguf_export import export_gguf  # noqa: E402
 from glm_cli.core.checkpoint.gguf_import import llama3_rope_scaling, read_gguf  # noqa: E402
 from glm_cli.core.checkpoint.gguf_layout import gguf_name, permute_rotary, unpermute_rotary  # noqa: E402
+from glm_cli.core.errors import CheckpointError  # noqa: E402
 
 # A tiny Llama: head_dim 16, grouped-query attention, ffn 256 so ffn_down rows fit one 256-value K-quant block.
 DIM, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 3, 4, 2, 256, 128
@@ -111,23 +112,29 @@ def encode(array: np.ndarray, qtype) -> np.ndarray:
 
 def write_gguf(path, tensors: dict[str, np.ndarray], tok=None, *, pre="gpt-2", qtypes=None, raw=None,
                arch="llama", tokenizer_model="gpt2", add_bos=False, chat_template=None, extra=None,
-               permute=True) -> dict:
-    """Write a llama GGUF as llama.cpp's converter would; returns GGUF name -> (stored data, type)."""
+               permute=True, omit=(), edit_tokenizer=None) -> dict:
+    """Write a llama GGUF as llama.cpp's converter would; returns GGUF name -> (stored data, type).
+    `omit`: llama.* keys (without the prefix) and HF tensor names left out; `edit_tokenizer(fields)`
+    changes the tokenizer lists before they are written; `extra`: key -> (value, GGUFValueType)."""
     qtypes, raw = qtypes or {}, raw or {}
     w = gguf.GGUFWriter(str(path), arch)
     vocab = tensors["model.embed_tokens.weight"].shape[0]
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(DIM)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(DIM // HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
+    for key, add, value in (("context_length", w.add_context_length, CONTEXT),
+                            ("embedding_length", w.add_embedding_length, DIM),
+                            ("block_count", w.add_block_count, LAYERS),
+                            ("feed_forward_length", w.add_feed_forward_length, FFN),
+                            ("attention.head_count", w.add_head_count, HEADS),
+                            ("attention.head_count_kv", w.add_head_count_kv, KV_HEADS),
+                            ("rope.dimension_count", w.add_rope_dimension_count, DIM // HEADS),
+                            ("rope.freq_base", w.add_rope_freq_base, 10000.0),
+                            ("attention.layer_norm_rms_epsilon", w.add_layer_norm_rms_eps, 1e-5),
+                            ("vocab_size", w.add_vocab_size, vocab)):
+        if key not in omit:
+            add(value)
     if tok is not None:
         fields = tokenizer_fields(tok)
+        if edit_tokenizer is not None:
+            edit_tokenizer(fields)
         w.add_tokenizer_model(tokenizer_model)
         w.add_tokenizer_pre(pre)
         w.add_token_list(fields["tokens"])
@@ -140,9 +147,14 @@ def write_gguf(path, tensors: dict[str, np.ndarray], tok=None, *, pre="gpt-2", q
         if chat_template:
             w.add_chat_template(chat_template)
     for key, value in (extra or {}).items():
-        w.add_key_value(key, value[0], value[1])
+        if value[1] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value[0])
+        else:
+            w.add_key_value(key, value[0], value[1])
     stored = {}
     for name, array in tensors.items():
+        if name in omit:
+            continue
         if permute and name.endswith("q_proj.weight"):
             array = permute_rotary(torch.from_numpy(array), HEADS).numpy()
         elif permute and name.endswith("k_proj.weight"):
@@ -473,3 +485,98 @@ def test_k_quants_import_the_values_their_blocks_encode(tmp_path):
         assert np.abs(expected).max() > 0.05, name  # scales that make every bit matter
         # float32 rounding of d*sc*q - dmin*m: a few ulps of the block's largest terms
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=name)
+
+
+# ------------------------------------------------------------------------------ every GGUF refusal
+
+U32, F32, STR, ARR = (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING,
+                      gguf.GGUFValueType.ARRAY)
+
+
+def _llama3_freqs(head_dim=DIM // HEADS, theta=10000.0, factor=8.0) -> np.ndarray:
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (8192 / wavelen - 1) / 3
+    return np.where(wavelen < 2048, 1.0, np.where(wavelen > 8192, factor, 1 / ((1 - smooth) / factor + smooth))
+                    ).astype(np.float32)
+
+
+def _with(**extra_tensors):
+    return lambda vocab: {**random_tensors(vocab), **extra_tensors}
+
+
+# case -> (write_gguf keyword arguments; "tensors" a function of the vocabulary size, the words the one line gives)
+GGUF_REFUSALS = {
+    "architecture": (dict(arch="qwen2"), "GGUF field general.architecture = 'qwen2'"),
+    "unknown llama key": (dict(extra={"llama.attention.sliding_window": (64, U32)}),
+                          "GGUF field llama.attention.sliding_window is not supported"),
+    "mixture of experts": (dict(extra={"llama.expert_count": (8, U32)}),
+                           "llama.expert_count = 8: mixture-of-experts models are not supported"),
+    "missing field": (dict(omit=("feed_forward_length",)), "missing GGUF field llama.feed_forward_length"),
+    "per-layer list": (dict(omit=("attention.head_count_kv",),
+                            extra={"llama.attention.head_count_kv": ([2] * LAYERS, ARR)}),
+                       "llama.attention.head_count_kv is a per-layer list"),
+    "value length": (dict(extra={"llama.attention.value_length": (32, U32)}),
+                     "llama.attention.value_length = 32 differs from key_length 16"),
+    "partial rotary": (dict(omit=("rope.dimension_count",), extra={"llama.rope.dimension_count": (8, U32)}),
+                       "llama.rope.dimension_count = 8: partial rotary embeddings"),
+    "vocab size": (dict(omit=("vocab_size",), extra={"llama.vocab_size": (999, U32)}),
+                   "llama.vocab_size = 999 but token_embd.weight has"),
+    "no embeddings": (dict(omit=("vocab_size", "model.embed_tokens.weight")), "no token_embd.weight tensor"),
+    "rope scaling type": (dict(extra={"llama.rope.scaling.type": ("yarn", STR)}),
+                          "llama.rope.scaling.type = 'yarn' is not supported (only linear)"),
+    "rope_freqs type": (dict(tensors=_with(**{"rope_freqs.weight": _llama3_freqs()}),
+                             qtypes={"rope_freqs.weight": Q.F16}),
+                        "tensor rope_freqs.weight has type F16; expected F32"),
+    "rope_freqs not llama3": (dict(tensors=_with(**{"rope_freqs.weight": np.full(DIM // HEADS // 2, 3.0,
+                                                                                   dtype=np.float32)})),
+                              "per-frequency rope factors that match no Llama 3 rope scaling"),
+    "rope_freqs and a scaling type": (dict(tensors=_with(**{"rope_freqs.weight": _llama3_freqs()}),
+                                           extra={"llama.rope.scaling.type": ("linear", STR),
+                                                  "llama.rope.scaling.factor": (2.0, F32)}),
+                                      "both llama.rope.scaling.type and a rope_freqs.weight tensor"),
+    "tensor without a Llama name": (dict(tensors=_with(**{"blk.0.attn_made_up.weight": np.ones(DIM, np.float32)})),
+                                    "tensor blk.0.attn_made_up.weight has no Llama equivalent"),
+    "layer past block_count": (dict(tensors=_with(**{f"blk.{LAYERS}.attn_norm.weight": np.ones(DIM, np.float32)})),
+                               f"tensor blk.{LAYERS}.attn_norm.weight has no Llama equivalent"),
+    "tensor type": (dict(qtypes={"model.layers.0.self_attn.v_proj.weight": Q.Q5_0}),
+                    "tensor blk.0.attn_v.weight has type Q5_0, which convert does not read"),
+    "no tokenizer": (dict(tok=None), "missing GGUF field tokenizer.ggml.model"),
+    "sentencepiece": (dict(tokenizer_model="llama"), "tokenizer.ggml.model = 'llama': a SentencePiece tokenizer"),
+    "other tokenizer": (dict(tokenizer_model="bert"), "tokenizer.ggml.model = 'bert': a tokenizer convert cannot"),
+    "pre-tokenizer": (dict(pre="made-up"), "tokenizer.ggml.pre = 'made-up' is not supported"),
+    "no merges": (dict(edit_tokenizer=lambda f: f.update(merges=[])), "missing GGUF field tokenizer.ggml.merges"),
+    "duplicate tokens": (dict(edit_tokenizer=lambda f: f["tokens"].__setitem__(-1, f["tokens"][-2])),
+                         "tokenizer.ggml.tokens has duplicate tokens"),
+    "token types": (dict(edit_tokenizer=lambda f: f.update(types=f["types"][:-1])),
+                    "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length"),
+    "more tokens than rows": (dict(tensors=lambda vocab: random_tensors(vocab - 20)),
+                              "tokens, more than the"),
+}
+
+
+@pytest.fixture(scope="module")
+def refusal_tokenizer():
+    return train_tokenizer("gpt-2", vocab_size=280)
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_REFUSALS))
+def test_every_gguf_refusal_is_one_line_naming_the_field(tmp_path, refusal_tokenizer, case):
+    kwargs, words = GGUF_REFUSALS[case]
+    kwargs = dict(kwargs)
+    vocab = refusal_tokenizer.get_vocab_size()
+    tensors = kwargs.pop("tensors", random_tensors)(vocab)
+    write_gguf(tmp_path / "m.gguf", tensors, kwargs.pop("tok", refusal_tokenizer), **kwargs)
+    with pytest.raises(CheckpointError) as error:
+        read_gguf(tmp_path / "m.gguf")
+    message = str(error.value)
+    assert words in message and "\n" not in message and str(tmp_path / "m.gguf") in message, message
+
+
+@pytest.mark.parametrize("content,words", [(None, "no such file"), (b"GGUF" + bytes(20), "not a readable GGUF file"),
+                                           (b"not a gguf file at all", "not a readable GGUF file")])
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path, content, words):
+    if content is not None:
+        (tmp_path / "m.gguf").write_bytes(content)
+    with pytest.raises(CheckpointError, match=words):
+        read_gguf(tmp_path / "m.gguf")
