@@ -123,3 +123,27 @@ def test_the_native_tests_skip_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(pytest.skip.Exception, match="no C\\+\\+ compiler"):
         native_library("decode")
+
+
+@pytest.mark.skipif(not loader.cpu_supported(), reason=NO_CPU_FEATURE)
+def test_glm_generate_with_a_compiler_that_fails_says_so_once_and_answers(tmp_path):
+    """End to end: a quantized model with a C++ compiler that fails (CXX=/bin/false) generates through
+    PyTorch's kernels, and stderr carries the one line that says why, once."""
+    from conftest import run_glm
+    from eval_fixtures import make_checkpoint
+
+    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.quant.quantized_checkpoint import save_quantized
+    from glm_cli.core.quant.weight_only import QuantScheme, quantize_model_rtn
+
+    checkpoint = make_checkpoint(tmp_path / "fp" / "ckpt")
+    quantized = tmp_path / "q"
+    save_quantized(quantized, quantize_model_rtn(load_model(checkpoint), QuantScheme(bits=8)), tokenizer_dir=checkpoint)
+    env = {"CXX": "/bin/false", "GLM_CPU_EXT_DIR": str(tmp_path / "cache"), "GLM_CPU_KERNELS": "auto"}
+    proc = run_glm("generate", quantized, "hello", "-n", "4", env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if "native CPU kernels" in line]
+    assert lines == ["native CPU kernels (decode): unavailable (compiling decode.cpp failed: /bin/false exited "
+                     "with status 1); using the Python path"], err
+    assert proc.stdout.strip()
