@@ -443,12 +443,12 @@ def k_quant_reference(qtype, rows: int, cols: int, rng) -> tuple[np.ndarray, np.
             y = np.zeros(256)
             for half in range(2):
                 for v in range(128):
-                    g, l = divmod(v, 32)
+                    g, i = divmod(v, 32)
                     qi = int(q[128 * half + v])
-                    byte = 64 * half + l + 32 * (g % 2)
+                    byte = 64 * half + i + 32 * (g % 2)
                     ql[byte] |= (qi & 0xF) << (4 * (g // 2))
-                    qh[32 * half + l] |= (qi >> 4) << (2 * g)
-                    y[128 * half + v] = d * sc[8 * half + l // 16 + 2 * g] * (qi - 32)
+                    qh[32 * half + i] |= (qi >> 4) << (2 * g)
+                    y[128 * half + v] = d * sc[8 * half + i // 16 + 2 * g] * (qi - 32)
             blocks.append(np.concatenate([ql, qh, sc.view(np.uint8), _fp16(d)]))
         else:
             sc, m = rng.integers(0, 64, 8).astype(np.uint8), rng.integers(0, 64, 8).astype(np.uint8)
@@ -457,11 +457,11 @@ def k_quant_reference(qtype, rows: int, cols: int, rng) -> tuple[np.ndarray, np.
             qs, qh = np.zeros(128, dtype=np.uint8), np.zeros(32, dtype=np.uint8)
             y = np.zeros(256)
             for s in range(8):  # sub-block s: values 32s..32s+31
-                for l in range(32):
-                    qi = int(q[32 * s + l])
-                    qs[32 * (s // 2) + l] |= (qi & 0xF) << (4 * (s % 2))
-                    qh[l] |= (qi >> 4) << s
-                    y[32 * s + l] = d * sc[s] * qi - dmin * m[s]
+                for i in range(32):
+                    qi = int(q[32 * s + i])
+                    qs[32 * (s // 2) + i] |= (qi & 0xF) << (4 * (s % 2))
+                    qh[i] |= (qi >> 4) << s
+                    y[32 * s + i] = d * sc[s] * qi - dmin * m[s]
             parts = [_fp16(d), _fp16(dmin), _pack_scale_min_k4(sc, m)] + ([qh] if bits == 5 else []) + [qs]
             blocks.append(np.concatenate(parts))
         values.append(y)

@@ -10,9 +10,9 @@ import torch
 from conftest import invoke_glm, run_glm
 from eval_fixtures import make_checkpoint
 from safetensors.torch import save_file
+from tuning_fixtures import make_base
 
 from glm_cli.core.errors import CheckpointError, UsageError
-from tuning_fixtures import make_base
 
 
 @pytest.fixture(scope="module")
