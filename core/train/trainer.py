@@ -42,7 +42,7 @@ from glm_cli.core.checkpoint.directory import model_state_for_saving
 from glm_cli.core.console import log, warn
 from glm_cli.core.errors import CheckpointError, UsageError
 from glm_cli.core.io.atomic import write_text_atomic
-from glm_cli.core.model.attention import last_backend
+from glm_cli.core.model import attention
 from glm_cli.core.train import distributed as D
 from glm_cli.core.train.checkpointing import (
     STATE_DIR,
@@ -134,9 +134,10 @@ class Trainer:
         status "interrupted", no final export): how tests and schedulers split one run in pieces."""
         self._setup()
         try:
-            self._start()
-            status = self._loop(stop_at)
-            return self._finish(status)
+            with attention.using(self.attention_policy):
+                self._start()
+                status = self._loop(stop_at)
+                return self._finish(status)
         finally:
             D.shutdown(self.info)
 
@@ -161,7 +162,7 @@ class Trainer:
                 must_roll_back = self.guard.record(self.step, outcome.ok, outcome.loss, outcome.grad_norm)
                 self._log_step(outcome, lr, seconds, display)
                 if self.step == first_step + 1:
-                    log(f"attention backend: {last_backend() or 'n/a'}")
+                    log(f"attention backend: {self._attention_backend() or 'n/a'}")
                 if must_roll_back:
                     self._roll_back()
                     continue
@@ -242,6 +243,9 @@ class Trainer:
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if bf16 else None
+        # decided here, once, before torch.compile: compiled blocks then only read it
+        self.attention_policy = attention.resolve_policy(self.device)
+        attention.chosen_backends(clear=True)
         self.task.setup(self.info.rank, self.info.world_size, self.device)
         self.bare = self.task.model.to(self.device)
         mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.world_size > 1 else "none")
@@ -468,7 +472,12 @@ class Trainer:
                          rollbacks=self.guard.rollbacks, tokens=self.tokens_seen, elapsed=self.elapsed,
                          tokens_per_second=tokens_per_second,
                          mfu=mfu(tokens_per_second, self.flops_per_token, self.peak),
-                         attention_backend=last_backend())
+                         attention_backend=self._attention_backend())
+
+    @staticmethod
+    def _attention_backend() -> str | None:
+        """'fused', 'sdpa', or both joined by '+' (e.g. SDPA for a masked evaluation), None before a call."""
+        return "+".join(sorted(attention.chosen_backends())) or None
 
     def _write_final(self, result: FitResult, target: nn.Module, export: Export) -> None:
         """`final/` (the export, with the curves and a summary), and `averaged/` when asked for."""
