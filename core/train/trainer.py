@@ -89,6 +89,9 @@ class FitResult:
     tokens_per_second: float = 0.0
     mfu: float = 0.0
     attention_backend: str | None = None
+    parallel: str = "none"
+    """The wrapping that ran: none, ddp or fsdp (one process included)."""
+    world_size: int = 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -235,7 +238,7 @@ class Trainer:
     def _setup(self) -> None:
         """Device, precision, the task's share of the data, the wrapped model, optimizer, accumulation, MFU roof."""
         cfg = self.config
-        self.info = D.init(cfg.device)
+        self.info = D.init(cfg.device, cfg.parallel)
         self.device = self.info.device
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -248,8 +251,8 @@ class Trainer:
         attention.chosen_backends(clear=True)
         self.task.setup(self.info.rank, self.info.world_size, self.device)
         self.bare = self.task.model.to(self.device)
-        mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.world_size > 1 else "none")
-        self.parallel_mode = mode if self.info.world_size > 1 else "none"
+        # what is asked for runs, one process included: torchrun alone means DDP, --fsdp means FSDP2
+        self.parallel_mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.in_group else "none")
         if cfg.activation_checkpointing:
             D.apply_activation_checkpointing(self.bare)
         if cfg.compile:
@@ -472,7 +475,8 @@ class Trainer:
                          rollbacks=self.guard.rollbacks, tokens=self.tokens_seen, elapsed=self.elapsed,
                          tokens_per_second=tokens_per_second,
                          mfu=mfu(tokens_per_second, self.flops_per_token, self.peak),
-                         attention_backend=self._attention_backend())
+                         attention_backend=self._attention_backend(), parallel=self.parallel_mode,
+                         world_size=self.info.world_size)
 
     @staticmethod
     def _attention_backend() -> str | None:
@@ -488,7 +492,8 @@ class Trainer:
             "step": result.step, "status": result.status, "metrics": result.metrics,
             "tokens": result.tokens, "elapsed_s": round(result.elapsed, 2),
             "tokens_per_s": result.tokens_per_second, "mfu": result.mfu,
-            "skipped_steps": result.skipped_steps, "rollbacks": result.rollbacks}
+            "skipped_steps": result.skipped_steps, "rollbacks": result.rollbacks,
+            "parallel": result.parallel, "world_size": result.world_size}
         result.final_dir = export.save(self.run_dir / "final", target, extra_files=files)
         if (self.run_dir / "best").is_dir():
             result.best_dir = self.run_dir / "best"
