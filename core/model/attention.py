@@ -99,8 +99,8 @@ def _unsuitable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
     return None
 
 
-def backend_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, mask=None,
-                dropout_p: float = 0.0, policy: AttentionPolicy | None = None) -> str:
+def backend_for(q: torch.Tensor, k: torch.Tensor, mask=None, dropout_p: float = 0.0, *,
+                v: torch.Tensor | None = None, policy: AttentionPolicy | None = None) -> str:
     """Which implementation `attention` uses for these inputs under `policy`: 'fused' or 'sdpa'."""
     policy = policy or resolve_policy(q.device)
     if policy.mode == "sdpa":
@@ -130,7 +130,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     broadcastable to (B, H, Tq, Tk)) replaces `causal` when given.
     """
     policy = _active if _active is not None else resolve_policy(q.device)
-    backend = _note(backend_for(q, k, v, mask, dropout_p, policy))
+    backend = _note(backend_for(q, k, mask, dropout_p, v=v, policy=policy))
     if backend == "fused":
         from glm_cli.cuda_ext.flash import flash_attention
 

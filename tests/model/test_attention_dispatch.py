@@ -74,7 +74,7 @@ def test_transformer_hands_bf16_qkv_to_the_dispatcher_under_autocast(monkeypatch
 
     def spy(q, k, v, **kw):
         seen.append((q.dtype, k.dtype, v.dtype,
-                     attn.backend_for(q, k, v, kw.get("mask"), kw.get("dropout_p", 0.0), CPU_FUSED)))
+                     attn.backend_for(q, k, kw.get("mask"), kw.get("dropout_p", 0.0), v=v, policy=CPU_FUSED)))
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(tf, "attention", spy)
@@ -112,9 +112,9 @@ def test_sdpa_results_are_bit_identical_to_the_float32_rotary_path(monkeypatch):
 def test_dispatcher_would_choose_the_fused_kernel_only_where_it_suits():
     q = torch.zeros(1, 4, 8, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
-    assert attn.backend_for(q, k, k, policy=CPU_FUSED) == "fused"
-    assert attn.backend_for(q, k, k, policy=attn.AttentionPolicy()) == "sdpa"  # no kernel for cpu here
-    assert attn.backend_for(q, k, k, policy=attn.AttentionPolicy(mode="sdpa", fused_devices=("cpu",))) == "sdpa"
+    assert attn.backend_for(q, k, policy=CPU_FUSED) == "fused"
+    assert attn.backend_for(q, k, policy=attn.AttentionPolicy()) == "sdpa"  # no kernel for cpu here
+    assert attn.backend_for(q, k, policy=attn.AttentionPolicy(mode="sdpa", fused_devices=("cpu",))) == "sdpa"
     unsuitable = {
         "float32 q/k": (q.float(), k.float(), k.float(), None, 0.0),
         "float32 q, bf16 k/v": (q.float(), k, k, None, 0.0),
@@ -124,9 +124,9 @@ def test_dispatcher_would_choose_the_fused_kernel_only_where_it_suits():
         "KV cache": (q[:, :, :3], k, k, None, 0.0),
     }
     for name, (qq, kk, vv, mask, p) in unsuitable.items():
-        assert attn.backend_for(qq, kk, vv, mask, p, CPU_FUSED) == "sdpa", name
+        assert attn.backend_for(qq, kk, mask, p, v=vv, policy=CPU_FUSED) == "sdpa", name
         with pytest.raises(UsageError, match="GLM_ATTENTION=fused, but"):
-            attn.backend_for(qq, kk, vv, mask, p, CPU_FUSED_FORCED)
+            attn.backend_for(qq, kk, mask, p, v=vv, policy=CPU_FUSED_FORCED)
 
 
 def test_policy_comes_from_the_environment_unless_a_run_holds_one(monkeypatch):
