@@ -80,12 +80,24 @@ def using(policy: AttentionPolicy):
         _active = outer
 
 
+def _no_kernel(device_type: str) -> str:
+    return (f"the fused kernel is not built or failed to load for {device_type} tensors "
+            "(needs CUDA, compute capability 8.0+; see `make cuda_ext`)")
+
+
+def check_policy(policy: AttentionPolicy, device: torch.device | str) -> None:
+    """GLM_ATTENTION=fused where the kernel cannot run at all: the usage error before a run sets up,
+    not at its first step."""
+    kind = torch.device(device).type
+    if policy.mode == "fused" and kind not in policy.fused_devices:
+        raise UsageError(f"GLM_ATTENTION=fused, but {_no_kernel(kind)}")
+
+
 def _unsuitable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float,
                 policy: AttentionPolicy) -> str | None:
     """Why the fused kernel cannot take these inputs, or None when it can."""
     if q.device.type not in policy.fused_devices:
-        return (f"the fused kernel is not built or failed to load for {q.device.type} tensors "
-                "(needs CUDA, compute capability 8.0+; see `make cuda_ext`)")
+        return _no_kernel(q.device.type)
     if q.dtype not in (torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
         return f"q/k/v are {q.dtype}/{k.dtype}/{v.dtype}; the kernel takes one of bfloat16, float16"
     if q.shape[-1] not in (64, 128):

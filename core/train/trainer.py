@@ -236,8 +236,15 @@ class Trainer:
     # ---------------------------------------------------------------------------- setup and start
 
     def _setup(self) -> None:
-        """Device, precision, the task's share of the data, the wrapped model, optimizer, accumulation, MFU roof."""
+        """Attention policy, device, precision, the task's share of the data, the wrapped model, optimizer,
+        accumulation, MFU roof."""
         cfg = self.config
+        # decided here, once, before torch.compile (compiled blocks only read it), and before any setup
+        # work, so GLM_ATTENTION=fused where the kernel cannot run is refused at once
+        device = D.pick_device(cfg.device)
+        self.attention_policy = attention.resolve_policy(device)
+        attention.check_policy(self.attention_policy, device)
+        attention.chosen_backends(clear=True)
         self.info = D.init(cfg.device, cfg.parallel)
         self.device = self.info.device
         if self.device.type == "cuda":
@@ -246,9 +253,6 @@ class Trainer:
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        # decided here, once, before torch.compile: compiled blocks then only read it
-        self.attention_policy = attention.resolve_policy(self.device)
-        attention.chosen_backends(clear=True)
         self.task.setup(self.info.rank, self.info.world_size, self.device)
         self.bare = self.task.model.to(self.device)
         # what is asked for runs, one process included: torchrun alone means DDP, --fsdp means FSDP2

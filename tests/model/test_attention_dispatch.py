@@ -252,3 +252,15 @@ def test_compiled_step_forward_and_backward_equal_eager(reference_kernel):
     assert torch.equal(loss_c, loss_e)
     for name, g in grads_e.items():
         assert torch.equal(grads_c[name], g), name
+
+
+def test_trainer_refuses_fused_mode_without_a_kernel_before_setting_up(tmp_path, monkeypatch):
+    from _pretrain_util import make_shards, tiny_config, tiny_task
+
+    from glm_cli.core.train.trainer import Trainer
+
+    monkeypatch.setenv("GLM_ATTENTION", "fused")
+    trainer = Trainer(tiny_task(make_shards(tmp_path / "shards")), tiny_config(device="cpu"), tmp_path / "run")
+    with pytest.raises(UsageError, match="GLM_ATTENTION=fused, but the fused kernel is not built .* cpu"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
