@@ -37,37 +37,49 @@ def _extension():
     return ext
 
 
-def _outputs(q: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, H, Tq, D) in (B, Tq, H, D) memory, so the model's `o.transpose(1, 2).reshape(B, T, H * D)`
     is free; lse (B, H, Tq) float32, contiguous. The binding allocates the same."""
     B, H, T, D = q.shape
-    device = q.device if device is None else device
-    return (torch.empty((B, T, H, D), dtype=q.dtype, device=device).transpose(1, 2),
-            torch.empty((B, H, T), dtype=torch.float32, device=device))
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
 
 
-def _grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device=None) -> tuple[torch.Tensor, ...]:
+def _grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """dq in q's usual (B, T, H, D) memory; dk, dv contiguous. The binding allocates the same."""
     B, H, T, D = q.shape
-    device = q.device if device is None else device
-    return (torch.empty((B, T, H, D), dtype=q.dtype, device=device).transpose(1, 2),
-            torch.empty(k.shape, dtype=k.dtype, device=device), torch.empty(v.shape, dtype=v.dtype, device=device))
+    return q.new_empty((B, T, H, D)).transpose(1, 2), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _as_planned(got: tuple[torch.Tensor, ...], plan) -> tuple[torch.Tensor, ...]:
-    """`got` when it has the layout `plan(device)` allocates (always, with the real binding), else `got`
-    copied into that layout: a compiled graph may read an op's output by the fake's strides."""
-    planned = plan("meta")
-    if all(g.stride() == p.stride() and g.dtype == p.dtype for g, p in zip(got, planned, strict=True)):
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _bthd_strides(shape) -> tuple[int, ...]:
+    """Strides of (B, H, T, D) seen in (B, T, H, D) memory, as `_outputs` and `_grads` allocate it."""
+    B, H, T, D = shape
+    return (T * H * D, D, H * D, 1)
+
+
+def _as_planned(got: tuple[torch.Tensor, ...], layout: list[tuple[tuple[int, ...], torch.dtype]],
+                plan) -> tuple[torch.Tensor, ...]:
+    """`got` when each tensor has the planned (strides, dtype) (always, with the real binding), else `got`
+    copied into the tensors `plan()` allocates: a compiled graph may read an op's output by the fake's
+    strides. The layout is written out rather than read off an allocation: this runs at every call."""
+    if all((g.stride(), g.dtype) == want for g, want in zip(got, layout, strict=True)):
         return got
-    return tuple(p.copy_(g) for p, g in zip(plan(got[0].device), got, strict=True))
+    return tuple(p.copy_(g) for p, g in zip(plan(), got, strict=True))
 
 
 @torch.library.custom_op("glm::flash_attention", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     got = _extension().forward(q, k, v, causal, scale)
-    return _as_planned(got, lambda device: _outputs(q, device))
+    layout = [(_bthd_strides(q.shape), q.dtype), (_contiguous_strides(q.shape[:3]), torch.float32)]
+    return _as_planned(got, layout, lambda: _outputs(q))
 
 
 @_forward_op.register_fake
@@ -79,7 +91,9 @@ def _forward_fake(q, k, v, causal, scale):
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     got = _extension().backward(do, q, k, v, o, lse, causal, scale)
-    return _as_planned(got, lambda device: _grads(q, k, v, device))
+    layout = [(_bthd_strides(q.shape), q.dtype), (_contiguous_strides(k.shape), k.dtype),
+              (_contiguous_strides(v.shape), v.dtype)]
+    return _as_planned(got, layout, lambda: _grads(q, k, v))
 
 
 @_backward_op.register_fake

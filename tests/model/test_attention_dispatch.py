@@ -264,3 +264,33 @@ def test_trainer_refuses_fused_mode_without_a_kernel_before_setting_up(tmp_path,
     with pytest.raises(UsageError, match="GLM_ATTENTION=fused, but the fused kernel is not built .* cpu"):
         trainer.fit()
     assert not (tmp_path / "run").exists()
+
+
+def test_op_outputs_have_the_fake_layout_whatever_the_module_returns(monkeypatch):
+    """A module that returns other strides or dtypes (a contiguous o, float32 gradients) is copied into
+    the layout the fake implementation promised the compiler; the binding's own layout passes through."""
+    reference = flash.ReferenceKernel()
+
+    class Contiguous:
+        def forward(self, *args):
+            o, lse = reference.forward(*args)
+            return o.contiguous(), lse
+
+        def backward(self, *args):
+            return tuple(g.float().contiguous() for g in reference.backward(*args))
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, 5, 64, generator=g).bfloat16().requires_grad_(True) for h in (4, 2, 2))
+    results = {}
+    for name, module in (("binding layout", reference), ("other layout", Contiguous())):
+        monkeypatch.setattr(loader, "load_fused_attention", lambda m=module: m)
+        o = flash.flash_attention(q, k, v)
+        o.sum().backward()
+        fake_o, _ = flash._forward_fake(q, k, v, True, 0.125)
+        fake_grads = flash._backward_fake(o, q, k, v, o, None, True, 0.125)
+        assert o.stride() == fake_o.stride(), name
+        results[name] = (o.detach(), *(x.grad.clone() for x in (q, k, v)))
+        for x, fake in zip((q, k, v), fake_grads):
+            assert x.grad.dtype == fake.dtype
+            x.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*results.values()))
