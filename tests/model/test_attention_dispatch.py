@@ -290,7 +290,7 @@ def test_op_outputs_have_the_fake_layout_whatever_the_module_returns(monkeypatch
         fake_grads = flash._backward_fake(o, q, k, v, o, None, True, 0.125)
         assert o.stride() == fake_o.stride(), name
         results[name] = (o.detach(), *(x.grad.clone() for x in (q, k, v)))
-        for x, fake in zip((q, k, v), fake_grads):
+        for x, fake in zip((q, k, v), fake_grads, strict=True):
             assert x.grad.dtype == fake.dtype
             x.grad = None
-    assert all(torch.equal(a, b) for a, b in zip(*results.values()))
+    assert all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))

@@ -47,7 +47,7 @@ def test_training_checkpoint_saves_and_resume_restores_every_cuda_generator(tmp_
 
     draws(fake_cuda)  # e.g. a process that ran on and then died
     restore_rng(checkpoint)  # what Trainer.load does
-    for got, want in zip(draws(fake_cuda), after_save):
+    for got, want in zip(draws(fake_cuda), after_save, strict=True):
         assert torch.equal(got, want)
 
 
