@@ -99,7 +99,8 @@ def command(
                    tokens=result.tokens, elapsed_s=round(result.elapsed, 1),
                    tokens_per_s=round(result.tokens_per_second), mfu=round(result.mfu, 4),
                    skipped_steps=result.skipped_steps, rollbacks=result.rollbacks,
-                   attention_backend=result.attention_backend,
+                   attention_backend=result.attention_backend, parallel=result.parallel,
+                   world_size=result.world_size,
                    final=str(result.final_dir) if result.final_dir else None,
                    best=str(result.best_dir) if result.best_dir else None,
                    last_checkpoint=str(result.last_checkpoint))

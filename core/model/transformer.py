@@ -89,8 +89,12 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + D/2), the convention of HF Llama checkpoints: x * cos + rotate_half(x) * sin
-    with rotate_half(x) = (-x2, x1), written as roll(x) = (x2, x1) times the signed sin of `rope_cos_sin`."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    with rotate_half(x) = (-x2, x1), written as roll(x) = (x2, x1) times the signed sin of `rope_cos_sin`.
+
+    The result keeps x's dtype. Under bf16 autocast the tables are float32 (the activations are), so the
+    rotation is computed in float32 and rounded once to bf16: the same numbers autocast's SDPA made of
+    the float32 result before, and bf16 q/k/v for the fused kernel, which takes nothing else."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache:

@@ -7,7 +7,7 @@ state inside it, under `training_state/`:
     state.json              step, elapsed time, task (data cursor) state, optimizer hyper-parameters,
                             best validation loss, the train config
     optimizer.safetensors   optimizer moments keyed by parameter name (world-size independent)
-    rng.safetensors         torch (and CUDA) generator states
+    rng.safetensors         the CPU generator and every CUDA device's (restored on resume)
     model.safetensors       only when the exported weights are not the trained module's exact state
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
@@ -32,6 +32,7 @@ from glm_cli.core.checkpoint.directory import (
     verify_manifest,
     with_tied_weights,
 )
+from glm_cli.core.console import log
 from glm_cli.core.errors import CheckpointError, UsageError
 from glm_cli.core.io.atomic import atomic_dir, write_text_atomic
 from glm_cli.core.train.task import Export
@@ -87,8 +88,11 @@ def write_training_checkpoint(path: Path, trained: nn.Module, export: Export, *,
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
+    """The CPU generator ("torch") and, once this process has used CUDA, every device's generator
+    ("cuda0", "cuda1", ...): uint8 tensors in torch's own formats, so safetensors holds them as they are.
+    A process that never touched CUDA has nothing there to save (and is not made to create contexts)."""
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
     return rng
@@ -171,7 +175,21 @@ def read_optimizer_state(path: Path, state: dict) -> dict:
 
 
 def restore_rng(path: Path) -> None:
-    torch.set_rng_state(load_tensors(path / STATE_DIR / "rng.safetensors")["torch"])
+    """Set the CPU generator and each saved CUDA device's generator back (dropout on a GPU then draws what
+    it would have). Devices this machine lacks are named in one log line; CUDA states are ignored by a
+    process without CUDA, which has no use for them."""
+    states = load_tensors(path / STATE_DIR / "rng.safetensors")
+    torch.set_rng_state(states["torch"])
+    cuda = {int(name[4:]): state for name, state in states.items() if re.fullmatch(r"cuda\d+", name)}
+    if not cuda or not torch.cuda.is_available():
+        return
+    present = torch.cuda.device_count()
+    for index, state in sorted(cuda.items()):
+        if index < present:
+            torch.cuda.set_rng_state(state, index)
+    missing = sorted(i for i in cuda if i >= present)
+    if missing:
+        log(f"{path.name}: CUDA generator states of devices {missing} not restored (this machine has {present})")
 
 
 # ------------------------------------------------------------------------------ best and averaged

@@ -2,12 +2,14 @@
 
 The model file knows nothing of processes. This module:
 
-- `init()` joins the process group when launched by `torchrun` (WORLD_SIZE > 1): NCCL on GPUs, gloo on
-  CPU; a plain `python`/`glm` run is world size 1 and touches no process group.
+- `init()` joins the process group whenever `torchrun` launched the process, one process included: NCCL
+  on GPUs, gloo on CPU. A plain `python`/`glm` run touches no process group, unless it asks for `ddp` or
+  `fsdp` explicitly: then it makes a one-process group of its own, so the wrapping asked for really runs
+  (a one-rank device mesh for FSDP2) instead of being dropped in silence.
 - `parallelize(model, mode)` wraps for data parallelism: `ddp` (DistributedDataParallel, the default under
   torchrun) or `fsdp` (FSDP2, `torch.distributed.fsdp.fully_shard`, one unit per Transformer block, then
-  the root), plus activation checkpointing and `torch.compile`, applied per block in place so parameter
-  names (and therefore checkpoints) stay those of the bare model.
+  the root; parameters become DTensors), plus activation checkpointing and `torch.compile`, applied per
+  block in place so parameter names (and therefore checkpoints) stay those of the bare model.
 - `full_model_state` / `full_optimizer_state` gather world-size independent states (full tensors on the
   CPU, optimizer state keyed by parameter name), and `load_*` scatter them back, so a checkpoint written
   by N processes resumes on M.
@@ -34,6 +36,8 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
     """True when `init()` created the process group (and `shutdown()` should destroy it)."""
+    in_group: bool = False
+    """A process group exists (torchrun, one process or more, or one made for an explicit ddp/fsdp)."""
 
     @property
     def is_main(self) -> bool:
@@ -46,22 +50,35 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if there is one; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and any env:// launcher) sets these for every process it starts, one included."""
+    return all(name in os.environ for name in TORCHRUN_VARS)
+
+
+def init(device: str = "auto", parallel: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one (or make a one-process group when `parallel` asks
+    for ddp/fsdp without torchrun); pick this rank's device."""
     dev = pick_device(device)
-    if world <= 1 and not dist.is_initialized():
+    launched = launched_by_torchrun()
+    if not launched and not dist.is_initialized() and parallel not in ("ddp", "fsdp"):
         return DistInfo(device=dev)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:  # no launcher, no peers: an in-memory rendezvous of one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    device=dev, owns_group=owns)
+                    device=dev, owns_group=owns, in_group=True)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -126,8 +143,10 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     """Wrap `model` (already on its device) for data parallelism; returns the module to call."""
     if mode not in MODES:
         raise ValueError(f"unknown parallel mode {mode!r}")
-    if mode == "none" or info.world_size == 1 and mode == "ddp":
+    if mode == "none":
         return model
+    if not info.in_group:
+        raise ValueError(f"parallel mode {mode!r} needs a process group; init(parallel={mode!r}) makes one")
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -172,7 +191,7 @@ def reshard(model: nn.Module) -> None:
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if enabled or not active():
+    if enabled:
         yield
         return
     if hasattr(model, "no_sync"):  # DDP

@@ -70,7 +70,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
     parallel: str = "auto"
-    """auto (DDP under torchrun, nothing in one process) | ddp | fsdp (FSDP2 fully_shard) | none."""
+    """auto (DDP under torchrun, one process included; nothing in a plain run) | ddp | fsdp (FSDP2
+    fully_shard) | none. ddp/fsdp always wrap: a plain run makes a one-process group for them."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
     max_consecutive_bad_steps: int = 3

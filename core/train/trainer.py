@@ -42,7 +42,7 @@ from glm_cli.core.checkpoint.directory import model_state_for_saving
 from glm_cli.core.console import log, warn
 from glm_cli.core.errors import CheckpointError, UsageError
 from glm_cli.core.io.atomic import write_text_atomic
-from glm_cli.core.model.attention import last_backend
+from glm_cli.core.model import attention
 from glm_cli.core.train import distributed as D
 from glm_cli.core.train.checkpointing import (
     STATE_DIR,
@@ -89,6 +89,9 @@ class FitResult:
     tokens_per_second: float = 0.0
     mfu: float = 0.0
     attention_backend: str | None = None
+    parallel: str = "none"
+    """The wrapping that ran: none, ddp or fsdp (one process included)."""
+    world_size: int = 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,9 +137,10 @@ class Trainer:
         status "interrupted", no final export): how tests and schedulers split one run in pieces."""
         self._setup()
         try:
-            self._start()
-            status = self._loop(stop_at)
-            return self._finish(status)
+            with attention.using(self.attention_policy):
+                self._start()
+                status = self._loop(stop_at)
+                return self._finish(status)
         finally:
             D.shutdown(self.info)
 
@@ -161,7 +165,7 @@ class Trainer:
                 must_roll_back = self.guard.record(self.step, outcome.ok, outcome.loss, outcome.grad_norm)
                 self._log_step(outcome, lr, seconds, display)
                 if self.step == first_step + 1:
-                    log(f"attention backend: {last_backend() or 'n/a'}")
+                    log(f"attention backend: {self._attention_backend() or 'n/a'}")
                 if must_roll_back:
                     self._roll_back()
                     continue
@@ -232,9 +236,16 @@ class Trainer:
     # ---------------------------------------------------------------------------- setup and start
 
     def _setup(self) -> None:
-        """Device, precision, the task's share of the data, the wrapped model, optimizer, accumulation, MFU roof."""
+        """Attention policy, device, precision, the task's share of the data, the wrapped model, optimizer,
+        accumulation, MFU roof."""
         cfg = self.config
-        self.info = D.init(cfg.device)
+        # decided here, once, before torch.compile (compiled blocks only read it), and before any setup
+        # work, so GLM_ATTENTION=fused where the kernel cannot run is refused at once
+        device = D.pick_device(cfg.device)
+        self.attention_policy = attention.resolve_policy(device)
+        attention.check_policy(self.attention_policy, device)
+        attention.chosen_backends(clear=True)
+        self.info = D.init(cfg.device, cfg.parallel)
         self.device = self.info.device
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -244,8 +255,8 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.task.setup(self.info.rank, self.info.world_size, self.device)
         self.bare = self.task.model.to(self.device)
-        mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.world_size > 1 else "none")
-        self.parallel_mode = mode if self.info.world_size > 1 else "none"
+        # what is asked for runs, one process included: torchrun alone means DDP, --fsdp means FSDP2
+        self.parallel_mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if self.info.in_group else "none")
         if cfg.activation_checkpointing:
             D.apply_activation_checkpointing(self.bare)
         if cfg.compile:
@@ -468,7 +479,13 @@ class Trainer:
                          rollbacks=self.guard.rollbacks, tokens=self.tokens_seen, elapsed=self.elapsed,
                          tokens_per_second=tokens_per_second,
                          mfu=mfu(tokens_per_second, self.flops_per_token, self.peak),
-                         attention_backend=last_backend())
+                         attention_backend=self._attention_backend(), parallel=self.parallel_mode,
+                         world_size=self.info.world_size)
+
+    @staticmethod
+    def _attention_backend() -> str | None:
+        """'fused', 'sdpa', or both joined by '+' (e.g. SDPA for a masked evaluation), None before a call."""
+        return "+".join(sorted(attention.chosen_backends())) or None
 
     def _write_final(self, result: FitResult, target: nn.Module, export: Export) -> None:
         """`final/` (the export, with the curves and a summary), and `averaged/` when asked for."""
@@ -479,7 +496,8 @@ class Trainer:
             "step": result.step, "status": result.status, "metrics": result.metrics,
             "tokens": result.tokens, "elapsed_s": round(result.elapsed, 2),
             "tokens_per_s": result.tokens_per_second, "mfu": result.mfu,
-            "skipped_steps": result.skipped_steps, "rollbacks": result.rollbacks}
+            "skipped_steps": result.skipped_steps, "rollbacks": result.rollbacks,
+            "parallel": result.parallel, "world_size": result.world_size}
         result.final_dir = export.save(self.run_dir / "final", target, extra_files=files)
         if (self.run_dir / "best").is_dir():
             result.best_dir = self.run_dir / "best"
