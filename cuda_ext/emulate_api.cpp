@@ -103,4 +103,13 @@ int glm_emu_backward(int bf16, void* q, const int64_t* qs, void* k, const int64_
                                                nullptr));
 }
 
+// The tensor-core work of each block of the last launch (warp-wide mma.sync instructions, linear block
+// index x + gridDim.x * (y + gridDim.y * z)) into out[0..capacity); returns the number of blocks. The
+// tests read the backward's balance from it: the kernel's own schedule, counted as it ran.
+int glm_emu_last_launch_work(long long* out, int capacity) {
+  const auto& work = emu::state().block_mma;
+  for (size_t i = 0; i < work.size() && static_cast<int>(i) < capacity; ++i) out[i] = work[i];
+  return static_cast<int>(work.size());
+}
+
 }  // extern "C"

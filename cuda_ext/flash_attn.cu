@@ -1,6 +1,9 @@
 // glm's fused attention: a FlashAttention-2 style forward and backward on tensor cores (mma.sync
 // m16n8k16, fp16/bf16 inputs, fp32 accumulation), for head dims 64 and 128, any sequence lengths,
-// causal (bottom-right aligned) or not, grouped-query K/V read in place.
+// causal (bottom-right aligned) or not, grouped-query K/V read in place. FlashAttention-2's structure:
+// the forward keeps each warp's Q slice in registers and double-buffers K/V tiles through cp.async;
+// the causal backward pairs heavy and light key blocks so that every block does the same work.
+// Design, budgets and version log: NOTES.md. No GPU has timed any of it yet.
 //
 // Notation used in the comments: Br query rows and Bc key rows per tile, D the head dim, g = lane / 4
 // and t = lane % 4 (the "group" and "thread in group" of the PTX fragment layouts). An m16n8k16 C
@@ -218,13 +221,21 @@ __device__ __forceinline__ T* head_ptr_mut(const TensorRef& r, int b, int h) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward. Block = NWARPS warps; each warp owns MT m16 tiles = 16 * MT query rows of one (batch,
-// head), so Br = 16 * MT * NWARPS. A warp keeps its rows' O accumulator, running max and running
-// sum in registers while the block walks the key/value tiles of Bc rows. With MT = 1 the Q fragments
-// stay in registers too; with MT = 2 they are re-read from shared memory, and every K/V fragment a
-// warp loads feeds twice the tensor-core work (half the shared-memory traffic per FLOP).
-// K and V have one shared buffer each, refilled asynchronously: K(j+1) loads during softmax and PV
-// of tile j, V(j+1) during QK^T of tile j+1.
+// Forward. Block = NWARPS warps of 16 query rows each (Br = 16 * NWARPS) of one (batch, head). A warp
+// loads its Q fragments from shared memory once and keeps them in registers for the whole key loop,
+// together with its rows' O accumulator, running max and running sum; shared memory then only holds
+// K and V (and the Q tile again at the very end, to stage O for coalesced stores).
+//
+// K and V are double-buffered: two stages of (Bc, D) each. While tile j is multiplied out of stage
+// j % 2, cp.async fills stage (j + 1) % 2 with tile j + 1, so the loads overlap QK^T, the softmax
+// and PV of tile j. Copy groups, oldest first, with what each wait_group N (= "all but the newest N
+// groups have landed") guarantees:
+//   prologue:        [Q, K(0)] [V(0)]                          wait 1 -> Q, K(0)
+//   top of tile j:   ... [K(j)] [V(j)]                         wait 1 -> K(j)        (j > 0)
+//   after issuing:   ... [V(j)] [K(j+1)] [V(j+1)]              wait 2 -> V(j), before PV
+// Two barriers per tile: the one at the top makes K(j) visible to every warp and proves every warp
+// has finished PV(j - 1), the last reader of the stage about to be refilled; the one before PV makes
+// V(j) visible. A group is committed even when there is no next tile, so the counts never change.
 
 // 2^x in one MUFU instruction (ex2.approx.ftz: about 2 ulp; 2^-inf = +0).
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -237,22 +248,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-template <typename T, int D, int NWARPS, int BC, int MT>
+template <typename T, int D, int NWARPS, int BC>
 __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams p) {
-  constexpr int WR = 16 * MT, BR = WR * NWARPS, NT = NWARPS * 32, LDS = D + 8;
-  constexpr bool kQInRegs = MT == 1;
-  static_assert(D % 32 == 0 && BC % 16 == 0 && (MT == 1 || MT == 2), "tile shape");
+  constexpr int BR = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8, kStage = BC * LDS;
+  static_assert(D % 32 == 0 && BC % 16 == 0, "tile shape");
   GLM_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem);  // (BR, LDS); reused to stage O at the end
-  T* sK = sQ + BR * LDS;                // (BC, LDS)
-  T* sV = sK + BC * LDS;                // (BC, LDS)
+  T* sQ = reinterpret_cast<T*>(smem);  // (BR, LDS): Q until it is in registers; stages O at the end
+  T* sK = sQ + BR * LDS;                // 2 stages of (BC, LDS)
+  T* sV = sK + 2 * kStage;              // 2 stages of (BC, LDS)
 
   const int qb = gridDim.x - 1 - blockIdx.x;  // the longest causal rows start first
   const int h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (p.heads / p.kv_heads);
   const int q0 = qb * BR;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int wrow = warp * WR;         // this warp's first row within the block
+  const int wrow = warp * 16;         // this warp's first row within the block
   const int off = p.seq_k - p.seq_q;  // causal: query row i sees key j iff j <= i + off
   const float sl2 = p.scale * kLog2e;
 
@@ -267,17 +277,14 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / BC + 1);
   }
 
-  float o[MT][D / 8][4];
-  float m[MT][2], l[MT][2];  // running max of the raw scores and this thread's part of the running
-                             // sum of exp, for rows g and g + 8 of each m tile
+  float o[D / 8][4];
+  float m[2], l[2];  // running max of the raw scores and this thread's part of the running sum of
+                     // exp, for rows g and g + 8
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
-    m[mt][0] = m[mt][1] = -INFINITY;
-    l[mt][0] = l[mt][1] = 0.f;
-  }
-  uint32_t qf[kQInRegs ? D / 16 : 1][4];
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  m[0] = m[1] = -INFINITY;
+  l[0] = l[1] = 0.f;
+  uint32_t qf[D / 16][4];  // this warp's 16 x D slice of Q as A fragments, for the whole kernel
 
   if (n_blocks > 0) {
     load_tile<T, BR, D, NT>(sQ, qg, p.q.seq_stride, q0, p.seq_q);
@@ -287,143 +294,121 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_fwd_kernel(const FwdParams 
     cp_async_commit();
     cp_async_wait<1>();  // Q and K(0) have landed
     __syncthreads();
-    if constexpr (kQInRegs) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], sQ, LDS, wrow, kk * 16);
-    }
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], sQ, LDS, wrow, kk * 16);
+#ifdef GLM_FLASH_EMULATE
+    // Emulation only: from here Q lives in registers, so its shared tile is poisoned (NaN) until the
+    // output is staged there; a read of Q from shared memory inside the loop would show in the result.
+    emu::poison_smem_after_barrier(sQ, BR * LDS * sizeof(T));
+#endif
   }
 
   for (int j = 0; j < n_blocks; ++j) {
     const int kv0 = j * BC;
-
-    // S = Q K^T for this warp's rows and the tile's BC keys.
-    float s[MT][BC / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int i = 0; i < BC / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+    const T* sKj = sK + (j & 1) * kStage;
+    const T* sVj = sV + (j & 1) * kStage;
+    if (j > 0) {
+      cp_async_wait<1>();  // K(j) has landed; V(j) may still be in flight
+      __syncthreads();     // ... for every thread's copies; and no warp still reads stage (j + 1) % 2
     }
+    T* sKn = sK + ((j + 1) & 1) * kStage;  // the stage tile j + 1 goes to
+    T* sVn = sV + ((j + 1) & 1) * kStage;
+    if (j + 1 < n_blocks) load_tile<T, BC, D, NT>(sKn, kg, p.k.seq_stride, kv0 + BC, p.seq_k);
+    cp_async_commit();
+    if (j + 1 < n_blocks) load_tile<T, BC, D, NT>(sVn, vg, p.v.seq_stride, kv0 + BC, p.seq_k);
+    cp_async_commit();
+
+    // S = Q K^T for this warp's rows and the tile's BC keys, Q from registers.
+    float s[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qa[MT][4];
-      if constexpr (kQInRegs) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) qa[0][i] = qf[kk][i];
-      } else {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) load_a(qa[mt], sQ, LDS, wrow + mt * 16, kk * 16);
-      }
 #pragma unroll
       for (int np = 0; np < BC / 16; ++np) {
         uint32_t bk[4];
-        load_b_nk(bk, sK, LDS, np * 16, kk * 16);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          Elem<T>::mma(s[mt][2 * np], qa[mt], bk[0], bk[1]);
-          Elem<T>::mma(s[mt][2 * np + 1], qa[mt], bk[2], bk[3]);
-        }
+        load_b_nk(bk, sKj, LDS, np * 16, kk * 16);
+        Elem<T>::mma(s[2 * np], qf[kk], bk[0], bk[1]);
+        Elem<T>::mma(s[2 * np + 1], qf[kk], bk[2], bk[3]);
       }
     }
-    __syncthreads();  // every warp is done with sK
-    if (j + 1 < n_blocks) load_tile<T, BC, D, NT>(sK, kg, p.k.seq_stride, kv0 + BC, p.seq_k);
-    cp_async_commit();
 
     // Mask keys past the end and, when causal, past the diagonal.
     const bool need_mask = kv0 + BC > p.seq_k || (p.causal && kv0 + BC - 1 > q0 + off);
     if (need_mask) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+      for (int nt = 0; nt < BC / 8; ++nt) {
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = q0 + wrow + mt * 16 + g + (e >> 1) * 8;
-            const int col = kv0 + nt * 8 + 2 * t + (e & 1);
-            if (col >= p.seq_k || (p.causal && col > row + off)) s[mt][nt][e] = -INFINITY;
-          }
+        for (int e = 0; e < 4; ++e) {
+          const int row = q0 + wrow + g + (e >> 1) * 8;
+          const int col = kv0 + nt * 8 + 2 * t + (e & 1);
+          if (col >= p.seq_k || (p.causal && col > row + off)) s[nt][e] = -INFINITY;
         }
       }
     }
 
     // Online softmax: new row max, rescale what was accumulated, exponentiate (base 2, scale folded).
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[mt][r];
+      for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = quad_max(mx);
+      const float base = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no key yet stays at zero
+      const float alpha = fast_exp2(m[r] * sl2 - base);
+      m[r] = mx;
+      l[r] *= alpha;
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        mx = quad_max(mx);
-        const float base = mx == -INFINITY ? 0.f : mx * sl2;  // a row with no key yet stays at zero
-        const float alpha = fast_exp2(m[mt][r] * sl2 - base);
-        m[mt][r] = mx;
-        l[mt][r] *= alpha;
+      for (int dn = 0; dn < D / 8; ++dn) {
+        o[dn][2 * r] *= alpha;
+        o[dn][2 * r + 1] *= alpha;
+      }
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-          o[mt][dn][2 * r] *= alpha;
-          o[mt][dn][2 * r + 1] *= alpha;
-        }
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) {
-          s[mt][nt][2 * r] = fast_exp2(s[mt][nt][2 * r] * sl2 - base);
-          s[mt][nt][2 * r + 1] = fast_exp2(s[mt][nt][2 * r + 1] * sl2 - base);
-          l[mt][r] += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
-        }
+      for (int nt = 0; nt < BC / 8; ++nt) {
+        s[nt][2 * r] = fast_exp2(s[nt][2 * r] * sl2 - base);
+        s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] * sl2 - base);
+        l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
       }
     }
 
-    cp_async_wait<1>();  // V(j) has landed; K(j+1) may still be in flight
+    cp_async_wait<2>();  // V(j) has landed; K(j + 1) and V(j + 1) may still be in flight
     __syncthreads();
 
     // O += P V: the C fragments of P, two n8 tiles at a time, are the A fragments of this product.
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = Elem<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = Elem<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = Elem<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = Elem<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      uint32_t a[4];
+      a[0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bv[4];
-        load_b_kn(bv, sV, LDS, kk * 16, dp * 16);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          Elem<T>::mma(o[mt][2 * dp], a[mt], bv[0], bv[1]);
-          Elem<T>::mma(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
-        }
+        load_b_kn(bv, sVj, LDS, kk * 16, dp * 16);
+        Elem<T>::mma(o[2 * dp], a, bv[0], bv[1]);
+        Elem<T>::mma(o[2 * dp + 1], a, bv[2], bv[3]);
       }
     }
-    __syncthreads();  // every warp is done with sV
-    if (j + 1 < n_blocks) load_tile<T, BC, D, NT>(sV, vg, p.v.seq_stride, kv0 + BC, p.seq_k);
-    cp_async_commit();
-    cp_async_wait<1>();  // K(j+1) has landed
-    __syncthreads();
   }
-  cp_async_wait<0>();
-  __syncthreads();  // sQ is free for staging the output
+  cp_async_wait<0>();  // only empty groups can remain; nothing may be in flight at exit
+  __syncthreads();     // every warp is past its last read of the loop before sQ is rewritten
 
   // Normalize, stage O in shared memory, write it with 16-byte coalesced stores; write the LSE.
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(l[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row_local = wrow + g + r * 8;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(l[mt][r]);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const int row_local = wrow + mt * 16 + g + r * 8;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        *reinterpret_cast<uint32_t*>(sQ + row_local * LDS + dn * 8 + 2 * t) =
-            Elem<T>::pack(o[mt][dn][2 * r] * inv, o[mt][dn][2 * r + 1] * inv);
-      }
-      const int row = q0 + row_local;
-      if (t == 0 && row < p.seq_q) {
-        store_global(p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row,
-                     sum > 0.f ? m[mt][r] * p.scale + logf(sum) : -INFINITY);
-      }
+    for (int dn = 0; dn < D / 8; ++dn) {
+      *reinterpret_cast<uint32_t*>(sQ + row_local * LDS + dn * 8 + 2 * t) =
+          Elem<T>::pack(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
+    }
+    const int row = q0 + row_local;
+    if (t == 0 && row < p.seq_q) {
+      store_global(p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.seq_q + row,
+                   sum > 0.f ? m[r] * p.scale + logf(sum) : -INFINITY);
     }
   }
   __syncthreads();
@@ -465,19 +450,23 @@ __global__ void __launch_bounds__(256) flash_bwd_delta_kernel(const BwdParams p)
   if (lane == 0) store_global(p.delta + row, acc);
 }
 
-// Backward, part 2. Block = NWARPS warps = Bc = 16 * NWARPS key rows of one (batch, kv head); each
-// warp owns 16 key rows and accumulates their dK and dV in registers over every query head of the
-// group (GQA needs no atomics and no repeated K/V) and every query tile of Br rows. Per query tile:
+// Backward, part 2. A key block = Bc = 16 * NWARPS key rows of one (batch, kv head), one per warp-16;
+// each warp accumulates its rows' dK and dV in registers over every query head of the group (GQA
+// needs no atomics and no repeated K/V) and every query tile of Br rows. A block does one key block,
+// or two when causal (see flash_bwd_kernel). Per query tile:
 //   S^T = K Q^T, P^T = exp(scale S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta)
 //   dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += scale dS K (fp32 atomics into dq_accum).
 // Working on the transposes keeps P^T and dS^T in registers as A fragments of the dV and dK products;
 // dS^T also goes through shared memory for the dQ product, which every warp shares.
 
-template <typename T, int D, int NWARPS, int BR>
-__global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams p) {
+// One key block: loads its K and V, walks every query tile of every query head of the kv head, writes
+// its dK and dV and adds its share of dQ. kSecond picks the block's second (causal) key block; a
+// template flag rather than an argument so that kb is recomputed from blockIdx and the parameters
+// instead of occupying a register in a kernel that sits at ptxas' 255-register limit at D=128.
+template <typename T, int D, int NWARPS, int BR, bool kSecond>
+__device__ __forceinline__ void bwd_key_block(const BwdParams& p, unsigned char* smem) {
   constexpr int BC = 16 * NWARPS, NT = NWARPS * 32, LDS = D + 8, LDSS = BR + 8;
   static_assert(D % 32 == 0 && BR % 16 == 0, "tile shape");
-  GLM_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);  // (BC, LDS)
   T* sV = sK + BC * LDS;                // (BC, LDS)
   T* sQ = sV + BC * LDS;                // (BR, LDS)
@@ -486,12 +475,15 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
   float* sLse = reinterpret_cast<float*>(sdS + BC * LDSS);  // (BR) lse * log2(e), +inf = no key
   float* sDelta = sLse + BR;                                 // (BR)
 
-  const int kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int kvh = blockIdx.y, b = blockIdx.z;
   const int group = p.heads / p.kv_heads;
+  const int kb =
+      kSecond ? (p.seq_k + BC - 1) / BC - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
   const int kv0 = kb * BC;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int off = p.seq_k - p.seq_q;
   const float sl2 = p.scale * kLog2e;
+  const int n_qblocks = (p.seq_q + BR - 1) / BR;
 
   load_tile<T, BC, D, NT>(sK, head_ptr<T>(p.k, b, kvh), p.k.seq_stride, kv0, p.seq_k);
   load_tile<T, BC, D, NT>(sV, head_ptr<T>(p.v, b, kvh), p.v.seq_stride, kv0, p.seq_k);
@@ -504,7 +496,6 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
     dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
   }
 
-  const int n_qblocks = (p.seq_q + BR - 1) / BR;
   // Causal: rows before kv0 - off see none of these keys.
   const int first_qblock = p.causal ? max(0, kv0 - off) / BR : 0;
 
@@ -661,15 +652,38 @@ __global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams 
   }
 }
 
+// Work balance. Causal, key block kb meets about n_qblocks - kb * Bc / Br query tiles: the first key
+// block of a head does all of them, the last one almost none, so one key block per block would leave
+// the SMs that drew the light blocks idle while the heavy ones finish. A causal block x therefore
+// takes two key blocks, x and n_kblocks - 1 - x (the middle one alone when their count is odd): the
+// pair's tiles add up to about n_qblocks + 1 for every x. Non-causal, every key block meets every
+// query tile: one key block per block. The grid's x size is bwd_grid_x.
+__host__ __device__ inline int bwd_grid_x(int n_kblocks, bool causal) {
+  return causal ? (n_kblocks + 1) / 2 : n_kblocks;
+}
+
+template <typename T, int D, int NWARPS, int BR>
+__global__ void __launch_bounds__(NWARPS * 32) flash_bwd_kernel(const BwdParams p) {
+  constexpr int BC = 16 * NWARPS;
+  GLM_DYNAMIC_SMEM(smem);
+  const int n_kblocks = (p.seq_k + BC - 1) / BC;
+  const int first = blockIdx.x, second = n_kblocks - 1 - first;
+  bwd_key_block<T, D, NWARPS, BR, false>(p, smem);
+  if (p.causal && second != first) {
+    __syncthreads();  // every warp is done with the first key block's sK (the dQ product reads all of it)
+    bwd_key_block<T, D, NWARPS, BR, true>(p, smem);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Launchers and tile choices (see NOTES.md for the register and shared-memory budget of each). All
 // use mma.sync, which Hopper still runs; wgmma/TMA would be the next step there.
 
-template <typename T, int D, int NWARPS, int BC, int MT>
+template <typename T, int D, int NWARPS, int BC>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  constexpr int BR = 16 * MT * NWARPS;
-  const size_t smem = static_cast<size_t>(BR + 2 * BC) * (D + 8) * sizeof(T);
-  auto kernel = flash_fwd_kernel<T, D, NWARPS, BC, MT>;
+  constexpr int BR = 16 * NWARPS;
+  const size_t smem = static_cast<size_t>(BR + 4 * BC) * (D + 8) * sizeof(T);  // Q + two stages of K and V
+  auto kernel = flash_fwd_kernel<T, D, NWARPS, BC>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
@@ -694,7 +708,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_kernel<T, D, NWARPS, BR>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.seq_k + BC - 1) / BC, p.kv_heads, p.batch);
+  const dim3 grid(bwd_grid_x((p.seq_k + BC - 1) / BC, p.causal), p.kv_heads, p.batch);
   GLM_LAUNCH(kernel, grid, NWARPS * 32, smem, stream, p);
   return cudaGetLastError();
 }
@@ -729,13 +743,15 @@ cudaError_t fwd_for_type(const FwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   const cudaError_t err = use_hopper_tiles(&hopper);
   if (err != cudaSuccess) return err;
-  // <T, D, warps, Bc, m tiles per warp>: Ampere 4 warps x 16 rows (Q in registers); Hopper 4 warps
-  // x 32 rows (Br 128, each K/V fragment feeding two m tiles; Bc 32 at D=128 to stay within registers).
-  if (p.head_dim == 64) {
-    return hopper ? launch_fwd<T, 64, 4, 64, 2>(p, stream) : launch_fwd<T, 64, 4, 64, 1>(p, stream);
-  }
+  // <T, D, warps, Bc>, 16 query rows per warp, Q in registers, K/V double-buffered (shared memory
+  // (Br + 4 Bc)(D + 8) elements). Chosen for resident warps per SM (NOTES.md has the arithmetic):
+  // D=64, 4 warps, Bc 64 on both (45 KB, 130 registers: 3 blocks = 12 warps per SM). D=128: Ampere
+  // 4 warps, Bc 32 (52 KB and 163 registers: 3 blocks per A100 SM; Bc 64 would take 85 KB, 1 block);
+  // Hopper 8 warps, Bc 64 (102 KB, one block of 8 warps by registers, the same 8 warps per SM as two
+  // 4-warp blocks, with each K/V tile brought into shared memory serving 128 query rows, not 64).
+  if (p.head_dim == 64) return launch_fwd<T, 64, 4, 64>(p, stream);
   if (p.head_dim == 128) {
-    return hopper ? launch_fwd<T, 128, 4, 32, 2>(p, stream) : launch_fwd<T, 128, 4, 64, 1>(p, stream);
+    return hopper ? launch_fwd<T, 128, 8, 64>(p, stream) : launch_fwd<T, 128, 4, 32>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -748,9 +764,10 @@ cudaError_t bwd_for_type(const BwdParams& p, cudaStream_t stream) {
   if (p.head_dim == 64) {
     return hopper ? launch_bwd<T, 64, 8, 64>(p, stream) : launch_bwd<T, 64, 4, 64>(p, stream);
   }
-  if (p.head_dim == 128) {
-    return hopper ? launch_bwd<T, 128, 8, 32>(p, stream) : launch_bwd<T, 128, 4, 32>(p, stream);
-  }
+  // D=128: 4 warps on both. The 8-warp block (Bc 128) sits at ptxas' 255-register limit once the causal
+  // key-block pairing is in, and spills 12 bytes on sm_90; 4 warps (2 blocks per SM, the same 8
+  // resident warps) spill nothing there (NOTES.md, ptxas table).
+  if (p.head_dim == 128) return launch_bwd<T, 128, 4, 32>(p, stream);
   return cudaErrorInvalidValue;
 }
 

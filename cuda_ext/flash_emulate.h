@@ -231,6 +231,7 @@ struct State {
   Context scheduler;
   std::function<void()> body;
   std::unordered_map<uintptr_t, WordAccess> global;
+  std::vector<long long> block_mma;  // warp-wide mma.sync instructions per block of the last launch
   cudaError_t last_error = cudaSuccess;
 };
 
@@ -384,6 +385,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   s.u[5] = b1;
   arrive_and_wait(w.barrier);
   check_converged(slot);
+  if (me == 0) ++state().block_mma[state().block->id];
   float out[4];
   for (int e = 0; e < 4; ++e) {
     const int row = me / 4 + (e >= 2 ? 8 : 0), col = 2 * (me % 4) + (e & 1);
@@ -435,6 +437,15 @@ inline float shfl_xor(unsigned member_mask, float x, int lane_mask) {
 }
 
 inline void syncthreads() { arrive_and_wait(state().block->block_barrier); }
+
+// Marks a shared-memory region dead (NaN bytes) once every thread of the block has reached this call:
+// the kernel calls it, under emulation only, where it promises never to read the region again before
+// rewriting it, so that a read it does not expect shows up as NaN in the results.
+inline void poison_smem_after_barrier(void* p, size_t bytes) {
+  syncthreads();
+  check_smem(p, bytes, 1, "poison: region outside shared memory");
+  if (self().tid.x == 0) std::memset(p, 0xff, bytes);
+}
 
 // ---- Launch: blocks admitted in grid order (or reversed), kResidentBlocks at a time, taking turns.
 
@@ -503,6 +514,7 @@ void launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem_bytes, co
   st.global.clear();
   const int n = static_cast<int>(block.x);
   const int blocks = static_cast<int>(grid.x * grid.y * grid.z);
+  st.block_mma.assign(static_cast<size_t>(blocks), 0);
   int admitted = 0;
   size_t turn = 0;
   // Blocks take turns one fiber run at a time (a run ends at the fiber's next barrier), so their
