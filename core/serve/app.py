@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,16 +48,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def _unexpected(request: Request, error: Exception):
         return error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        path = request.url.path
-        if state.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-                return error_response(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                               code="invalid_api_key"))
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        """With --api-key, /v1/* and /metrics need 'Authorization: Bearer KEY' (a dependency rather than
+        a middleware: starlette's middleware wrapper hides the client's disconnect from the handlers)."""
+        if state.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
 
     @app.get("/health")
     async def health():
@@ -68,14 +69,14 @@ def create_app(state: ServerState) -> FastAPI:
         return {"status": "ok", "slots_total": state.n_slots, "slots_busy": engine.pool.in_use(),
                 "queue_length": engine.queue_length(), "context_per_slot": state.context}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=guarded)
     async def metrics():
         engine = state.engine
         busy, queued = (engine.pool.in_use(), engine.queue_length()) if engine is not None else (0, 0)
         return PlainTextResponse(state.metrics.render(queued, busy, state.n_slots),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guarded)
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "glm", "max_model_len": state.context}]}
@@ -84,11 +85,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_page():
         return HTMLResponse(resources.files("glm_cli.core.serve").joinpath("chat.html").read_text(encoding="utf-8"))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
         return await _complete(state, request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
         return await _complete(state, request, chat=True)
 
@@ -147,16 +148,22 @@ class _Responder:
         self.state, self.request, self.parsed, self.chat, self.events = state, request, parsed, chat, events
         self.id, self.created = new_id(chat), now()
         self.logprobs = LogprobFormatter(state.tokenizer)
+        self.checked = time.monotonic()
 
     async def _next(self, http: Request) -> Event | None:
-        """The next event, or None once the client has gone (the request is then cancelled)."""
+        """The next event, or None once the client has gone (the request is then cancelled). The client is
+        checked every POLL_S whether events flow or not."""
         while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), timeout=POLL_S)
-            except asyncio.TimeoutError:
+            now_s = time.monotonic()
+            if now_s - self.checked >= POLL_S:
+                self.checked = now_s
                 if await http.is_disconnected():
                     self.cancel()
                     return None
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=POLL_S)
+            except asyncio.TimeoutError:
+                continue
 
     def cancel(self) -> None:
         if not self.request.finished and not self.request.failed:

@@ -124,6 +124,11 @@ class Server:
     def _load(self) -> None:
         try:
             load_engine(self.config, self.state)
+            import time
+
+            deadline = time.monotonic() + 30
+            while not self.uvicorn.started and not self.uvicorn.should_exit and time.monotonic() < deadline:
+                time.sleep(0.02)
             log(f"serving {self.state.model_name} on {self.url}")
         except BaseException as e:  # reported by run(); the server stops
             self.error = e

@@ -59,7 +59,8 @@ def client_for(server, **kwargs):
     import openai
 
     kwargs.setdefault("api_key", "none")
-    return openai.OpenAI(base_url=f"{server.url}/v1", max_retries=0, timeout=30, **kwargs)
+    kwargs.setdefault("timeout", 30)
+    return openai.OpenAI(base_url=f"{server.url}/v1", max_retries=0, **kwargs)
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
