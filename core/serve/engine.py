@@ -129,7 +129,7 @@ class Engine:
         request = self._prefilling[0]
         slot = request.choices[0].slot
         chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
-        logits = prefill_logits(self.model, self.pool, slot, chunk)
+        logits = prefill_logits(self.model, self.pool, slot, chunk).to("cpu")  # sampling runs on the CPU
         request.prefilled += len(chunk)
         if request.prefilled < len(request.prompt):
             return
@@ -143,6 +143,7 @@ class Engine:
         rows = self._decoding
         self._decoding = []
         logits = decode_logits(self.model, self.pool, [c.pending for c in rows], [c.slot for c in rows])
+        logits = logits.to("cpu")
         for i, choice in enumerate(rows):
             self._advance(choice, logits[i:i + 1])
 

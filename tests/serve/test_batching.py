@@ -96,3 +96,40 @@ def test_concurrent_greedy_answers_equal_glm_generate(bits, tiny_ckpt, quantized
                 assert (text, n_tokens, reason) == (ref["completion"], ref["completion_tokens"],
                                                     ref["finish_reason"]), (clients, ref["prompt"])
         assert server.state.metrics.prefix_tokens_reused > 0  # later rounds reuse the slots' prompts
+
+
+@torch.inference_mode()
+def test_a_long_prompt_is_prefilled_in_bounded_chunks_between_decode_steps():
+    """While a 70-token prompt is prefilled 8 tokens an iteration, the running stream still gets one
+    token every iteration; the chunked prompt's greedy answer is the one of a whole prefill."""
+    from glm_cli.core.infer.generation import GenerationConfig, generate
+    from glm_cli.core.serve.engine import Engine
+    from glm_cli.core.serve.requests import Request, RequestSettings
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=97, max_seq_len=128)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    gen = torch.Generator().manual_seed(2)
+    short, long = torch.randint(0, 97, (5,), generator=gen).tolist(), torch.randint(0, 97, (70,), generator=gen).tolist()
+    engine = Engine(model, SlotPool(model.config, 2, 128, torch.float32), prefill_chunk=8)
+
+    def request(prompt):
+        r = Request(prompt, RequestSettings(max_tokens=20), lambda e: None, lambda ids: "", 97, [])
+        engine._waiting.append(r)  # the engine thread is not started: this test is the engine thread
+        return r
+
+    a = request(short)
+    while not a.choices[0].tokens:
+        engine.step()
+    b = request(long)
+    for i in range(1, 9):  # 70 tokens: 9 chunks of at most 8
+        before = len(a.choices[0].tokens)
+        engine.step()
+        assert len(a.choices[0].tokens) == before + 1 and b.prefilled == min(70, 8 * i)
+        assert not b.choices[0].tokens
+    while not (a.finished and b.finished):
+        engine.step()
+    for r, prompt in ((a, short), (b, long)):
+        want = generate(model, [prompt], GenerationConfig(max_new_tokens=20))[0].tokens
+        assert r.choices[0].tokens == want
