@@ -169,3 +169,26 @@ def test_the_command_serves_and_reports_bad_settings_in_one_line(tiny_ckpt):  # 
     assert isinstance(error, UsageError) and "--context 4096" in str(error) and "\n" not in str(error)
     code, _, error = invoke_glm("serve", tiny_ckpt.parent / "nope", "--port", "0")
     assert isinstance(error, CheckpointError) and "nope" in str(error)
+
+
+def test_an_engine_failure_fails_the_requests_in_flight_not_the_server(tiny_ckpt, monkeypatch):  # noqa: F811
+    from glm_cli.core.serve import engine as engine_module
+
+    real = engine_module.decode_logits
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_logits", failing_once)
+    with running_server(tiny_ckpt, slots=2) as server:
+        body = {"model": "ckpt", "prompt": "HAMLET.", "max_tokens": 5, "temperature": 0}
+        failed = http("POST", f"{server.url}/v1/completions", body)
+        assert failed.status_code == 500 and "simulated kernel failure" in failed.json()["error"]["message"]
+        assert server.state.engine.pool.in_use() == 0
+        ok = http("POST", f"{server.url}/v1/completions", body)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert server.state.metrics.requests["error"] == 1
