@@ -3,7 +3,7 @@
 `parse_request` turns a decoded JSON body into what the engine needs (prompt ids and `RequestSettings`)
 or raises `ApiError`, which the HTTP side renders as OpenAI's error object
 {"error": {"message", "type", "param", "code"}} with its status. Every field a client may send is either
-honoured, refused with a reason, or (unknown names, as OpenAI's own server does) ignored; a known field
+honoured, refused with a reason, or (unknown names, as vLLM's server does) ignored; a known field
 of the wrong type is always a 400 naming it.
 """
 

@@ -192,3 +192,12 @@ def test_an_engine_failure_fails_the_requests_in_flight_not_the_server(tiny_ckpt
         ok = http("POST", f"{server.url}/v1/completions", body)
         assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert server.state.metrics.requests["error"] == 1
+
+
+def test_without_the_serve_extra_the_command_names_the_install(tiny_ckpt, monkeypatch):  # noqa: F811
+    from glm_cli.core.errors import GlmError
+    from glm_cli.core.serve.server import ServeConfig, Server
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now raises ImportError
+    with pytest.raises(GlmError, match=r"pip install 'glm-cli\[serve\]'"):
+        Server(ServeConfig(checkpoint=str(tiny_ckpt)))
