@@ -22,6 +22,20 @@ from glm_cli.core.model.transformer import apply_rope, rope_cos_sin
 from glm_cli.core.serve.slots import SlotPool
 
 
+def check_servable(model) -> None:
+    """Refuse, in one line, a model whose blocks the batched step would run differently from its own
+    forward: the step computes attention itself, so an attention sublayer wrapped by an adapter
+    (bottleneck adapters) or a model wrapped as a whole (prompt tuning) would lose the adapter. LoRA
+    wraps the projections, which the step calls as modules, and is served as it is."""
+    from glm_cli.core.errors import UsageError
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(b.self_attn, "project_qkv") for b in layers):
+        kind = type(model).__name__ if layers is None else type(layers[0].self_attn).__name__
+        raise UsageError(f"glm serve runs plain and LoRA models; this one has {kind} around its "
+                         "blocks (bottleneck adapters or prompt tuning): use `glm generate` for it")
+
+
 def python_decode_rows(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: list[torch.Tensor],
                        values: list[torch.Tensor], slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """x (M, C), cos/sin (M, D), keys/values per layer (S, Hkv, L, D), slots/lengths (M,) int64

@@ -53,12 +53,14 @@ def load_engine(config: ServeConfig, state: ServerState):
     from glm_cli.core.checkpoint.loader import load_with_adapter
     from glm_cli.core.infer.generation import eos_ids_for
     from glm_cli.core.model.packed_linear import prepare_for_inference
+    from glm_cli.core.serve.batched import check_servable
     from glm_cli.core.serve.engine import Engine
     from glm_cli.core.serve.slots import SlotPool
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     model = load_with_adapter(config.checkpoint, None, device=config.device, dtype=config.dtype)
     tokenizer = load_tokenizer(config.checkpoint)
+    check_servable(model)
     context = check_context(model.config, config.context)
     prepared = prepare_for_inference(model)
     eos = eos_ids_for(model.config, tokenizer, config.checkpoint)
@@ -167,7 +169,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        host = self.config.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def run_quietly(self) -> None:
         try:

@@ -133,3 +133,28 @@ def test_a_long_prompt_is_prefilled_in_bounded_chunks_between_decode_steps():
     for r, prompt in ((a, short), (b, long)):
         want = generate(model, [prompt], GenerationConfig(max_new_tokens=20))[0].tokens
         assert r.choices[0].tokens == want
+
+
+@torch.inference_mode()
+def test_lora_models_are_batched_and_adapter_wrapped_blocks_refused():
+    from glm_cli.core.errors import UsageError
+    from glm_cli.core.serve.batched import check_servable
+    from glm_cli.core.tune.peft import PeftConfig, apply_peft
+
+    torch.manual_seed(0)
+    model = apply_peft(Transformer(preset("tiny", vocab_size=97, max_seq_len=64)).eval(),
+                       PeftConfig(method="lora", rank=4))
+    for name, p in model.named_parameters():
+        if "lora" in name:
+            p.normal_(0, 0.2)  # a LoRA that changes the outputs (B starts at zero)
+    check_servable(model)
+    pool = SlotPool(model.config, 2, 32, torch.float32)
+    prompt = [3, 1, 4, 1, 5]
+    prefill_logits(model, pool, 1, prompt)
+    got = decode_logits(model, pool, [9], [1])[0]
+    want = model(torch.tensor([prompt + [9]]))[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for method in ("adapter", "prompt"):
+        wrapped = apply_peft(Transformer(preset("tiny", vocab_size=97, max_seq_len=64)), PeftConfig(method=method))
+        with pytest.raises(UsageError, match="plain and LoRA"):
+            check_servable(wrapped)
