@@ -50,9 +50,10 @@ class Engine:
     # ------------------------------------------------------------------ called from other threads
 
     def submit(self, request: Request) -> bool:
-        """Queue a request; False when the waiting queue is full (nothing is queued then)."""
+        """Queue a request; False when the waiting queue is full (nothing is queued then). Requests that
+        free slots will take at once do not count against `max_queue`, so 0 means "no waiting"."""
         with self._lock:
-            if len(self._incoming) + len(self._waiting) >= self.max_queue:
+            if len(self._incoming) + len(self._waiting) >= self.max_queue + self.pool.free_count():
                 return False
             self._incoming.append(request)
             self._wake.notify()

@@ -158,3 +158,18 @@ def test_lora_models_are_batched_and_adapter_wrapped_blocks_refused():
         wrapped = apply_peft(Transformer(preset("tiny", vocab_size=97, max_seq_len=64)), PeftConfig(method=method))
         with pytest.raises(UsageError, match="plain and LoRA"):
             check_servable(wrapped)
+
+
+def test_the_queue_bound_counts_only_requests_that_must_wait():
+    from glm_cli.core.serve.engine import Engine
+    from glm_cli.core.serve.requests import Request, RequestSettings
+
+    config = preset("tiny", vocab_size=50, max_seq_len=32)
+    engine = Engine(None, SlotPool(config, 2, 32, torch.float32), max_queue=1)  # never started: no model needed
+
+    def request():
+        return Request([1, 2], RequestSettings(max_tokens=2), lambda e: None, lambda ids: "", 50, [])
+
+    assert [engine.submit(request()) for _ in range(4)] == [True, True, True, False]  # 2 free slots + 1 waiting
+    engine = Engine(None, SlotPool(config, 1, 32, torch.float32), max_queue=0)
+    assert [engine.submit(request()) for _ in range(2)] == [True, False]
