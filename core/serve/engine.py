@@ -131,6 +131,7 @@ class Engine:
         slot = request.choices[0].slot
         chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
         logits = prefill_logits(self.model, self.pool, slot, chunk).to("cpu")  # sampling runs on the CPU
+        self.metrics.prefill_tokens += len(chunk)
         request.prefilled += len(chunk)
         if request.prefilled < len(request.prompt):
             return

@@ -38,6 +38,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.prefix_tokens_reused = 0
+        self.prefill_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.per_token = Histogram(TOKEN_BUCKETS)
 
@@ -53,7 +54,8 @@ class Metrics:
                     ("glm_prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished requests."),
                     ("glm_completion_tokens_total", self.completion_tokens, "Tokens generated."),
                     ("glm_prefix_tokens_reused_total", self.prefix_tokens_reused,
-                     "Prompt tokens taken from a slot's cache instead of recomputed.")):
+                     "Prompt tokens taken from a slot's cache instead of recomputed."),
+                    ("glm_prefill_tokens_total", self.prefill_tokens, "Prompt tokens run through the model.")):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
             for name, value, help_text in (("glm_queue_length", queue_length, "Requests waiting for a slot."),
                                            ("glm_slots_busy", slots_busy, "Slots serving a request."),

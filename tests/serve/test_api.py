@@ -95,8 +95,17 @@ def test_n_choices_sampled_distinct_seeded_reproducible_greedy_equal(server):
             .choices[0].logprobs.tokens) for i in range(3))
     # n > 1 prefills once and copies the cache: greedy copies equal the single greedy answer
     one = client.completions.create(temperature=0, **args).choices[0].text
+    metrics = server.state.metrics
+    before = (metrics.prefill_tokens, metrics.prefix_tokens_reused)
+    prompt = "Put up your bright swords, for the dew will rust them."  # new to every slot
+    n_prompt = client.completions.create(model="ckpt", prompt=prompt, max_tokens=1).usage.prompt_tokens
+    middle = (metrics.prefill_tokens, metrics.prefix_tokens_reused)
     copies = client.completions.create(n=3, temperature=0, **args)
     assert [c.text for c in copies.choices] == [one] * 3
+    client.completions.create(model="ckpt", prompt=prompt, n=3, max_tokens=1)
+    computed = metrics.prefill_tokens - middle[0] + (metrics.prefix_tokens_reused - middle[1])
+    assert middle[0] - before[0] + middle[1] - before[1] == n_prompt  # each prompt token once, computed or reused
+    assert computed == n_prompt + len(server.state.tokenizer.encode(args["prompt"]).ids)  # not 3x
 
 
 def test_logprobs_equal_glm_eval_loglikelihoods(server, tiny_ckpt, tokenizer):  # noqa: F811
