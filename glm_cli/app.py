@@ -28,6 +28,7 @@ COMMANDS = [
     ("generate", "generate", "Generate text from a checkpoint."),
     ("eval", "evaluate", "Evaluate checkpoints: perplexity, multiple choice, generation tasks."),
     ("convert", "convert", "Convert a Hugging Face directory or a GGUF file to a glm checkpoint."),
+    ("serve", "serve", "Serve a checkpoint over the OpenAI HTTP API, with continuous batching."),
 ]
 
 app = typer.Typer(
