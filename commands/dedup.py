@@ -176,14 +176,12 @@ def run(
 
         glm clean data/raw -o - | glm dedup - -o - --against evals.jsonl | glm tokenize encode - ...
     """
-    import tempfile
 
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.dedup import disk
-    from glm_cli.core.dedup.lines import SavedUnitKeys
-    from glm_cli.core.dedup.pipeline import SignatureFile, apply_plan, cluster, write_signatures
+    from glm_cli.core.dedup.run import dedup_run
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
+    from glm_cli.core.io.corpus import parse_shard
 
     set_quiet(quiet)
     if memory_mb < 1:
@@ -202,31 +200,9 @@ def run(
         disk.check(need, output)
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
-        # stdin can be read once: keep a copy of the parsed documents for the second pass
-        spool = RecordWriter(f"{tmp}/spool.jsonl", columns) if "-" in inputs else None
-        # every line key hashed for the signatures, so the filter pass need not hash the lines again
-        saved_keys = SavedUnitKeys(f"{tmp}/unit_keys.u64")
-        try:
-            # streamed to the file, at most --memory-mb of signatures held (the rest spilled to tmp)
-            write_signatures(read_documents(inputs, policy, shard_spec, columns), config, f"{tmp}/signatures.npz",
-                             workers=workers, spool=spool, saved_keys=saved_keys, memory_mb=memory_mb,
-                             workdir=tmp, bad_records=lambda: policy.count)
-        finally:
-            saved_keys.close()
-            if spool is not None:
-                spool.close()
-        # the same file and clustering as `glm dedup signatures` + `glm dedup cluster`
-        plan, cluster_records, contamination_records = cluster([f"{tmp}/signatures.npz"], memory_mb, tmp)
-        second = [f"{tmp}/spool.jsonl"] if spool is not None else inputs
-        second_shard = None if spool is not None else shard_spec
-        # the line keys computed for the signatures say which documents hold boilerplate: only those
-        # have their lines split (and their saved keys read back)
-        holders = SignatureFile(f"{tmp}/signatures.npz").holders_of(plan.boilerplate)
-        with RecordWriter(output, columns, row_group_size) as writer:
-            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard, columns), plan, 0, writer,
-                                holders=holders, saved_keys=saved_keys if config.lines else None)
-        _write_jsonl(clusters, cluster_records)
+    plan, counts, contamination_records = dedup_run(
+        inputs, output, config, columns=columns, policy=policy, shard=shard_spec, workers=workers,
+        memory_mb=memory_mb, row_group_size=row_group_size, clusters=clusters)
     policy.close()
     _write_jsonl(contaminated, contamination_records)
     seconds = time.perf_counter() - start

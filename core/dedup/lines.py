@@ -266,6 +266,14 @@ class SavedUnitKeys:
         counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
+    @classmethod
+    def reader(cls, path: str, offsets: np.ndarray) -> SavedUnitKeys:
+        """The keys already written to `path`, for the documents whose `offsets` (into the file, one more
+        than documents) are given: how a worker reads the keys of its own unit (`keys_of` by local position)."""
+        view = cls.__new__(cls)
+        view.path, view.offsets, view._file, view._counts = path, offsets, None, []
+        return view
+
     def keys_of(self, positions: list[int]) -> np.ndarray:
         """The unit keys of the documents at `positions` (ascending), concatenated."""
         if not positions:

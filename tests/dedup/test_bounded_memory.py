@@ -102,3 +102,71 @@ def _columns():
     from glm_cli.core.io.corpus import DEFAULT_COLUMNS
 
     return DEFAULT_COLUMNS
+
+
+# --------------------------------------------------------------- the pool parses and filters (run.py)
+
+
+def test_workers_parse_and_filter_with_the_same_errors_and_output(big, tmp_path):
+    """Bad lines in several places: --on-error fail names the first one's file:line whatever the worker
+    count; skip counts them, writes them aside in input order, and the output is the same bytes."""
+    lines = big.read_text().splitlines(keepends=True)
+    lines.insert(700, "not json\n")
+    lines.insert(300, '{"id": "x", "text": 3}\n')
+    lines.insert(5, "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines))
+    outs = {}
+    for workers in ("1", "2", "3"):
+        code, _, error = invoke_glm("dedup", "run", bad, "-o", tmp_path / "fail.jsonl", "--workers", workers)
+        assert code == 1 and "bad.jsonl:6" in str(error) and not (tmp_path / "fail.jsonl").exists()
+        out = tmp_path / f"out{workers}.jsonl"
+        code, stdout, error = invoke_glm("dedup", "run", bad, "-o", out, "--on-error", "skip", "--workers",
+                                         workers, "--json", "--memory-mb", "1")
+        assert code == 0 and error is None, error
+        assert json.loads(stdout)["errors"]["bad_records"] == 3
+        errors = read_jsonl(tmp_path / f"out{workers}.jsonl.errors.jsonl")
+        assert [e["line"] for e in errors] == [6, 302, 703]
+        outs[workers] = out.read_bytes()
+    code, _, _ = invoke_glm("dedup", "run", big, "-o", tmp_path / "clean.jsonl")
+    assert outs["1"] == outs["2"] == outs["3"] == (tmp_path / "clean.jsonl").read_bytes()
+
+
+def test_stdin_among_files_and_shards_match_one_process(big, tmp_path):
+    """stdin between two files (its copy read in its place on the second pass), and --shard, give the
+    output of the same documents deduplicated with one worker from files."""
+    lines = big.read_text().splitlines(keepends=True)
+    parts = [tmp_path / f"p{k}.jsonl" for k in range(3)]
+    for k, part in enumerate(parts):
+        part.write_text("".join(lines[k * 400:(k + 1) * 400]))
+    code, _, error = invoke_glm("dedup", "run", *parts, "-o", tmp_path / "files.jsonl")
+    assert code == 0, error
+    from typer.testing import CliRunner
+
+    from glm_cli.app import app
+
+    result = CliRunner().invoke(app, ["dedup", "run", str(parts[0]), "-", str(parts[2]), "-o",
+                                      str(tmp_path / "stdin.jsonl"), "--workers", "2"], input=parts[1].read_text())
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "stdin.jsonl").read_bytes() == (tmp_path / "files.jsonl").read_bytes()
+    for k in range(3):  # shard k of 3 is file k, deduplicated within itself
+        invoke_glm("dedup", "run", *parts, "--shard", f"{k}/3", "-o", tmp_path / f"s{k}.jsonl", "--workers", "2")
+        invoke_glm("dedup", "run", parts[k], "-o", tmp_path / f"f{k}.jsonl")
+        assert (tmp_path / f"s{k}.jsonl").read_bytes() == (tmp_path / f"f{k}.jsonl").read_bytes()
+
+
+def test_parquet_in_and_out_with_workers(big, tmp_path):
+    from corpus_fixtures import write_parquet
+
+    rows = read_jsonl(big)[:500]
+    source = write_parquet(tmp_path / "in.parquet", rows, row_group_size=64)
+    for workers in ("1", "2"):
+        code, _, error = invoke_glm("dedup", "run", source, "-o", tmp_path / f"out{workers}.parquet", "--workers",
+                                    workers)
+        assert code == 0, error
+    from glm_cli.core.io.corpus import read_documents
+
+    one = [(d.id, d.text) for d in read_documents([str(tmp_path / "out1.parquet")])]
+    two = [(d.id, d.text) for d in read_documents([str(tmp_path / "out2.parquet")])]
+    code, _, _ = invoke_glm("dedup", "run", write_jsonl(tmp_path / "in.jsonl", rows), "-o", tmp_path / "j.jsonl")
+    assert one == two == [(r["id"], r["text"]) for r in read_jsonl(tmp_path / "j.jsonl")]
