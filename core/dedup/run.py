@@ -143,7 +143,7 @@ def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, holde
         n = unit_counts[k]
         lo, hi = np.searchsorted(positions, [start, start + n])
         names = tuple(REASONS[r] for r in reasons[lo:hi].tolist())
-        offsets = saved_keys.offsets[start:start + n + 1] if saved_keys is not None else None
+        offsets = saved_keys.offsets_range(start, start + n + 1) if saved_keys is not None else None
         yield _FilterTask(unit, n, positions[lo:hi] - start, names, holders[start:start + n], offsets)
         start += n
 
@@ -179,8 +179,9 @@ def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: C
     the cluster records (each dropped duplicate and the document kept for it), if anywhere.
 
     Memory: at most about `memory_mb` of signatures (spilled to the temporary directory past it), the
-    clustering's 5 bytes a document plus `memory_mb`, a bool and 8 bytes a document for the filter's
-    boilerplate holders and saved-key offsets, and the units in flight."""
+    clustering's 5 bytes a document plus `memory_mb`, a bool a document for the filter's boilerplate
+    holders, 9 bytes a dropped document for the plan, and the units in flight; the saved line keys and
+    their offsets stay on disk."""
     with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
         stdin = STDIN in inputs
         saved_keys = line_dedup.SavedUnitKeys(os.path.join(tmp, "unit_keys.u64")) if config.lines else None
