@@ -29,7 +29,7 @@ from glm_cli.core.io.atomic import write_text_atomic
 from glm_cli.core.io.corpus import Document
 from glm_cli.core.io.parallel import map_ordered
 from glm_cli.core.io.shards import ShardIndex, ShardInfo, dtype_for_vocab, fragment_name, write_shard
-from glm_cli.core.tokens.fast_encode import NotRepresentable, spec_from_json, tiktoken_spec
+from glm_cli.core.tokens.fast_encode import NotRepresentable, file_key, spec_from_json, tiktoken_spec
 from glm_cli.core.tokens.tokenizer import ENDOFTEXT, load_tokenizer, tokenizer_path, tokenizer_sha256
 
 SPLITS = ("train", "val")
@@ -95,11 +95,15 @@ def _cached_tokenizer(path: str):
     return _tokenizers[path]
 
 
-@functools.lru_cache(maxsize=2)
 def _cached_tiktoken(path: str):
     """The tiktoken Encoding of a tokenizer the caller already verified (`fast_encode.tiktoken_spec`), so a
-    worker process only rebuilds it from the JSON."""
-    return spec_from_json(json.loads(Path(path).read_text(encoding="utf-8"))).encoding()
+    worker process only rebuilds it from the JSON (once per version of the file)."""
+    return _tiktoken_encoding(file_key(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _tiktoken_encoding(key: tuple[str, int, int]):
+    return spec_from_json(json.loads(Path(key[0]).read_text(encoding="utf-8"))).encoding()
 
 
 def choose_engine(tok_file: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,11 +184,23 @@ def _verify(spec: TiktokenSpec, tok) -> None:
             raise NotRepresentable(f"the engines differ on {text[:40]!r}: {a[:8]} vs {b[:8]}")
 
 
-@functools.lru_cache(maxsize=4)
+def file_key(path: str) -> tuple[str, int, int]:
+    """What a cache of a tokenizer file is keyed by: its path, modification time and size, so a file
+    rewritten in place (a retrained tokenizer) is read again."""
+    stat = os.stat(path)
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
 def tiktoken_spec(tok_file: str) -> TiktokenSpec | NotRepresentable:
-    """The verified tiktoken form of a tokenizer.json, or the reason it has none (cached per file).
+    """The verified tiktoken form of a tokenizer.json, or the reason it has none (cached per file version).
 
     A missing `tiktoken` package is a reason too: it is an optional speed-up, `tokenizers` is the reference."""
+    return _tiktoken_spec(file_key(tok_file))
+
+
+@functools.lru_cache(maxsize=4)
+def _tiktoken_spec(key: tuple[str, int, int]) -> TiktokenSpec | NotRepresentable:
+    tok_file = key[0]
     try:
         import tiktoken  # noqa: F401
     except ImportError:
