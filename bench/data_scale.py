@@ -10,9 +10,10 @@ one, so there are near duplicates at every similarity. Not committed (bench/data
 
 Every row runs as its own process on the same file, rows alternating (repeats interleave), so machine
 load hits all alike. Measured: wall seconds and CPU seconds (user + system of the process and its
-children, from `getrusage(RUSAGE_CHILDREN)`), MB/s of input and CPU seconds per GB. Rows:
+children, from `wait4`), peak RSS (of the largest single process), MB/s of input and CPU seconds per GB.
+Rows:
 
-  dedup   `glm dedup run IN -o OUT` (all defaults: exact, near, lines; --workers 1 and 2; and near
+  dedup   `glm dedup run IN -o OUT` (all defaults: exact, near, lines; --workers 1 and 2; --memory-mb 256; near
           duplicates only, --no-exact --no-lines, the work datasketch's loop does) against
           datasketch: read the JSONL, word 5-gram shingles (glm's normalization, in Python), `MinHash`
           (128 permutations) `update_batch`, `MinHashLSH(threshold=0.8)` insert + query, candidates
@@ -33,10 +34,10 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,15 +174,19 @@ def tokenizers_encode(inp: str, tok: str, out: str) -> None:
             np.asarray(e.ids, dtype=np.uint16).tofile(w)
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of a command: CPU of it and its children (`wait4` counts the children
+    it waited for, so a pool's workers are in), peak RSS of its largest single process."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} ...: {proc.stderr.decode()[-3000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:6])} ...: {err.read().decode()[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def rows_for(only: set[str], inp: Path, work: Path, tok: Path) -> dict[str, tuple[list[str], dict]]:
@@ -192,6 +197,8 @@ def rows_for(only: set[str], inp: Path, work: Path, tok: Path) -> dict[str, tupl
         for w in (1, 2):
             rows[f"dedup: glm, {w} worker(s)"] = (
                 [*glm, "dedup", "run", str(inp), "-o", str(work / "dedup.jsonl"), "--workers", str(w), "-q"], {})
+        rows["dedup: glm, 1 worker, --memory-mb 256"] = (
+            [*glm, "dedup", "run", str(inp), "-o", str(work / "dedup.jsonl"), "--memory-mb", "256", "-q"], {})
         rows["dedup: glm near only (--no-exact --no-lines), 1 worker"] = (
             [*glm, "dedup", "run", str(inp), "-o", str(work / "dedup.jsonl"), "--no-exact", "--no-lines", "-q"], {})
         rows["dedup: datasketch"] = ([*me, "_datasketch", str(inp), str(work / "ds.jsonl")], {})
@@ -236,26 +243,29 @@ def main() -> None:
         work = DATA / f"work-{mb}"
         rows = rows_for(only, inp, work, tok)
         best: dict[str, list[float]] = {}
+        load = os.getloadavg()[0]
         for _ in range(args.repeats):
             for name, (cmd, env) in rows.items():  # alternating
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir(parents=True)
-                wall, cpu = timed(cmd, env)
-                old = best.get(name, [float("inf"), float("inf")])
-                best[name] = [min(old[0], wall), min(old[1], cpu)]
-                print(f"{mb} MB  {name}: {wall:.1f} s wall, {cpu:.1f} CPU s", file=sys.stderr, flush=True)
+                wall, cpu, rss = timed(cmd, env)
+                old = best.get(name, [float("inf"), float("inf"), float("inf")])
+                best[name] = [min(old[0], wall), min(old[1], cpu), min(old[2], rss)]
+                print(f"{mb} MB  {name}: {wall:.1f} s wall, {cpu:.1f} CPU s, {rss:.0f} MB peak RSS", file=sys.stderr,
+                      flush=True)
         shutil.rmtree(work, ignore_errors=True)
-        for name, (wall, cpu) in best.items():
+        for name, (wall, cpu, rss) in best.items():
             results.append({"mb": round(size / 1e6, 1), "row": name, "seconds": round(wall, 2),
-                            "cpu_seconds": round(cpu, 2), "mb_per_s": round(size / 1e6 / wall, 2),
+                            "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(rss), "load_average": round(load, 1),
+                            "mb_per_s": round(size / 1e6 / wall, 2),
                             "cpu_s_per_gb": round(cpu / (size / 1e9), 1)})
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
-    print("| input | row | wall s | CPU s | MB/s | CPU s per GB |")
-    print("|---|---|---|---|---|---|")
+    print("| input | row | wall s | CPU s | peak RSS MB | MB/s | CPU s per GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mb']} MB | {r['row']} | {r['seconds']} | {r['cpu_seconds']} | {r['mb_per_s']} | "
-              f"{r['cpu_s_per_gb']} |")
+        print(f"| {r['mb']} MB | {r['row']} | {r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_mb']} | "
+              f"{r['mb_per_s']} | {r['cpu_s_per_gb']} |")
 
 
 if __name__ == "__main__":

@@ -176,13 +176,12 @@ def run(
 
         glm clean data/raw -o - | glm dedup - -o - --against evals.jsonl | glm tokenize encode - ...
     """
-    import tempfile
 
-    from glm_cli.core.console import set_quiet
-    from glm_cli.core.dedup.lines import SavedUnitKeys
-    from glm_cli.core.dedup.pipeline import SignatureFile, apply_plan, cluster, compute_signatures
+    from glm_cli.core.console import log, set_quiet
+    from glm_cli.core.dedup import disk
+    from glm_cli.core.dedup.run import dedup_run
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
+    from glm_cli.core.io.corpus import parse_shard
 
     set_quiet(quiet)
     if memory_mb < 1:
@@ -192,35 +191,18 @@ def run(
                      line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
                      contamination_ngram=contamination_ngram, contamination_action=contamination)
     shard_spec = parse_shard(shard)
+    columns = columns_for(text_column, id_column)
+    # before anything is written: will the signatures, spill files and output fit on the disks?
+    need = disk.estimate(inputs, config, columns, shard_spec)
+    if need is None:
+        log("dedup: disk space not checked (standard input has no size)")
+    else:
+        disk.check(need, output)
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
-        # stdin can be read once: keep a copy of the parsed documents for the second pass
-        columns = columns_for(text_column, id_column)
-        spool = RecordWriter(f"{tmp}/spool.jsonl", columns) if "-" in inputs else None
-        # every line key hashed for the signatures, so the filter pass need not hash the lines again
-        saved_keys = SavedUnitKeys(f"{tmp}/unit_keys.u64")
-        try:
-            sigs = compute_signatures(read_documents(inputs, policy, shard_spec, columns), config, workers,
-                                      spool=spool, saved_keys=saved_keys)
-        finally:
-            saved_keys.close()
-            if spool is not None:
-                spool.close()
-        sigs.bad_records = policy.count
-        # the same file and clustering as `glm dedup signatures` + `glm dedup cluster`
-        sigs.save(f"{tmp}/signatures.npz")
-        del sigs
-        plan, cluster_records, contamination_records = cluster([f"{tmp}/signatures.npz"], memory_mb, tmp)
-        second = [f"{tmp}/spool.jsonl"] if spool is not None else inputs
-        second_shard = None if spool is not None else shard_spec
-        # the line keys computed for the signatures say which documents hold boilerplate: only those
-        # have their lines split (and their saved keys read back)
-        holders = SignatureFile(f"{tmp}/signatures.npz").holders_of(plan.boilerplate)
-        with RecordWriter(output, columns, row_group_size) as writer:
-            counts = apply_plan(read_documents(second, ErrorPolicy("skip"), second_shard, columns), plan, 0, writer,
-                                holders=holders, saved_keys=saved_keys if config.lines else None)
-        _write_jsonl(clusters, cluster_records)
+    plan, counts, contamination_records = dedup_run(
+        inputs, output, config, columns=columns, policy=policy, shard=shard_spec, workers=workers,
+        memory_mb=memory_mb, row_group_size=row_group_size, clusters=clusters)
     policy.close()
     _write_jsonl(contaminated, contamination_records)
     seconds = time.perf_counter() - start
@@ -268,7 +250,7 @@ def signatures(
         glm dedup signatures data/clean/ --shard 0/4 -o sigs/0.npz
     """
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.dedup.pipeline import compute_signatures
+    from glm_cli.core.dedup.pipeline import write_signatures
     from glm_cli.core.errors import UsageError
     from glm_cli.core.io.corpus import parse_shard, read_documents
 
@@ -282,15 +264,14 @@ def signatures(
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output, errors)
     start = time.perf_counter()
-    sigs = compute_signatures(read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column)),
-                              config, workers, shard=shard_spec)
-    sigs.bad_records = policy.count
-    sigs.save(output)
+    # streamed to the file: memory stays bounded (the default 1024 MB of signatures held, the rest spilled)
+    work = write_signatures(read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column)),
+                            config, output, workers=workers, shard=shard_spec, bad_records=lambda: policy.count)
     policy.close()
     seconds = time.perf_counter() - start
-    log(f"dedup signatures: {len(sigs)} documents ({int(sigs.nbytes.sum()):,} bytes) -> {output} "
+    log(f"dedup signatures: {work['documents']} documents ({work['bytes']:,} bytes) -> {output} "
         f"in {seconds:.1f}s")
-    emit_summary({"stage": "signatures", "documents": len(sigs), "bytes": int(sigs.nbytes.sum()),
+    emit_summary({"stage": "signatures", "documents": work["documents"], "bytes": work["bytes"],
                   "shard": shard, "output": output, "errors": policy.summary(), "seconds": round(seconds, 3)},
                  json_summary, False)
 

@@ -13,6 +13,7 @@ documents (counted once per document) is boilerplate, and every unit with that k
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from itertools import compress
@@ -249,27 +250,63 @@ def merge_counts(keys_a: np.ndarray, counts_a: np.ndarray, keys_b: np.ndarray,
 
 class SavedUnitKeys:
     """Every unit key of a stream of documents (`unit_keys`, in order), kept in a file of uint64 so the
-    filter step of one `glm dedup run` reads them back instead of hashing every line a second time."""
+    filter step of one `glm dedup run` reads them back instead of hashing every line a second time.
+
+    The per-document key counts go to a file too, turned into an offsets file (int64, one more than
+    documents) by `close`, so nothing here grows with the corpus in memory; `offsets_range` reads a slice."""
 
     def __init__(self, path: str):
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed by `close`, after the last `add`
-        self._counts: list[np.ndarray] = []
-        self.offsets = np.zeros(1, dtype=np.int64)
+        self._counts = open(path + ".counts", "wb")  # noqa: SIM115 - closed (and removed) by `close`
+        self._offsets: np.ndarray | None = None  # a reader's own offsets, in memory
+        self.documents = 0
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self._file.write(np.ascontiguousarray(keys, dtype=np.uint64).tobytes())
-        self._counts.append(counts)
+        self._counts.write(np.ascontiguousarray(counts, dtype=np.int64).tobytes())
+        self.documents += len(counts)
 
-    def close(self) -> None:
+    def close(self, chunk: int = 1 << 20) -> None:
+        """Finish the keys file and write the offsets file from the counts, a chunk at a time."""
+        if self._file.closed:
+            return
         self._file.close()
-        counts = np.concatenate(self._counts) if self._counts else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._counts.close()
+        carry = 0
+        with open(self.path + ".offsets", "wb") as out:
+            out.write(np.zeros(1, np.int64).tobytes())
+            for lo in range(0, self.documents, chunk):
+                counts = np.fromfile(self.path + ".counts", dtype=np.int64, count=chunk, offset=lo * 8)
+                ends = np.cumsum(counts) + carry
+                out.write(ends.tobytes())
+                carry = int(ends[-1]) if ends.size else carry
+        os.remove(self.path + ".counts")
+
+    @classmethod
+    def reader(cls, path: str, offsets: np.ndarray) -> SavedUnitKeys:
+        """The keys already written to `path`, for the documents whose `offsets` (into the file, one more
+        than documents) are given: how a worker reads the keys of its own unit (`keys_of` by local position)."""
+        view = cls.__new__(cls)
+        view.path, view._offsets, view.documents = path, np.asarray(offsets, dtype=np.int64), len(offsets) - 1
+        return view
+
+    def offsets_range(self, start: int, stop: int) -> np.ndarray:
+        """offsets[start:stop] (document d's keys are keys[offsets[d]:offsets[d + 1]])."""
+        if self._offsets is not None:
+            return self._offsets[start:stop]
+        return np.fromfile(self.path + ".offsets", dtype=np.int64, count=max(stop - start, 0), offset=start * 8)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.offsets_range(0, self.documents + 1)
 
     def keys_of(self, positions: list[int]) -> np.ndarray:
         """The unit keys of the documents at `positions` (ascending), concatenated."""
         if not positions:
             return np.zeros(0, dtype=np.uint64)
-        lo, hi = int(self.offsets[positions[0]]), int(self.offsets[positions[-1] + 1])
+        first = positions[0]
+        offsets = self.offsets_range(first, positions[-1] + 2)
+        lo, hi = int(offsets[0]), int(offsets[-1])
         block = np.fromfile(self.path, dtype=np.uint64, count=hi - lo, offset=lo * 8)
-        return np.concatenate([block[self.offsets[p] - lo:self.offsets[p + 1] - lo] for p in positions])
+        return np.concatenate([block[offsets[p - first] - lo:offsets[p - first + 1] - lo] for p in positions])

@@ -520,6 +520,18 @@ class RecordWriter:
             self.bytes += len(data)
         self.count += 1
 
+    @property
+    def takes_encoded(self) -> bool:
+        """Whether `write_encoded` works: every sink but parquet takes JSON lines as bytes."""
+        return not hasattr(self._sink, "write_record")
+
+    def write_encoded(self, data: bytes, count: int) -> None:
+        """`count` records already encoded as `write` encodes them (`record_json` + newline, UTF-8), e.g. by
+        a worker process, so the writing process only copies bytes."""
+        self._sink.write(data)
+        self.bytes += len(data)
+        self.count += count
+
     def write_document(self, doc: Document, **extra) -> None:
         """Write `doc` (with `extra` fields added, such as a rejection reason)."""
         self.write({**doc.to_record(self.columns), **extra} if extra else doc.to_record(self.columns))

@@ -10,6 +10,7 @@ workers, so sharded and single runs agree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -20,12 +21,15 @@ from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
+from glm_cli.core.console import log
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import write_text_atomic
 from glm_cli.core.io.corpus import Document
 from glm_cli.core.io.parallel import map_ordered
 from glm_cli.core.io.shards import ShardIndex, ShardInfo, dtype_for_vocab, fragment_name, write_shard
+from glm_cli.core.tokens.fast_encode import NotRepresentable, file_key, spec_from_json, tiktoken_spec
 from glm_cli.core.tokens.tokenizer import ENDOFTEXT, load_tokenizer, tokenizer_path, tokenizer_sha256
 
 SPLITS = ("train", "val")
@@ -91,13 +95,47 @@ def _cached_tokenizer(path: str):
     return _tokenizers[path]
 
 
-def encode_batch(tokenizer_file: str, dtype: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of a batch of texts, flat, and the token count of each (runs in worker processes)."""
-    tok = _cached_tokenizer(tokenizer_file)
-    tok.encode_special_tokens = True
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(tok, "encode_batch_fast") \
-        else tok.encode_batch(texts, add_special_tokens=False)
-    ids = [e.ids for e in encodings]
+def _cached_tiktoken(path: str):
+    """The tiktoken Encoding of a tokenizer the caller already verified (`fast_encode.tiktoken_spec`), so a
+    worker process only rebuilds it from the JSON (once per version of the file)."""
+    return _tiktoken_encoding(file_key(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _tiktoken_encoding(key: tuple[str, int, int]):
+    return spec_from_json(json.loads(Path(key[0]).read_text(encoding="utf-8"))).encoding()
+
+
+def choose_engine(tok_file: str) -> str:
+    """'tiktoken' where it gives `tokenizers`' ids exactly (`fast_encode`), else 'tokenizers', said in one
+    log line with the reason."""
+    spec = tiktoken_spec(tok_file)
+    if isinstance(spec, NotRepresentable):
+        log(escape(f"tokenize: {tok_file}: encoding with tokenizers, not tiktoken ({spec})"))
+        return "tokenizers"
+    return "tiktoken"
+
+
+def encode_batch(tokenizer_file: str, dtype: str, texts: list[str],
+                 engine: str = "tokenizers") -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of a batch of texts, flat, and the token count of each (runs in worker processes).
+
+    Special-token strings in the texts are plain text with either engine (see `tokenizer.encode_texts`).
+    tiktoken runs one thread here: parallelism is `map_ordered`'s workers, so 1 worker means one core."""
+    if engine == "tiktoken":
+        enc = _cached_tiktoken(tokenizer_file)
+        # straight into numpy from tiktoken's buffer, no Python int per token; special-token strings are
+        # plain text (none allowed, none disallowed). The corpus reader has refused lone surrogates.
+        arrays = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+        return flat, lengths
+    else:
+        tok = _cached_tokenizer(tokenizer_file)
+        tok.encode_special_tokens = True
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False) \
+            if hasattr(tok, "encode_batch_fast") else tok.encode_batch(texts, add_special_tokens=False)
+        ids = [e.ids for e in encodings]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(chain.from_iterable(ids), dtype=np.dtype(dtype), count=int(lengths.sum()))
     return flat, lengths
@@ -149,8 +187,11 @@ def _batches(docs: Iterable[Document], size: int, side: list) -> Iterator[list[s
 
 def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: str | Path, *, splitter: Splitter,
                   shard_tokens: int = 1 << 24, workers: int = 1, batch_size: int = 256,
-                  shard: tuple[int, int] | None = None) -> ShardIndex:
-    """Write the shards of `docs` into `directory` (an existing directory for sharded runs)."""
+                  shard: tuple[int, int] | None = None, engine: str = "auto") -> ShardIndex:
+    """Write the shards of `docs` into `directory` (an existing directory for sharded runs).
+
+    `engine`: 'auto' (tiktoken where it is exact, `choose_engine`), 'tiktoken' or 'tokenizers'; the ids
+    are the same whichever runs."""
     if shard_tokens < 1:
         raise UsageError(f"--shard-tokens {shard_tokens}: must be positive")
     tok_file = str(tokenizer_path(tokenizer))
@@ -164,7 +205,13 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
     prefix = f"{shard[0]:05d}-of-{shard[1]:05d}-" if shard else ""
     writers = {s: _SplitWriter(directory, s, prefix, shard_tokens, dtype, eot) for s in SPLITS}
     side: list = []
-    fn = partial(encode_batch, tok_file, dtype.str)
+    if engine == "auto":
+        engine = choose_engine(tok_file)
+    elif engine == "tiktoken" and isinstance(reason := tiktoken_spec(tok_file), NotRepresentable):
+        raise GlmError(f"{tok_file}: tiktoken cannot encode it exactly ({reason})")
+    elif engine not in ("tiktoken", "tokenizers"):
+        raise UsageError(f"engine {engine!r}: expected auto, tiktoken or tokenizers")
+    fn = partial(encode_batch, tok_file, dtype.str, engine=engine)
     for flat, lengths in map_ordered(fn, _batches(docs, batch_size, side), workers, chunk_size=1):
         meta = side.pop(0)
         bounds = np.concatenate([[0], np.cumsum(lengths)])

@@ -1,0 +1,172 @@
+"""`glm dedup run` in bounded memory: signatures streamed and spilled give the same bytes as in memory, the
+output does not depend on --memory-mb or --workers, and a disk too small is refused before anything is
+written."""
+
+import json
+import random
+import tempfile
+
+import pytest
+from conftest import invoke_glm, read_jsonl, write_jsonl
+from corpus_fixtures import edit, words
+
+from glm_cli.core.dedup import disk
+from glm_cli.core.dedup.pipeline import DedupConfig, SignatureFile, compute_signatures, write_signatures
+from glm_cli.core.io.corpus import Document
+
+FOOTER = "\nPrinted and sold by the publisher at the sign of the swan, London.\n"
+
+
+def _records(n: int = 1200, seed: int = 5) -> list[dict]:
+    """n documents: unrelated ones, exact copies, near copies at several edit rates, a shared footer line
+    (boilerplate) on a third of them; enough that their signatures pass 1 MB (the sketch alone is 2 kB each)."""
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for k in range(n):
+        if k > 10 and k % 9 == 0:
+            text = out[rng.randrange(k)]["text"]
+        elif k > 10 and k % 7 == 0:
+            text = " ".join(edit(rng, out[rng.randrange(k)]["text"].split(), rng.choice([0.01, 0.05, 0.3])))
+        else:
+            text = " ".join(words(rng, rng.randrange(30, 120)))
+        out.append({"id": f"doc{k}", "text": text + (FOOTER if k % 3 == 0 else "")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bounded")
+    return write_jsonl(root / "corpus.jsonl", _records())
+
+
+def test_streamed_and_spilled_signature_file_equals_the_in_memory_one(tmp_path):
+    config = DedupConfig().resolved()
+    docs = [Document(r["id"], r["text"]) for r in _records(800)]
+    compute_signatures(iter(docs), config).save(tmp_path / "memory.npz")
+    work = write_signatures(iter(docs), config, tmp_path / "spilled.npz", memory_mb=1, workdir=tmp_path)
+    # one spill past 1 MB, the rest still held at the end: the file is made of both
+    assert work["spills"] == 1 and work["spilled_bytes"] > 1 << 20 and work["documents"] == 800
+    assert (tmp_path / "spilled.npz").read_bytes() == (tmp_path / "memory.npz").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("glm-dedup-signatures-")]  # spill files gone
+    f = SignatureFile(tmp_path / "spilled.npz")
+    assert f.documents == 800 and f.read_band(3, 10, 12).shape == (2,)
+
+
+def test_run_output_is_the_same_for_any_memory_setting_and_worker_count(big, tmp_path):
+    outputs = {}
+    for memory, workers in (("1024", "1"), ("1", "1"), ("1", "2")):
+        out, clusters = tmp_path / f"out-{memory}-{workers}.jsonl", tmp_path / f"clusters-{memory}-{workers}.jsonl"
+        code, stdout, error = invoke_glm("dedup", "run", big, "-o", out, "--clusters", clusters, "--memory-mb",
+                                         memory, "--workers", workers, "--json")
+        assert code == 0 and error is None, error
+        summary = json.loads(stdout)
+        outputs[(memory, workers)] = (out.read_bytes(), clusters.read_bytes())
+    reference = outputs[("1024", "1")]
+    assert all(v == reference for v in outputs.values())
+    kept = read_jsonl(tmp_path / "out-1-2.jsonl")
+    assert summary["exact_duplicates"] > 30 and summary["near_duplicates"] > 20 and summary["boilerplate_keys"] == 1
+    assert len(kept) == summary["kept"] and not any(
+        line == FOOTER.strip() for r in kept for line in r["text"].split("\n"))
+
+
+def test_a_disk_too_small_is_refused_before_anything_is_written(big, tmp_path, monkeypatch):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    need = disk.estimate([str(big)], DedupConfig().resolved(), _columns(), None)
+    assert need.documents >= 1100  # estimated from the file size and a sample: close to the 1200 there are
+    out = tmp_path / "out" / "dedup.jsonl"
+    monkeypatch.setattr(disk, "free_bytes", lambda path: need.temp // 2)
+    code, _, error = invoke_glm("dedup", "run", big, "-o", out, "--on-error", "skip")
+    assert isinstance(error, disk.DiskSpaceError) and error.exit_code == 1
+    message = str(error)
+    assert "\n" not in message and str(temp) in message and "GB free" in message and "TMPDIR" in message
+    assert not out.parent.exists() and list(temp.iterdir()) == []  # no output, errors file or temp files
+    # with room enough it runs (the check counts the output where it goes, here the same disk)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 1 << 40)
+    code, stdout, error = invoke_glm("dedup", "run", big, "-o", out)
+    assert code == 0 and error is None and out.exists(), (stdout, error)
+
+
+def test_the_estimate_covers_what_a_run_writes(big, tmp_path):
+    """The signature file the run writes is within the estimate (which also counts spills and partitions)."""
+    config = DedupConfig().resolved()
+    need = disk.estimate([str(big)], config, _columns(), None)
+    docs = [Document(r["id"], r["text"]) for r in read_jsonl(big)]
+    write_signatures(iter(docs), config, tmp_path / "s.npz")
+    size = (tmp_path / "s.npz").stat().st_size
+    assert size <= need.temp / 2 <= 3 * size
+
+
+def _columns():
+    from glm_cli.core.io.corpus import DEFAULT_COLUMNS
+
+    return DEFAULT_COLUMNS
+
+
+# --------------------------------------------------------------- the pool parses and filters (run.py)
+
+
+def test_workers_parse_and_filter_with_the_same_errors_and_output(big, tmp_path):
+    """Bad lines in several places: --on-error fail names the first one's file:line whatever the worker
+    count; skip counts them, writes them aside in input order, and the output is the same bytes."""
+    lines = big.read_text().splitlines(keepends=True)
+    lines.insert(700, "not json\n")
+    lines.insert(300, '{"id": "x", "text": 3}\n')
+    lines.insert(5, "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines))
+    outs = {}
+    for workers in ("1", "2", "3"):
+        code, _, error = invoke_glm("dedup", "run", bad, "-o", tmp_path / "fail.jsonl", "--workers", workers)
+        assert code == 1 and "bad.jsonl:6" in str(error) and not (tmp_path / "fail.jsonl").exists()
+        out = tmp_path / f"out{workers}.jsonl"
+        code, stdout, error = invoke_glm("dedup", "run", bad, "-o", out, "--on-error", "skip", "--workers",
+                                         workers, "--json", "--memory-mb", "1")
+        assert code == 0 and error is None, error
+        assert json.loads(stdout)["errors"]["bad_records"] == 3
+        errors = read_jsonl(tmp_path / f"out{workers}.jsonl.errors.jsonl")
+        assert [e["line"] for e in errors] == [6, 302, 703]
+        outs[workers] = out.read_bytes()
+    code, _, _ = invoke_glm("dedup", "run", big, "-o", tmp_path / "clean.jsonl")
+    assert outs["1"] == outs["2"] == outs["3"] == (tmp_path / "clean.jsonl").read_bytes()
+
+
+def test_stdin_among_files_and_shards_match_one_process(big, tmp_path):
+    """stdin between two files (its copy read in its place on the second pass), and --shard, give the
+    output of the same documents deduplicated with one worker from files."""
+    lines = big.read_text().splitlines(keepends=True)
+    parts = [tmp_path / f"p{k}.jsonl" for k in range(3)]
+    for k, part in enumerate(parts):
+        part.write_text("".join(lines[k * 400:(k + 1) * 400]))
+    code, _, error = invoke_glm("dedup", "run", *parts, "-o", tmp_path / "files.jsonl")
+    assert code == 0, error
+    from typer.testing import CliRunner
+
+    from glm_cli.app import app
+
+    result = CliRunner().invoke(app, ["dedup", "run", str(parts[0]), "-", str(parts[2]), "-o",
+                                      str(tmp_path / "stdin.jsonl"), "--workers", "2"], input=parts[1].read_text())
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "stdin.jsonl").read_bytes() == (tmp_path / "files.jsonl").read_bytes()
+    for k in range(3):  # shard k of 3 is file k, deduplicated within itself
+        invoke_glm("dedup", "run", *parts, "--shard", f"{k}/3", "-o", tmp_path / f"s{k}.jsonl", "--workers", "2")
+        invoke_glm("dedup", "run", parts[k], "-o", tmp_path / f"f{k}.jsonl")
+        assert (tmp_path / f"s{k}.jsonl").read_bytes() == (tmp_path / f"f{k}.jsonl").read_bytes()
+
+
+def test_parquet_in_and_out_with_workers(big, tmp_path):
+    from corpus_fixtures import write_parquet
+
+    rows = read_jsonl(big)[:500]
+    source = write_parquet(tmp_path / "in.parquet", rows, row_group_size=64)
+    for workers in ("1", "2"):
+        code, _, error = invoke_glm("dedup", "run", source, "-o", tmp_path / f"out{workers}.parquet", "--workers",
+                                    workers)
+        assert code == 0, error
+    from glm_cli.core.io.corpus import read_documents
+
+    one = [(d.id, d.text) for d in read_documents([str(tmp_path / "out1.parquet")])]
+    two = [(d.id, d.text) for d in read_documents([str(tmp_path / "out2.parquet")])]
+    code, _, _ = invoke_glm("dedup", "run", write_jsonl(tmp_path / "in.jsonl", rows), "-o", tmp_path / "j.jsonl")
+    assert one == two == [(r["id"], r["text"]) for r in read_jsonl(tmp_path / "j.jsonl")]
