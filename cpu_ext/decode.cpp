@@ -12,6 +12,12 @@
 // seconds. Threads come from OpenMP; linked against the libgomp that torch has already loaded, it
 // shares torch's thread pool and honours torch.set_num_threads.
 //
+// Batched step (`glm_decode_rows`): M sequences advance one token each in one call, each with its own cache
+// slot, position and length. Every weight row is read from memory once for all M rows: it is decoded to
+// float32 once into a small per-thread buffer and multiplied by up to kBlockRows activation rows at a time.
+// Each row's sums are formed in exactly the order of the one-row kernels (the same four accumulators over
+// the same 8-column chunks), so a row's result is bit for bit what the one-row step gives it.
+//
 // Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
 // with a float scale and zero point per group of G columns, w = (q - z) * s, stored by glm as (N, K/2)
 // bytes (column 2j in the low nibble of byte j) and rearranged once, at load, into the lane layout of
@@ -24,11 +30,12 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
 
-int glm_cpu_abi_version() { return 2; }
+int glm_cpu_abi_version() { return 3; }
 
 }  // extern "C"
 
@@ -101,6 +108,96 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
 // the calling thread alone (a parallel region costs about that much).
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
+// ------------------------------------------------------------------------------- products for M rows
+// One activation row: the direct kernels above decode each weight chunk in registers and use it once.
+// More rows: each weight row is decoded once to float32 (exact: codes are small integers) into a buffer
+// that stays in L1, then multiplied by kBlockRows activation rows at a time, so the decoding work and
+// the weight's trip from memory are paid once per step instead of once per row. Four accumulators per
+// row (as in dot_int8/dot_int4) times three rows plus the weight vector fill 13 of AVX2's 16 registers.
+constexpr int kBlockRows = 3;
+
+// The calling thread's buffer for one decoded weight row (grown on demand, kept between calls).
+float* row_buffer(int64_t K) {
+  static thread_local std::vector<float> buffer;
+  if (int64_t(buffer.size()) < K) buffer.resize(K);
+  return buffer.data();
+}
+
+void decode_int8_row(const int8_t* w, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + k, load_i8_as_f32(w + k));
+}
+
+// The lane layout's 64 codes of a 256-bit load come out as columns 8j..8j+7 for shift 4j: the buffer
+// holds the codes in plain column order.
+void decode_int4_row(const uint32_t* w, int64_t K, float* out) {
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
+    for (int j = 0; j < 8; ++j)
+      _mm256_storeu_ps(out + k + 8 * j,
+                       _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble)));
+  }
+}
+
+// acc[m][c % 4] += w[chunk c] * x_m[chunk c] over the 8-column chunks c of columns [k0, k1) (a multiple of
+// 32 long): per accumulator the same sequence of fused multiply-adds as dot_int8 / dot_int4.
+template <int MB>
+inline void accumulate_rows(const float* w, const float* x, int64_t ldx, int64_t k0, int64_t k1,
+                            __m256 (&acc)[MB][4]) {
+  for (int64_t k = k0; k < k1; k += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * j);
+      for (int m = 0; m < MB; ++m)
+        acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * j), acc[m][j]);
+    }
+}
+
+template <int MB>
+inline void zero(__m256 (&acc)[MB][4]) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+}
+
+inline __m256 sum4(const __m256 (&a)[4]) { return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])); }
+
+// y[m * ldy] = scale * (w . x_m) for MB rows of x, w one decoded int8 row.
+template <int MB>
+void int8_block(const float* w, const float* x, int64_t K, float scale, float* y, int64_t ldy) {
+  __m256 acc[MB][4];
+  zero(acc);
+  accumulate_rows<MB>(w, x, K, 0, K, acc);
+  for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(sum4(acc[m]));
+}
+
+// The int4 product of MB rows with one decoded row, group by group as dot_int4 forms it.
+template <int MB>
+void int4_block(const float* w, const float* x, const float* xsum, int64_t K, int64_t G, const float* s,
+                const float* z, float* y, int64_t ldy) {
+  const int64_t n_groups = K / G;
+  __m256 total[MB];
+  float offset[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
+  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
+    __m256 acc[MB][4];
+    zero(acc);
+    accumulate_rows<MB>(w, x, K, k0, k0 + G, acc);
+    for (int m = 0; m < MB; ++m) {
+      total[m] = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), sum4(acc[m]), total[m]);
+      offset[m] += s[g] * z[g] * xsum[m * n_groups + g];
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(total[m]) - offset[m];
+}
+
+// Calls block<MB>(m0, MB) over rows 0..M-1 in blocks of kBlockRows (the last one shorter).
+template <typename F>
+inline void for_row_blocks(int64_t M, F&& block) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>(), m);
+  if (M - m == 2) block(std::integral_constant<int, 2>(), m);
+  if (M - m == 1) block(std::integral_constant<int, 1>(), m);
+}
+
 }  // namespace
 
 extern "C" {
@@ -109,10 +206,18 @@ extern "C" {
 void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scales, int64_t N,
                      float* y) {
   const bool parallel = N * K >= kParallelMinBytes;
+  if (M == 1) {
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t n = 0; n < N; ++n) y[n] = scales[n] * dot_int8(x, w + n * K, K);
+    return;
+  }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
-    const int8_t* row = w + n * K;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = scales[n] * dot_int8(x + m * K, row, K);
+    float* row = row_buffer(K);
+    decode_int8_row(w + n * K, K, row);
+    for_row_blocks(M, [&](auto mb, int64_t m) {
+      int8_block<decltype(mb)::value>(row, x + m * K, K, scales[n], y + m * N + n, N);
+    });
   }
 }
 
@@ -142,12 +247,21 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, co
   const int64_t n_groups = K / G;
   for (int64_t m = 0; m < M; ++m) group_sums(x + m * K, K, G, scratch + m * n_groups);
   const bool parallel = N * K / 2 >= kParallelMinBytes;
+  if (M == 1) {
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t n = 0; n < N; ++n)
+      y[n] = dot_int4(x, scratch, w + n * (K / 8), scales + n * n_groups, zeros + n * n_groups, K, G);
+    return;
+  }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
-    const uint32_t* row = w + n * (K / 8);
+    float* row = row_buffer(K);
+    decode_int4_row(w + n * (K / 8), K, row);
     const float* s = scales + n * n_groups;
     const float* z = zeros + n * n_groups;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_int4(x + m * K, scratch + m * n_groups, row, s, z, K, G);
+    for_row_blocks(M, [&](auto mb, int64_t m) {
+      int4_block<decltype(mb)::value>(row, x + m * K, scratch + m * n_groups, K, G, s, z, y + m * N + n, N);
+    });
   }
 }
 
@@ -178,11 +292,12 @@ struct GlmModel {
 
 namespace {
 
-void linear(const GlmLinear& l, const float* x, float* y, float* scratch) {
+// y (M, N) = x (M, K) through one projection.
+void linear(const GlmLinear& l, const float* x, int64_t M, float* y, float* scratch) {
   if (l.bits == 8)
-    glm_linear_int8(x, 1, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
+    glm_linear_int8(x, M, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
   else
-    glm_linear_int4(x, 1, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
+    glm_linear_int4(x, M, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
                     l.group_size, l.out_features, y, scratch);
 }
 
@@ -269,62 +384,138 @@ void attend(const float* q, const float* keys, const float* values, int64_t L, i
   }
 }
 
+// Where a step's time goes, for bench/native_batched.py: seconds added to [products, attention, rest]
+// while a caller has set it (glm_decode_profile); null otherwise, which costs one branch per phase.
+double* g_profile = nullptr;
+
+struct Phase {
+  int index;
+  double start;
+  explicit Phase(int i) : index(i), start(g_profile ? omp_get_wtime() : 0.0) {}
+  ~Phase() {
+    if (g_profile) g_profile[index] += omp_get_wtime() - start;
+  }
+};
+
 }  // namespace
 
 extern "C" {
 
-// Scratch floats one step needs (the caller allocates them once per model and cache length).
-int64_t glm_decode_scratch_floats(const GlmModel* m, int64_t max_len) {
+// Start (seconds: 3 doubles, added to) or stop (null) timing the phases of decode steps. Not for
+// concurrent steps: one caller at a time.
+void glm_decode_profile(double* seconds) { g_profile = seconds; }
+
+// Scratch floats a step of `rows` sequences needs (the caller allocates them once per row count and cache
+// length).
+int64_t glm_decode_rows_scratch_floats(const GlmModel* m, int64_t rows, int64_t max_len) {
   const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim;
   const int64_t widest = std::max(m->dim, m->ffn_dim);
-  return 2 * m->dim + qkv + m->n_heads * m->head_dim + 3 * m->ffn_dim + m->head_dim
-         + m->n_heads * max_len + 2 * widest + 64;
+  return rows * (m->dim + qkv + m->n_heads * m->head_dim + 3 * m->ffn_dim + m->n_heads * max_len + widest)
+         + m->head_dim + 64;
 }
 
-// One decode step for one sequence, in place on x (C): every block, then the final norm.
-// keys/values[l]: layer l's cache (Hkv, max_len, D) float32; the new key/value go to position `pos`
-// and attention covers 0..pos. cos/sin_signed (D): the rotary factors of the token's position.
-void glm_decode_step(const GlmModel* m, float* x, float* const* keys, float* const* values, int64_t max_len,
-                     int64_t pos, const float* cos, const float* sin_signed, float* scratch) {
+// One decode step for M sequences, in place on x (M, C): every block, then the final norm.
+// keys/values[l]: layer l's cache pool (n_slots, Hkv, max_len, D) float32. Row i is the sequence in slot
+// slots[i] (distinct), whose cache holds lengths[i] < max_len positions: its new key/value go to
+// position lengths[i] and its attention covers 0..lengths[i]. cos/sin_signed (M, D): the rotary factors
+// of each row's position. Lengths are not advanced (the caller owns them).
+void glm_decode_rows(const GlmModel* m, int64_t M, float* x, float* const* keys, float* const* values,
+                     int64_t max_len, const int64_t* slots, const int64_t* lengths, const float* cos,
+                     const float* sin_signed, float* scratch) {
   const int64_t C = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, F = m->ffn_dim;
-  float* h = scratch;
-  float* qkv = h + C;
-  float* attn = qkv + (H + 2 * Hkv) * D;
-  float* ffn = attn + H * D;        // gate_up (2F) then the product (F)
-  float* tmp = ffn + 3 * F;         // D
-  float* scores = tmp + D;          // H * max_len
-  float* lin_scratch = scores + H * max_len;
-  const int64_t L = pos + 1, group = H / Hkv;
+  const int64_t QKV = (H + 2 * Hkv) * D, group = H / Hkv;
+  float* h = scratch;                  // (M, C)
+  float* qkv = h + M * C;              // (M, QKV)
+  float* attn = qkv + M * QKV;         // (M, H * D)
+  float* gate_up = attn + M * H * D;   // (M, 2F)
+  float* act = gate_up + M * 2 * F;    // (M, F)
+  float* scores = act + M * F;         // (M * H, max_len)
+  float* lin_scratch = scores + M * H * max_len;
+  float* tmp = lin_scratch + M * std::max(C, F);  // D
+  int64_t attended = 0;  // positions attended by all rows, for the decision to parallelize
+  for (int64_t r = 0; r < M; ++r) attended += lengths[r] + 1;
+  const bool parallel_attention = attended * H * D >= 32768;
   for (int64_t l = 0; l < m->n_layers; ++l) {
     const GlmLayer& layer = m->layers[l];
-    rms_norm(x, layer.input_norm, C, m->norm_eps, h);
-    linear(layer.qkv, h, qkv, lin_scratch);
-    float* q = qkv;
-    float* k = qkv + H * D;
-    float* v = k + Hkv * D;
-    for (int64_t i = 0; i < H; ++i) rope(q + i * D, cos, sin_signed, D, tmp);
-    for (int64_t i = 0; i < Hkv; ++i) {
-      rope(k + i * D, cos, sin_signed, D, tmp);
-      memcpy(keys[l] + (i * max_len + pos) * D, k + i * D, D * sizeof(float));
-      memcpy(values[l] + (i * max_len + pos) * D, v + i * D, D * sizeof(float));
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) rms_norm(x + r * C, layer.input_norm, C, m->norm_eps, h + r * C);
     }
-    // Heads in parallel once the cache is long enough for the work to outweigh waking the threads.
-#pragma omp parallel for schedule(static) if (L * H * D >= 32768)
-    for (int64_t i = 0; i < H; ++i) {
-      const int64_t kv = i / group;
-      attend(q + i * D, keys[l] + kv * max_len * D, values[l] + kv * max_len * D, L, D, scores + i * max_len,
-             attn + i * D);
+    {
+      Phase products(0);
+      linear(layer.qkv, h, M, qkv, lin_scratch);
     }
-    linear(layer.o, attn, h, lin_scratch);
-    for (int64_t i = 0; i < C; ++i) x[i] += h[i];
-    rms_norm(x, layer.post_norm, C, m->norm_eps, h);
-    linear(layer.gate_up, h, ffn, lin_scratch);
-    silu_mul(ffn, F, ffn + 2 * F);
-    linear(layer.down, ffn + 2 * F, h, lin_scratch);
-    for (int64_t i = 0; i < C; ++i) x[i] += h[i];
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) {
+        float* q = qkv + r * QKV;
+        float* k = q + H * D;
+        float* v = k + Hkv * D;
+        const float* c = cos + r * D;
+        const float* s = sin_signed + r * D;
+        for (int64_t i = 0; i < H; ++i) rope(q + i * D, c, s, D, tmp);
+        for (int64_t i = 0; i < Hkv; ++i) {
+          rope(k + i * D, c, s, D, tmp);
+          const int64_t at = ((slots[r] * Hkv + i) * max_len + lengths[r]) * D;
+          memcpy(keys[l] + at, k + i * D, D * sizeof(float));
+          memcpy(values[l] + at, v + i * D, D * sizeof(float));
+        }
+      }
+    }
+    {
+      Phase attention(1);
+      // (row, head) pairs in parallel once the work outweighs waking the threads; static blocks keep the
+      // heads that share a key/value head on one thread, so that cache slice is read from memory once.
+#pragma omp parallel for schedule(static) if (parallel_attention)
+      for (int64_t item = 0; item < M * H; ++item) {
+        const int64_t r = item / H, i = item % H;
+        const int64_t base = (slots[r] * Hkv + i / group) * max_len * D;
+        attend(qkv + r * QKV + i * D, keys[l] + base, values[l] + base, lengths[r] + 1, D,
+               scores + item * max_len, attn + (r * H + i) * D);
+      }
+    }
+    {
+      Phase products(0);
+      linear(layer.o, attn, M, h, lin_scratch);
+    }
+    {
+      Phase rest(2);
+      for (int64_t i = 0; i < M * C; ++i) x[i] += h[i];
+      for (int64_t r = 0; r < M; ++r) rms_norm(x + r * C, layer.post_norm, C, m->norm_eps, h + r * C);
+    }
+    {
+      Phase products(0);
+      linear(layer.gate_up, h, M, gate_up, lin_scratch);
+    }
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) silu_mul(gate_up + r * 2 * F, F, act + r * F);
+    }
+    {
+      Phase products(0);
+      linear(layer.down, act, M, h, lin_scratch);
+    }
+    Phase rest(2);
+    for (int64_t i = 0; i < M * C; ++i) x[i] += h[i];
   }
-  rms_norm(x, m->final_norm, C, m->norm_eps, h);
-  memcpy(x, h, C * sizeof(float));
+  Phase rest(2);
+  for (int64_t r = 0; r < M; ++r) {
+    rms_norm(x + r * C, m->final_norm, C, m->norm_eps, h);
+    memcpy(x + r * C, h, C * sizeof(float));
+  }
+}
+
+// Scratch floats one step of one sequence needs.
+int64_t glm_decode_scratch_floats(const GlmModel* m, int64_t max_len) {
+  return glm_decode_rows_scratch_floats(m, 1, max_len);
+}
+
+// One decode step for one sequence (the cache of batch size 1), in place on x (C): the M = 1 case of
+// glm_decode_rows, its new key/value at position `pos`.
+void glm_decode_step(const GlmModel* m, float* x, float* const* keys, float* const* values, int64_t max_len,
+                     int64_t pos, const float* cos, const float* sin_signed, float* scratch) {
+  const int64_t slot = 0;
+  glm_decode_rows(m, 1, x, keys, values, max_len, &slot, &pos, cos, sin_signed, scratch);
 }
 
 }  // extern "C"
