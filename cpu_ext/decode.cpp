@@ -189,9 +189,10 @@ void int4_block(const float* w, const float* x, const float* xsum, int64_t K, in
   for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(total[m]) - offset[m];
 }
 
-// Calls block<MB>(m0, MB) over rows 0..M-1 in blocks of kBlockRows (the last one shorter).
+// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of kBlockRows (the last one shorter).
 template <typename F>
 inline void for_row_blocks(int64_t M, F&& block) {
+  static_assert(kBlockRows == 3, "the remainders below are 2 and 1 rows");
   int64_t m = 0;
   for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>(), m);
   if (M - m == 2) block(std::integral_constant<int, 2>(), m);
@@ -211,13 +212,16 @@ void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, cons
     for (int64_t n = 0; n < N; ++n) y[n] = scales[n] * dot_int8(x, w + n * K, K);
     return;
   }
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n) {
-    float* row = row_buffer(K);
-    decode_int8_row(w + n * K, K, row);
-    for_row_blocks(M, [&](auto mb, int64_t m) {
-      int8_block<decltype(mb)::value>(row, x + m * K, K, scales[n], y + m * N + n, N);
-    });
+#pragma omp parallel if (parallel)
+  {
+    float* row = row_buffer(K);  // once per thread: a thread_local costs a call in a shared library
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      decode_int8_row(w + n * K, K, row);
+      for_row_blocks(M, [&](auto mb, int64_t m) {
+        int8_block<decltype(mb)::value>(row, x + m * K, K, scales[n], y + m * N + n, N);
+      });
+    }
   }
 }
 
@@ -253,15 +257,18 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, co
       y[n] = dot_int4(x, scratch, w + n * (K / 8), scales + n * n_groups, zeros + n * n_groups, K, G);
     return;
   }
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n) {
+#pragma omp parallel if (parallel)
+  {
     float* row = row_buffer(K);
-    decode_int4_row(w + n * (K / 8), K, row);
-    const float* s = scales + n * n_groups;
-    const float* z = zeros + n * n_groups;
-    for_row_blocks(M, [&](auto mb, int64_t m) {
-      int4_block<decltype(mb)::value>(row, x + m * K, scratch + m * n_groups, K, G, s, z, y + m * N + n, N);
-    });
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      decode_int4_row(w + n * (K / 8), K, row);
+      const float* s = scales + n * n_groups;
+      const float* z = zeros + n * n_groups;
+      for_row_blocks(M, [&](auto mb, int64_t m) {
+        int4_block<decltype(mb)::value>(row, x + m * K, scratch + m * n_groups, K, G, s, z, y + m * N + n, N);
+      });
+    }
   }
 }
 
