@@ -13,10 +13,10 @@
 // shares torch's thread pool and honours torch.set_num_threads.
 //
 // Batched step (`glm_decode_rows`): M sequences advance one token each in one call, each with its own cache
-// slot, position and length. Every weight row is read from memory once for all M rows: it is decoded to
-// float32 once into a small per-thread buffer and multiplied by up to kBlockRows activation rows at a time.
-// Each row's sums are formed in exactly the order of the one-row kernels (the same four accumulators over
-// the same 8-column chunks), so a row's result is bit for bit what the one-row step gives it.
+// slot, position and length. Every weight row is read from memory once for all M rows, and each decoded
+// chunk of it serves a block of 2-3 rows. Each row's sums are formed in exactly the order of the one-row
+// kernels (the same four accumulators over the same 8-column chunks), so a row's result is bit for bit
+// what the one-row step gives it.
 //
 // Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
 // with a float scale and zero point per group of G columns, w = (q - z) * s, stored by glm as (N, K/2)
@@ -109,48 +109,13 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
 // ------------------------------------------------------------------------------- products for M rows
-// One activation row: the direct kernels above decode each weight chunk in registers and use it once.
-// More rows: each weight row is decoded once to float32 (exact: codes are small integers) into a buffer
-// that stays in L1, then multiplied by kBlockRows activation rows at a time, so the decoding work and
-// the weight's trip from memory are paid once per step instead of once per row. Four accumulators per
-// row (as in dot_int8/dot_int4) times three rows plus the weight vector fill 13 of AVX2's 16 registers.
-constexpr int kBlockRows = 3;
-
-// The calling thread's buffer for one decoded weight row (grown on demand, kept between calls).
-float* row_buffer(int64_t K) {
-  static thread_local std::vector<float> buffer;
-  if (int64_t(buffer.size()) < K) buffer.resize(K);
-  return buffer.data();
-}
-
-void decode_int8_row(const int8_t* w, int64_t K, float* out) {
-  for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + k, load_i8_as_f32(w + k));
-}
-
-// The lane layout's 64 codes of a 256-bit load come out as columns 8j..8j+7 for shift 4j: the buffer
-// holds the codes in plain column order.
-void decode_int4_row(const uint32_t* w, int64_t K, float* out) {
-  const __m256i nibble = _mm256_set1_epi32(0x0F);
-  for (int64_t k = 0; k < K; k += 64) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
-    for (int j = 0; j < 8; ++j)
-      _mm256_storeu_ps(out + k + 8 * j,
-                       _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble)));
-  }
-}
-
-// acc[m][c % 4] += w[chunk c] * x_m[chunk c] over the 8-column chunks c of columns [k0, k1) (a multiple of
-// 32 long): per accumulator the same sequence of fused multiply-adds as dot_int8 / dot_int4.
-template <int MB>
-inline void accumulate_rows(const float* w, const float* x, int64_t ldx, int64_t k0, int64_t k1,
-                            __m256 (&acc)[MB][4]) {
-  for (int64_t k = k0; k < k1; k += 32)
-    for (int j = 0; j < 4; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + k + 8 * j);
-      for (int m = 0; m < MB; ++m)
-        acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * j), acc[m][j]);
-    }
-}
+// More than one activation row: each weight chunk is decoded in registers once and used by a block of
+// rows (up to 3 for int8, 2 or 3 for int4), four accumulators a row, so the weights' trip from memory and
+// their decoding are paid once per block instead of once per row (a weight row stays in L1 between the
+// blocks of one step). Each row's sums are those of dot_int8 / dot_int4, in the same order: accumulator j
+// takes the 8-column chunks j, j + 4, j + 8, ... and they combine as (a0 + a1) + (a2 + a3), so a row's
+// result is bit for bit the one-row kernel's. (Decoding a weight row into an L1 buffer once for all rows
+// was tried: its stores and reloads made it slower than decoding once per block, up to M = 8.)
 
 template <int MB>
 inline void zero(__m256 (&acc)[MB][4]) {
@@ -160,27 +125,41 @@ inline void zero(__m256 (&acc)[MB][4]) {
 
 inline __m256 sum4(const __m256 (&a)[4]) { return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])); }
 
-// y[m * ldy] = scale * (w . x_m) for MB rows of x, w one decoded int8 row.
+// y[m * ldy] = scale * (w . x_m) for MB rows x (MB, K) and one int8 weight row w. 13 registers at MB = 3.
 template <int MB>
-void int8_block(const float* w, const float* x, int64_t K, float scale, float* y, int64_t ldy) {
+void int8_rows(const float* x, int64_t K, const int8_t* w, float scale, float* y, int64_t ldy) {
   __m256 acc[MB][4];
   zero(acc);
-  accumulate_rows<MB>(w, x, K, 0, K, acc);
+  for (int64_t k = 0; k < K; k += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = load_i8_as_f32(w + k + 8 * j);
+      for (int m = 0; m < MB; ++m)
+        acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j]);
+    }
   for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(sum4(acc[m]));
 }
 
-// The int4 product of MB rows with one decoded row, group by group as dot_int4 forms it.
+// The same for one int4 weight row in the lane layout, group by group as dot_int4 forms it; xsum (MB, K/G).
 template <int MB>
-void int4_block(const float* w, const float* x, const float* xsum, int64_t K, int64_t G, const float* s,
-                const float* z, float* y, int64_t ldy) {
+void int4_rows(const float* x, const float* xsum, const uint32_t* w, const float* s, const float* z, int64_t K,
+               int64_t G, float* y, int64_t ldy) {
   const int64_t n_groups = K / G;
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
   __m256 total[MB];
   float offset[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
   for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
     __m256 acc[MB][4];
     zero(acc);
-    accumulate_rows<MB>(w, x, K, k0, k0 + G, acc);
+    for (int64_t k = k0; k < k0 + G; k += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
+      for (int j = 0; j < 8; ++j) {
+        const __m256 codes =
+            _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble));
+        for (int m = 0; m < MB; ++m)
+          acc[m][j % 4] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j % 4]);
+      }
+    }
     for (int m = 0; m < MB; ++m) {
       total[m] = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), sum4(acc[m]), total[m]);
       offset[m] += s[g] * z[g] * xsum[m * n_groups + g];
@@ -189,14 +168,20 @@ void int4_block(const float* w, const float* x, const float* xsum, int64_t K, in
   for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(total[m]) - offset[m];
 }
 
-// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of kBlockRows (the last one shorter).
-template <typename F>
+// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of at most kMax rows (3 or 2), never
+// leaving a block of one row behind another block (a lone row pays a whole decode for itself).
+template <int kMax, typename F>
 inline void for_row_blocks(int64_t M, F&& block) {
-  static_assert(kBlockRows == 3, "the remainders below are 2 and 1 rows");
+  static_assert(kMax == 2 || kMax == 3, "blocks of 2 or 3 rows");
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) block(std::integral_constant<int, 3>(), m);
-  if (M - m == 2) block(std::integral_constant<int, 2>(), m);
-  if (M - m == 1) block(std::integral_constant<int, 1>(), m);
+  if (M == 1) return block(std::integral_constant<int, 1>(), m);
+  if constexpr (kMax == 3) {
+    for (; M - m > 4; m += 3) block(std::integral_constant<int, 3>(), m);
+    if (M - m == 3) return block(std::integral_constant<int, 3>(), m);
+  } else {
+    if (M % 2) block(std::integral_constant<int, 3>(), m), m += 3;  // an odd count: one block of 3
+  }
+  for (; m < M; m += 2) block(std::integral_constant<int, 2>(), m);
 }
 
 }  // namespace
@@ -212,17 +197,11 @@ void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, cons
     for (int64_t n = 0; n < N; ++n) y[n] = scales[n] * dot_int8(x, w + n * K, K);
     return;
   }
-#pragma omp parallel if (parallel)
-  {
-    float* row = row_buffer(K);  // once per thread: a thread_local costs a call in a shared library
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      decode_int8_row(w + n * K, K, row);
-      for_row_blocks(M, [&](auto mb, int64_t m) {
-        int8_block<decltype(mb)::value>(row, x + m * K, K, scales[n], y + m * N + n, N);
-      });
-    }
-  }
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t n = 0; n < N; ++n)
+    for_row_blocks<3>(M, [&](auto mb, int64_t m) {
+      int8_rows<decltype(mb)::value>(x + m * K, K, w + n * K, scales[n], y + m * N + n, N);
+    });
 }
 
 // glm's stored int4 rows (N, K/2 bytes, column 2j in the low nibble of byte j) -> the lane layout of
@@ -257,18 +236,14 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, co
       y[n] = dot_int4(x, scratch, w + n * (K / 8), scales + n * n_groups, zeros + n * n_groups, K, G);
     return;
   }
-#pragma omp parallel if (parallel)
-  {
-    float* row = row_buffer(K);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      decode_int4_row(w + n * (K / 8), K, row);
-      const float* s = scales + n * n_groups;
-      const float* z = zeros + n * n_groups;
-      for_row_blocks(M, [&](auto mb, int64_t m) {
-        int4_block<decltype(mb)::value>(row, x + m * K, scratch + m * n_groups, K, G, s, z, y + m * N + n, N);
-      });
-    }
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* row = w + n * (K / 8);
+    const float* s = scales + n * n_groups;
+    const float* z = zeros + n * n_groups;
+    for_row_blocks<2>(M, [&](auto mb, int64_t m) {
+      int4_rows<decltype(mb)::value>(x + m * K, scratch + m * n_groups, row, s, z, K, G, y + m * N + n, N);
+    });
   }
 }
 
@@ -368,7 +343,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// out[d0 .. d0 + 8V) = sum_t p_t v_t[d0 ..], the V vectors held in registers across all positions.
+template <int V>
+inline void weighted_sum(const float* p, const float* values, int64_t L, int64_t D, int64_t d0, float* out) {
+  __m256 acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(values + t * D + d0 + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+}
+
 // Attention of one query head over positions 0..L-1 of its key/value head: softmax(q.k / sqrt(D)) @ v.
+// The exponentials go 8 at a time through exp_ps (a scalar expf each was a quarter of the attention time),
+// and the weighted sum of values keeps its output in registers over all positions.
 void attend(const float* q, const float* keys, const float* values, int64_t L, int64_t D, float* scores,
             float* out) {
   const float scale = 1.0f / sqrtf(float(D));
@@ -377,17 +366,28 @@ void attend(const float* q, const float* keys, const float* values, int64_t L, i
     scores[t] = dot(q, keys + t * D, D) * scale;
     mx = std::max(mx, scores[t]);
   }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vmx));
+    _mm256_storeu_ps(scores + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; t < L; ++t) {
     scores[t] = expf(scores[t] - mx);
     sum += scores[t];
   }
   const float inv = 1.0f / sum;
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
-    const float p = scores[t] * inv;
-    const float* v = values + t * D;
-    for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
+  for (t = 0; t < L; ++t) scores[t] *= inv;
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) weighted_sum<8>(scores, values, L, D, d, out);
+  for (; d + 8 <= D; d += 8) weighted_sum<1>(scores, values, L, D, d, out);
+  for (; d < D; ++d) {
+    float acc = 0.0f;
+    for (t = 0; t < L; ++t) acc += scores[t] * values[t * D + d];
+    out[d] = acc;
   }
 }
 

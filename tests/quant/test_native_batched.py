@@ -216,3 +216,28 @@ def test_batched_products_equal_one_row_products_and_float64(lib, bits, k, n, gr
     want = x.double() @ layer.dequantize().double().T
     tol = 4e-6 * (x.abs().double() @ layer.dequantize().abs().double().T).max().item()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+def test_head_dim_not_a_multiple_of_eight(lib):
+    """Attention's narrow paths (8 floats at a time, then single floats): head_dim 12, int8 (int4 needs
+    rows of whole 64-column blocks), against the Python forward."""
+    torch.manual_seed(3)
+    config = preset("tiny", dim=96, n_heads=8, n_kv_heads=4, n_layers=2, vocab_size=256, max_seq_len=256,
+                    ffn_dim=256)
+    model = quantize_model_rtn(Transformer(config).eval(), QuantScheme(bits=8, keep_embeddings=False))
+    reference = quantize_model_rtn(Transformer(config).eval(), QuantScheme(bits=8, keep_embeddings=False))
+    assert prepare_for_inference(model)["native_decode"] and model.config.head_dim == 12
+    reference.fuse_projections()
+    reference.load_state_dict(model.state_dict())
+    for m in reference.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_max_rows = 0
+    x, cos, sin, slots, lengths, n_slots = ragged_case(model, 3, seed=11)
+    keys, values = pool_of(model, n_slots, seed=11)
+    before = ([k.clone() for k in keys], [v.clone() for v in values])
+    with torch.inference_mode():
+        got = model.fast_decode.decode_rows(x, cos, sin, keys, values, slots, lengths)
+        for i, (slot, length) in enumerate(zip(slots.tolist(), lengths.tolist(), strict=True)):
+            cache = one_row_cache(reference, *before, slot, length)
+            want = reference.hidden_states(x[i].view(1, 1, -1), torch.tensor([[length]]), None, cache)
+            torch.testing.assert_close(got[i], want.view(-1), rtol=0, atol=2e-5 * want.abs().max().item())
