@@ -159,8 +159,8 @@ class NativeDecoder:
         """The per-layer key/value addresses as C arrays, rebuilt only when the tensors change (beam
         search replaces a KVCache's; a slot pool keeps its own)."""
         held = self._held
-        if (held is None or len(held[0]) != len(keys) or any(a is not b for a, b in zip(held[0], keys))
-                or any(a is not b for a, b in zip(held[1], values))):
+        if (held is None or len(held[0]) != len(keys) or any(a is not b for a, b in zip(held[0], keys, strict=True))
+                or any(a is not b for a, b in zip(held[1], values, strict=True))):
             n = len(keys)
             held = (list(keys), list(values), (ctypes.c_void_p * n)(*[k.data_ptr() for k in keys]),
                     (ctypes.c_void_p * n)(*[v.data_ptr() for v in values]))
