@@ -189,7 +189,7 @@ class NativeDecoder:
         """The native call on validated inputs: x (M, C) -> a new (M, C)."""
         rows, max_len = x.shape[0], keys[0].shape[2]
         key_ptrs, value_ptrs = self._pointers(keys, values)
-        h = x.to(torch.float32, copy=True)
+        h = torch.empty(rows, self.config.dim, dtype=torch.float32).copy_(x)  # contiguous, whatever x's strides
         cos = cos.reshape(rows, -1).float().contiguous()
         sin = sin.reshape(rows, -1).float().contiguous()
         self.lib.glm_decode_rows(self._model_address, rows, h.data_ptr(), key_ptrs, value_ptrs, max_len,

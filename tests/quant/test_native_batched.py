@@ -201,6 +201,20 @@ def test_decode_rows_declines_or_refuses(models):
         assert decoder.decode_rows(x, cos, sin, keys, values, slots, lengths) is None
 
 
+def test_decode_rows_reads_strided_inputs_as_their_values(models):
+    """x, cos and sin as views with other strides (a column-major x): the same result as contiguous ones."""
+    model, _ = models
+    x, cos, sin, slots, lengths, n_slots = ragged_case(model, 3, seed=9)
+    pools = [pool_of(model, n_slots, seed=9) for _ in range(2)]
+    with torch.inference_mode():
+        want = model.fast_decode.decode_rows(x, cos, sin, *pools[0], slots, lengths)
+        got = model.fast_decode.decode_rows(x.T.contiguous().T, cos.transpose(0, 1), sin.transpose(0, 1),
+                                            *pools[1], slots, lengths)
+    assert not x.T.contiguous().T.is_contiguous()
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(pools[0][0], pools[1][0], strict=True))
+
+
 @pytest.mark.parametrize("bits,k,n,group", [(8, 256, 300, 0), (8, 576, 65, 0), (4, 256, 300, 64),
                                             (4, 1536, 70, 128)])
 @pytest.mark.parametrize("rows", [3, 5, 8, 9])
