@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 extern "C" {
 
