@@ -12,6 +12,12 @@
 // seconds. Threads come from OpenMP; linked against the libgomp that torch has already loaded, it
 // shares torch's thread pool and honours torch.set_num_threads.
 //
+// Batched step (`glm_decode_rows`): M sequences advance one token each in one call, each with its own cache
+// slot, position and length. Every weight row is read from memory once for all M rows, and each decoded
+// chunk of it serves a block of 2-3 rows. Each row's sums are formed in exactly the order of the one-row
+// kernels (the same four accumulators over the same 8-column chunks), so a row's result is bit for bit
+// what the one-row step gives it.
+//
 // Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
 // with a float scale and zero point per group of G columns, w = (q - z) * s, stored by glm as (N, K/2)
 // bytes (column 2j in the low nibble of byte j) and rearranged once, at load, into the lane layout of
@@ -24,11 +30,11 @@
 #include <string.h>
 
 #include <algorithm>
-#include <vector>
+#include <type_traits>
 
 extern "C" {
 
-int glm_cpu_abi_version() { return 2; }
+int glm_cpu_abi_version() { return 3; }
 
 }  // extern "C"
 
@@ -101,6 +107,82 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
 // the calling thread alone (a parallel region costs about that much).
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
+// ------------------------------------------------------------------------------- products for M rows
+// More than one activation row: each weight chunk is decoded in registers once and used by a block of
+// rows (up to 3 for int8, 2 or 3 for int4), four accumulators a row, so the weights' trip from memory and
+// their decoding are paid once per block instead of once per row (a weight row stays in L1 between the
+// blocks of one step). Each row's sums are those of dot_int8 / dot_int4, in the same order: accumulator j
+// takes the 8-column chunks j, j + 4, j + 8, ... and they combine as (a0 + a1) + (a2 + a3), so a row's
+// result is bit for bit the one-row kernel's. (Decoding a weight row into an L1 buffer once for all rows
+// was tried: its stores and reloads made it slower than decoding once per block, up to M = 8.)
+
+template <int MB>
+inline void zero(__m256 (&acc)[MB][4]) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+}
+
+inline __m256 sum4(const __m256 (&a)[4]) { return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])); }
+
+// y[m * ldy] = scale * (w . x_m) for MB rows x (MB, K) and one int8 weight row w. 13 registers at MB = 3.
+template <int MB>
+void int8_rows(const float* x, int64_t K, const int8_t* w, float scale, float* y, int64_t ldy) {
+  __m256 acc[MB][4];
+  zero(acc);
+  for (int64_t k = 0; k < K; k += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = load_i8_as_f32(w + k + 8 * j);
+      for (int m = 0; m < MB; ++m)
+        acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j]);
+    }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(sum4(acc[m]));
+}
+
+// The same for one int4 weight row in the lane layout, group by group as dot_int4 forms it; xsum (MB, K/G).
+template <int MB>
+void int4_rows(const float* x, const float* xsum, const uint32_t* w, const float* s, const float* z, int64_t K,
+               int64_t G, float* y, int64_t ldy) {
+  const int64_t n_groups = K / G;
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+  __m256 total[MB];
+  float offset[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
+  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
+    __m256 acc[MB][4];
+    zero(acc);
+    for (int64_t k = k0; k < k0 + G; k += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
+      for (int j = 0; j < 8; ++j) {
+        const __m256 codes =
+            _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble));
+        for (int m = 0; m < MB; ++m)
+          acc[m][j % 4] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j % 4]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      total[m] = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), sum4(acc[m]), total[m]);
+      offset[m] += s[g] * z[g] * xsum[m * n_groups + g];
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(total[m]) - offset[m];
+}
+
+// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of at most kMax rows (3 or 2), never
+// leaving a block of one row behind another block (a lone row pays a whole decode for itself).
+template <int kMax, typename F>
+inline void for_row_blocks(int64_t M, F&& block) {
+  static_assert(kMax == 2 || kMax == 3, "blocks of 2 or 3 rows");
+  int64_t m = 0;
+  if (M == 1) return block(std::integral_constant<int, 1>(), m);
+  if constexpr (kMax == 3) {
+    for (; M - m > 4; m += 3) block(std::integral_constant<int, 3>(), m);
+    if (M - m == 3) return block(std::integral_constant<int, 3>(), m);
+  } else {
+    if (M % 2) block(std::integral_constant<int, 3>(), m), m += 3;  // an odd count: one block of 3
+  }
+  for (; m < M; m += 2) block(std::integral_constant<int, 2>(), m);
+}
+
 }  // namespace
 
 extern "C" {
@@ -109,11 +191,16 @@ extern "C" {
 void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scales, int64_t N,
                      float* y) {
   const bool parallel = N * K >= kParallelMinBytes;
+  if (M == 1) {
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n) {
-    const int8_t* row = w + n * K;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = scales[n] * dot_int8(x + m * K, row, K);
+    for (int64_t n = 0; n < N; ++n) y[n] = scales[n] * dot_int8(x, w + n * K, K);
+    return;
   }
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t n = 0; n < N; ++n)
+    for_row_blocks<3>(M, [&](auto mb, int64_t m) {
+      int8_rows<decltype(mb)::value>(x + m * K, K, w + n * K, scales[n], y + m * N + n, N);
+    });
 }
 
 // glm's stored int4 rows (N, K/2 bytes, column 2j in the low nibble of byte j) -> the lane layout of
@@ -142,12 +229,20 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, co
   const int64_t n_groups = K / G;
   for (int64_t m = 0; m < M; ++m) group_sums(x + m * K, K, G, scratch + m * n_groups);
   const bool parallel = N * K / 2 >= kParallelMinBytes;
+  if (M == 1) {
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t n = 0; n < N; ++n)
+      y[n] = dot_int4(x, scratch, w + n * (K / 8), scales + n * n_groups, zeros + n * n_groups, K, G);
+    return;
+  }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t* row = w + n * (K / 8);
     const float* s = scales + n * n_groups;
     const float* z = zeros + n * n_groups;
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_int4(x + m * K, scratch + m * n_groups, row, s, z, K, G);
+    for_row_blocks<2>(M, [&](auto mb, int64_t m) {
+      int4_rows<decltype(mb)::value>(x + m * K, scratch + m * n_groups, row, s, z, K, G, y + m * N + n, N);
+    });
   }
 }
 
@@ -178,11 +273,12 @@ struct GlmModel {
 
 namespace {
 
-void linear(const GlmLinear& l, const float* x, float* y, float* scratch) {
+// y (M, N) = x (M, K) through one projection.
+void linear(const GlmLinear& l, const float* x, int64_t M, float* y, float* scratch) {
   if (l.bits == 8)
-    glm_linear_int8(x, 1, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
+    glm_linear_int8(x, M, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
   else
-    glm_linear_int4(x, 1, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
+    glm_linear_int4(x, M, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
                     l.group_size, l.out_features, y, scratch);
 }
 
@@ -246,7 +342,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// out[d0 .. d0 + 8V) = sum_t p_t v_t[d0 ..], the V vectors held in registers across all positions.
+template <int V>
+inline void weighted_sum(const float* p, const float* values, int64_t L, int64_t D, int64_t d0, float* out) {
+  __m256 acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(values + t * D + d0 + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+}
+
 // Attention of one query head over positions 0..L-1 of its key/value head: softmax(q.k / sqrt(D)) @ v.
+// The exponentials go 8 at a time through exp_ps (a scalar expf each was a quarter of the attention time),
+// and the weighted sum of values keeps its output in registers over all positions.
 void attend(const float* q, const float* keys, const float* values, int64_t L, int64_t D, float* scores,
             float* out) {
   const float scale = 1.0f / sqrtf(float(D));
@@ -255,76 +365,163 @@ void attend(const float* q, const float* keys, const float* values, int64_t L, i
     scores[t] = dot(q, keys + t * D, D) * scale;
     mx = std::max(mx, scores[t]);
   }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vmx));
+    _mm256_storeu_ps(scores + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; t < L; ++t) {
     scores[t] = expf(scores[t] - mx);
     sum += scores[t];
   }
   const float inv = 1.0f / sum;
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
-    const float p = scores[t] * inv;
-    const float* v = values + t * D;
-    for (int64_t d = 0; d < D; ++d) out[d] += p * v[d];
+  for (t = 0; t < L; ++t) scores[t] *= inv;
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) weighted_sum<8>(scores, values, L, D, d, out);
+  for (; d + 8 <= D; d += 8) weighted_sum<1>(scores, values, L, D, d, out);
+  for (; d < D; ++d) {
+    float acc = 0.0f;
+    for (t = 0; t < L; ++t) acc += scores[t] * values[t * D + d];
+    out[d] = acc;
   }
 }
+
+// Where a step's time goes, for bench/native_batched.py: seconds added to [products, attention, rest]
+// while a caller has set it (glm_decode_profile); null otherwise, which costs one branch per phase.
+double* g_profile = nullptr;
+
+struct Phase {
+  int index;
+  double start;
+  explicit Phase(int i) : index(i), start(g_profile ? omp_get_wtime() : 0.0) {}
+  ~Phase() {
+    if (g_profile) g_profile[index] += omp_get_wtime() - start;
+  }
+};
 
 }  // namespace
 
 extern "C" {
 
-// Scratch floats one step needs (the caller allocates them once per model and cache length).
-int64_t glm_decode_scratch_floats(const GlmModel* m, int64_t max_len) {
+// Start (seconds: 3 doubles, added to) or stop (null) timing the phases of decode steps. Not for
+// concurrent steps: one caller at a time.
+void glm_decode_profile(double* seconds) { g_profile = seconds; }
+
+// Scratch floats a step of `rows` sequences needs (the caller allocates them once per row count and cache
+// length).
+int64_t glm_decode_rows_scratch_floats(const GlmModel* m, int64_t rows, int64_t max_len) {
   const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim;
   const int64_t widest = std::max(m->dim, m->ffn_dim);
-  return 2 * m->dim + qkv + m->n_heads * m->head_dim + 3 * m->ffn_dim + m->head_dim
-         + m->n_heads * max_len + 2 * widest + 64;
+  return rows * (m->dim + qkv + m->n_heads * m->head_dim + 3 * m->ffn_dim + m->n_heads * max_len + widest)
+         + m->head_dim + 64;
 }
 
-// One decode step for one sequence, in place on x (C): every block, then the final norm.
-// keys/values[l]: layer l's cache (Hkv, max_len, D) float32; the new key/value go to position `pos`
-// and attention covers 0..pos. cos/sin_signed (D): the rotary factors of the token's position.
-void glm_decode_step(const GlmModel* m, float* x, float* const* keys, float* const* values, int64_t max_len,
-                     int64_t pos, const float* cos, const float* sin_signed, float* scratch) {
+// One decode step for M sequences, in place on x (M, C): every block, then the final norm.
+// keys/values[l]: layer l's cache pool (n_slots, Hkv, max_len, D) float32. Row i is the sequence in slot
+// slots[i] (distinct), whose cache holds lengths[i] < max_len positions: its new key/value go to
+// position lengths[i] and its attention covers 0..lengths[i]. cos/sin_signed (M, D): the rotary factors
+// of each row's position. Lengths are not advanced (the caller owns them).
+void glm_decode_rows(const GlmModel* m, int64_t M, float* x, float* const* keys, float* const* values,
+                     int64_t max_len, const int64_t* slots, const int64_t* lengths, const float* cos,
+                     const float* sin_signed, float* scratch) {
   const int64_t C = m->dim, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, F = m->ffn_dim;
-  float* h = scratch;
-  float* qkv = h + C;
-  float* attn = qkv + (H + 2 * Hkv) * D;
-  float* ffn = attn + H * D;        // gate_up (2F) then the product (F)
-  float* tmp = ffn + 3 * F;         // D
-  float* scores = tmp + D;          // H * max_len
-  float* lin_scratch = scores + H * max_len;
-  const int64_t L = pos + 1, group = H / Hkv;
+  const int64_t QKV = (H + 2 * Hkv) * D, group = H / Hkv;
+  float* h = scratch;                  // (M, C)
+  float* qkv = h + M * C;              // (M, QKV)
+  float* attn = qkv + M * QKV;         // (M, H * D)
+  float* gate_up = attn + M * H * D;   // (M, 2F)
+  float* act = gate_up + M * 2 * F;    // (M, F)
+  float* scores = act + M * F;         // (M * H, max_len)
+  float* lin_scratch = scores + M * H * max_len;
+  float* tmp = lin_scratch + M * std::max(C, F);  // D
+  int64_t attended = 0;  // positions attended by all rows, for the decision to parallelize
+  for (int64_t r = 0; r < M; ++r) attended += lengths[r] + 1;
+  const bool parallel_attention = attended * H * D >= 32768;
   for (int64_t l = 0; l < m->n_layers; ++l) {
     const GlmLayer& layer = m->layers[l];
-    rms_norm(x, layer.input_norm, C, m->norm_eps, h);
-    linear(layer.qkv, h, qkv, lin_scratch);
-    float* q = qkv;
-    float* k = qkv + H * D;
-    float* v = k + Hkv * D;
-    for (int64_t i = 0; i < H; ++i) rope(q + i * D, cos, sin_signed, D, tmp);
-    for (int64_t i = 0; i < Hkv; ++i) {
-      rope(k + i * D, cos, sin_signed, D, tmp);
-      memcpy(keys[l] + (i * max_len + pos) * D, k + i * D, D * sizeof(float));
-      memcpy(values[l] + (i * max_len + pos) * D, v + i * D, D * sizeof(float));
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) rms_norm(x + r * C, layer.input_norm, C, m->norm_eps, h + r * C);
     }
-    // Heads in parallel once the cache is long enough for the work to outweigh waking the threads.
-#pragma omp parallel for schedule(static) if (L * H * D >= 32768)
-    for (int64_t i = 0; i < H; ++i) {
-      const int64_t kv = i / group;
-      attend(q + i * D, keys[l] + kv * max_len * D, values[l] + kv * max_len * D, L, D, scores + i * max_len,
-             attn + i * D);
+    {
+      Phase products(0);
+      linear(layer.qkv, h, M, qkv, lin_scratch);
     }
-    linear(layer.o, attn, h, lin_scratch);
-    for (int64_t i = 0; i < C; ++i) x[i] += h[i];
-    rms_norm(x, layer.post_norm, C, m->norm_eps, h);
-    linear(layer.gate_up, h, ffn, lin_scratch);
-    silu_mul(ffn, F, ffn + 2 * F);
-    linear(layer.down, ffn + 2 * F, h, lin_scratch);
-    for (int64_t i = 0; i < C; ++i) x[i] += h[i];
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) {
+        float* q = qkv + r * QKV;
+        float* k = q + H * D;
+        float* v = k + Hkv * D;
+        const float* c = cos + r * D;
+        const float* s = sin_signed + r * D;
+        for (int64_t i = 0; i < H; ++i) rope(q + i * D, c, s, D, tmp);
+        for (int64_t i = 0; i < Hkv; ++i) {
+          rope(k + i * D, c, s, D, tmp);
+          const int64_t at = ((slots[r] * Hkv + i) * max_len + lengths[r]) * D;
+          memcpy(keys[l] + at, k + i * D, D * sizeof(float));
+          memcpy(values[l] + at, v + i * D, D * sizeof(float));
+        }
+      }
+    }
+    {
+      Phase attention(1);
+      // (row, head) pairs in parallel once the work outweighs waking the threads; static blocks keep the
+      // heads that share a key/value head on one thread, so that cache slice is read from memory once.
+#pragma omp parallel for schedule(static) if (parallel_attention)
+      for (int64_t item = 0; item < M * H; ++item) {
+        const int64_t r = item / H, i = item % H;
+        const int64_t base = (slots[r] * Hkv + i / group) * max_len * D;
+        attend(qkv + r * QKV + i * D, keys[l] + base, values[l] + base, lengths[r] + 1, D,
+               scores + item * max_len, attn + (r * H + i) * D);
+      }
+    }
+    {
+      Phase products(0);
+      linear(layer.o, attn, M, h, lin_scratch);
+    }
+    {
+      Phase rest(2);
+      for (int64_t i = 0; i < M * C; ++i) x[i] += h[i];
+      for (int64_t r = 0; r < M; ++r) rms_norm(x + r * C, layer.post_norm, C, m->norm_eps, h + r * C);
+    }
+    {
+      Phase products(0);
+      linear(layer.gate_up, h, M, gate_up, lin_scratch);
+    }
+    {
+      Phase rest(2);
+      for (int64_t r = 0; r < M; ++r) silu_mul(gate_up + r * 2 * F, F, act + r * F);
+    }
+    {
+      Phase products(0);
+      linear(layer.down, act, M, h, lin_scratch);
+    }
+    Phase rest(2);
+    for (int64_t i = 0; i < M * C; ++i) x[i] += h[i];
   }
-  rms_norm(x, m->final_norm, C, m->norm_eps, h);
-  memcpy(x, h, C * sizeof(float));
+  Phase rest(2);
+  for (int64_t r = 0; r < M; ++r) {
+    rms_norm(x + r * C, m->final_norm, C, m->norm_eps, h);
+    memcpy(x + r * C, h, C * sizeof(float));
+  }
+}
+
+// Scratch floats one step of one sequence needs.
+int64_t glm_decode_scratch_floats(const GlmModel* m, int64_t max_len) {
+  return glm_decode_rows_scratch_floats(m, 1, max_len);
+}
+
+// One decode step for one sequence (the cache of batch size 1), in place on x (C): the M = 1 case of
+// glm_decode_rows, its new key/value at position `pos`.
+void glm_decode_step(const GlmModel* m, float* x, float* const* keys, float* const* values, int64_t max_len,
+                     int64_t pos, const float* cos, const float* sin_signed, float* scratch) {
+  const int64_t slot = 0;
+  glm_decode_rows(m, 1, x, keys, values, max_len, &slot, &pos, cos, sin_signed, scratch);
 }
 
 }  // extern "C"

@@ -16,7 +16,7 @@ import ctypes
 import os
 import platform
 
-DECODE_ABI = 2
+DECODE_ABI = 3
 DATA_ABI = 1
 CPU_REQUIREMENT = "x86-64 Linux with AVX2 and FMA"
 _cached: dict[str, object] = {}
@@ -58,6 +58,12 @@ def _declare_decode(lib: ctypes.CDLL) -> int:
     lib.glm_decode_scratch_floats.restype = i64
     lib.glm_decode_step.argtypes = [p, p, p, p, i64, i64, p, p, p]
     lib.glm_decode_step.restype = None
+    lib.glm_decode_rows_scratch_floats.argtypes = [p, i64, i64]
+    lib.glm_decode_rows_scratch_floats.restype = i64
+    lib.glm_decode_rows.argtypes = [p, i64, p, p, p, i64, p, p, p, p, p]
+    lib.glm_decode_rows.restype = None
+    lib.glm_decode_profile.argtypes = [p]
+    lib.glm_decode_profile.restype = None
     return lib.glm_cpu_abi_version()
 
 

@@ -4,8 +4,9 @@ Two uses, both for decode-sized work on x86-64 CPUs with AVX2:
 
 - `NativeWeights.matmul`: a QuantLinear's product for a few rows, float32 activations against the
   stored int8/int4 weights (no bf16 casts, no dequantized copy);
-- `NativeDecoder`: a whole decode step of a quantized model (every block for one new token of one
-  sequence) in one call, which `prepare_for_inference` installs as the model's `fast_decode`.
+- `NativeDecoder`: a whole decode step of a quantized model (every block for one new token of each of
+  M sequences) in one call, which `prepare_for_inference` installs as the model's `fast_decode` and
+  `glm serve` calls on its slot pool (`decode_rows`).
 
 Either way the numbers are the dequantized weights' product in float32, up to summation order: the
 tests compare both against `F.linear` on `dequantize()` and against the Python forward. Where the
@@ -102,10 +103,18 @@ def _block_weights(block) -> list[NativeWeights] | None:
 
 
 class NativeDecoder:
-    """One decode step of a quantized model in one native call: `decoder(x, cos, sin, cache)` returns the
-    final normed hidden state (1, 1, C) for the token embedded in x (1, 1, C), having written its keys
-    and values into `cache`; or None when these inputs are not its case (the caller then runs the
-    Python forward). Its case: one sequence, float32, a float32 cache of that batch size."""
+    """A decode step of a quantized model in one native call, for one sequence or for many.
+
+    - `decoder(x, cos, sin, cache)`, the model's `fast_decode`: the final normed hidden states (B, 1, C)
+      for the tokens embedded in x (B, 1, C), one per row of a `KVCache` whose rows all hold
+      `cache.length` positions (no padding), their keys and values written into it; or None when these
+      inputs are not its case (the caller then runs the Python forward).
+    - `decoder.decode_rows(...)`: M sequences of a slot pool (`glm serve`), each at its own position and
+      cache length.
+
+    Both read every weight once per step however many rows there are, and give each row bit for bit what
+    the one-row step gives it (cpu_ext/decode.cpp forms each row's sums in the same order).
+    """
 
     def __init__(self, lib, model, block_weights: list[list[NativeWeights]]):
         c = model.config
@@ -124,7 +133,8 @@ class NativeDecoder:
         self._model = _Model(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps,
                              ctypes.addressof(layers), final.data_ptr())
         self._model_address = ctypes.addressof(self._model)
-        self._scratch, self._scratch_len = torch.empty(0), -1
+        self._scratch = torch.empty(0)
+        self._held = None  # the last cache tensors seen and their address arrays
 
     @classmethod
     def build(cls, model) -> NativeDecoder | None:
@@ -145,34 +155,95 @@ class NativeDecoder:
             block_weights.append(weights)
         return cls(load_cpu_kernels(), model, block_weights)
 
-    def _pointers(self, cache):
-        """The cache's per-layer key/value addresses as C arrays, built once per cache (kept on it, and
-        rebuilt when beam search replaces its tensors), and scratch sized for its length."""
-        held = getattr(cache, "_native_pointers", None)
-        if held is None or held[0] is not cache.keys or held[1] is not cache.values:
-            n = self.config.n_layers
-            held = (cache.keys, cache.values, (ctypes.c_void_p * n)(*[k.data_ptr() for k in cache.keys]),
-                    (ctypes.c_void_p * n)(*[v.data_ptr() for v in cache.values]))
-            cache._native_pointers = held
-        if self._scratch_len != cache.max_len:
-            floats = self.lib.glm_decode_scratch_floats(self._model_address, cache.max_len)
-            self._scratch, self._scratch_len = torch.empty(floats, dtype=torch.float32), cache.max_len
+    def _pointers(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        """The per-layer key/value addresses as C arrays, rebuilt only when the tensors change (beam
+        search replaces a KVCache's; a slot pool keeps its own)."""
+        held = self._held
+        if (held is None or len(held[0]) != len(keys) or any(a is not b for a, b in zip(held[0], keys, strict=True))
+                or any(a is not b for a, b in zip(held[1], values, strict=True))):
+            n = len(keys)
+            held = (list(keys), list(values), (ctypes.c_void_p * n)(*[k.data_ptr() for k in keys]),
+                    (ctypes.c_void_p * n)(*[v.data_ptr() for v in values]))
+            self._held = held
         return held[2], held[3]
+
+    def _scratch_for(self, rows: int, max_len: int) -> torch.Tensor:
+        """Scratch for a step of `rows` rows over caches of `max_len` positions (grown, never shrunk: the
+        layout for fewer rows or positions fits in a larger buffer)."""
+        floats = self.lib.glm_decode_rows_scratch_floats(self._model_address, rows, max_len)
+        if self._scratch.numel() < floats:
+            self._scratch = torch.empty(floats, dtype=torch.float32)
+        return self._scratch
+
+    def _cache_ok(self, keys, values) -> bool:
+        """Every layer's keys and values float32, contiguous, on CPU, one shape (n_slots, Hkv, max_len, D)."""
+        c = self.config
+        if len(keys) != c.n_layers or len(values) != c.n_layers:
+            return False
+        shape = keys[0].shape
+        return (len(shape) == 4 and shape[1:2] == (c.n_kv_heads,) and shape[3] == c.head_dim
+                and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == shape
+                        and t.is_contiguous() for t in (*keys, *values)))
+
+    def _run(self, x, cos, sin, keys, values, slots, lengths) -> torch.Tensor:
+        """The native call on validated inputs: x (M, C) -> a new (M, C)."""
+        rows, max_len = x.shape[0], keys[0].shape[2]
+        key_ptrs, value_ptrs = self._pointers(keys, values)
+        h = torch.empty(rows, self.config.dim, dtype=torch.float32).copy_(x)  # contiguous, whatever x's strides
+        cos = cos.reshape(rows, -1).float().contiguous()
+        sin = sin.reshape(rows, -1).float().contiguous()
+        self.lib.glm_decode_rows(self._model_address, rows, h.data_ptr(), key_ptrs, value_ptrs, max_len,
+                                 slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                 self._scratch_for(rows, max_len).data_ptr())
+        return h
 
     def accepts(self, x: torch.Tensor, cache) -> bool:
         c = self.config
-        shape = (1, c.n_kv_heads, cache.max_len, c.head_dim)
-        return (x.shape == (1, 1, c.dim) and x.dtype == torch.float32 and x.device.type == "cpu"
-                and cache.length < cache.max_len
-                and all(t.dtype == torch.float32 and t.shape == shape and t.is_contiguous()
-                        for t in (cache.keys[0], cache.values[0])))
+        rows = x.shape[0]
+        return (x.dim() == 3 and x.shape[1:] == (1, c.dim) and x.dtype == torch.float32
+                and x.device.type == "cpu" and cache.length < cache.max_len and self._cache_ok(cache.keys, cache.values)
+                and cache.keys[0].shape[0] == rows and cache.keys[0].shape[2] == cache.max_len)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:
         if torch.is_grad_enabled() or not self.accepts(x, cache):
             return None
-        keys, values = self._pointers(cache)
-        h = x.reshape(-1).to(torch.float32, copy=True)
-        cos, sin = cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
-        self.lib.glm_decode_step(self._model_address, h.data_ptr(), keys, values, cache.max_len,
-                                 cache.length, cos.data_ptr(), sin.data_ptr(), self._scratch.data_ptr())
-        return h.view(1, 1, -1)
+        rows = x.shape[0]
+        if cos.numel() != rows * self.config.head_dim or sin.numel() != cos.numel():
+            return None
+        slots = torch.arange(rows, dtype=torch.int64)
+        lengths = torch.full((rows,), cache.length, dtype=torch.int64)
+        return self._run(x.reshape(rows, -1), cos, sin, cache.keys, cache.values, slots, lengths).view(rows, 1, -1)
+
+    def decode_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """One decode step for M sequences of a slot pool: the final normed hidden states (M, C).
+
+        x (M, C): each row's new token, embedded. cos/sin (M, D) (any shape of M * D elements, as
+        `rope_cos_sin` gives them for each row's position). keys[l]/values[l]: layer l's pool,
+        (n_slots, Hkv, max_len, D) float32 contiguous. Row i is the sequence in slot slots[i], whose
+        cache holds lengths[i] positions: its key and value go to [slots[i], :, lengths[i], :] and it
+        attends over positions 0..lengths[i]. `lengths` is not advanced (the caller owns it).
+
+        None where it cannot run: gradients enabled, or an input of another dtype, shape or device (the
+        caller then runs the Python forward). Raises ValueError for slots that repeat or lie outside the
+        pool, or a length with no room left: the native code would write out of bounds.
+        """
+        c = self.config
+        if torch.is_grad_enabled() or x.dim() != 2 or x.shape[1] != c.dim or x.dtype != torch.float32:
+            return None
+        rows = x.shape[0]
+        if (rows == 0 or x.device.type != "cpu" or not self._cache_ok(keys, values)
+                or cos.numel() != rows * c.head_dim or sin.numel() != cos.numel()
+                or cos.device.type != "cpu" or sin.device.type != "cpu"
+                or slots.shape != (rows,) or lengths.shape != (rows,)
+                or slots.dtype != torch.int64 or lengths.dtype != torch.int64
+                or slots.device.type != "cpu" or lengths.device.type != "cpu"):
+            return None
+        n_slots, max_len = keys[0].shape[0], keys[0].shape[2]
+        slots, lengths = slots.contiguous(), lengths.contiguous()
+        if int(slots.min()) < 0 or int(slots.max()) >= n_slots or len(set(slots.tolist())) != rows:
+            raise ValueError(f"decode_rows: slots {slots.tolist()} must be distinct and in [0, {n_slots})")
+        if int(lengths.min()) < 0 or int(lengths.max()) >= max_len:
+            raise ValueError(f"decode_rows: lengths {lengths.tolist()} must be in [0, {max_len}) "
+                             f"(the pool holds {max_len} positions a slot)")
+        return self._run(x, cos, sin, keys, values, slots, lengths)

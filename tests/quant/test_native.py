@@ -115,7 +115,7 @@ def test_generate_gives_the_same_tokens_with_and_without_the_native_step(monkeyp
     assert model.fast_decode is not None
     prompts, config = [[5, 6, 7, 8, 9]], GenerationConfig(max_new_tokens=40)
     assert generate(model, prompts, config)[0].tokens == generate(reference, prompts, config)[0].tokens
-    # a batch of two and a padded batch run the Python blocks (the step is for one sequence): same tokens
+    # a padded batch runs the Python blocks (the native step takes no mask): same tokens
     two = [[5, 6, 7, 8, 9], [3, 4]]
     assert ([c.tokens for c in generate(model, two, config)]
             == [c.tokens for c in generate(reference, two, config)])
@@ -131,8 +131,7 @@ def test_decoder_declines_what_it_does_not_run():
     cos = sin = torch.ones(model.config.head_dim)
     with torch.inference_mode():
         assert decoder(x.bfloat16(), cos, sin, cache) is None  # not float32
-        assert decoder(torch.randn(2, 1, model.config.dim), cos, sin,
-                       KVCache(model.config, 2, 8, "cpu", torch.float32)) is None  # two sequences
+        assert decoder(torch.randn(2, 1, model.config.dim), cos, sin, cache) is None  # two rows, a cache of one
         cache.length = 8
         assert decoder(x, cos, sin, cache) is None  # cache full: the Python path raises the error
     unfused = quantized_model(8)
