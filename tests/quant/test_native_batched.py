@@ -12,6 +12,7 @@ parallel attention over (row, head) pairs run, not only the serial ones.
 
 import pytest
 import torch
+from conftest import native_library
 
 from glm_cli.core.infer.generation import GenerationConfig, generate
 from glm_cli.core.model.config import preset
@@ -19,7 +20,6 @@ from glm_cli.core.model.packed_linear import prepare_for_inference
 from glm_cli.core.model.transformer import KVCache, Transformer, rope_cos_sin
 from glm_cli.core.quant.native import NativeWeights
 from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, quantize_weight
-from glm_cli.cpu_ext.loader import load_cpu_kernels
 
 MAX_LEN = 160
 ROWS = [1, 2, 3, 5, 8]
@@ -27,10 +27,9 @@ ROWS = [1, 2, 3, 5, 8]
 
 @pytest.fixture(scope="module")
 def lib():
-    kernels = load_cpu_kernels()
-    if kernels is None:
-        pytest.skip("native CPU kernels unavailable here (not x86-64 Linux with AVX2/FMA, or no compiler)")
-    return kernels
+    """The decode library, built now: skipped only without a compiler or the instruction set, and a
+    failed build fails these tests (conftest.native_library)."""
+    return native_library("decode")
 
 
 @pytest.fixture(autouse=True)
