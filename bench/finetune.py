@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def answer_accuracy(model_dir: Path, val: Path, limit: int, max_new_tokens: int = 24) -> tuple[float, int]:
     """Exact-match accuracy of greedy answers to the held-out prompts (prompt/response or messages)."""
-    from glm_cli.core.checkpoint.loader import load_with_adapter
+    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.io.corpus import read_records
     from glm_cli.core.tokens.chat import ChatEncoder, messages_from_record
@@ -58,7 +58,7 @@ def answer_accuracy(model_dir: Path, val: Path, limit: int, max_new_tokens: int 
 @torch.no_grad()
 def preference_accuracy(model_dir: Path, prefs: Path, limit: int) -> float:
     """Two-way multiple choice on held-out pairs: is log p(right answer) > log p(wrong answer)?"""
-    from glm_cli.core.checkpoint.loader import load_with_adapter
+    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.tokens.chat import ChatEncoder
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.tune.preference import load_pairs, pair_batch, sequence_logps

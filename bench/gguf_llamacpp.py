@@ -33,7 +33,7 @@ def main() -> None:
     except ImportError:
         sys.exit("needs llama-cpp-python: .venv/bin/pip install llama-cpp-python")
 
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 

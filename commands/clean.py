@@ -196,14 +196,10 @@ def command(
     Every dropped document is counted by the rule that dropped it (--rejected keeps them); the report goes
     to stderr, and with --json as JSON. Output order is the input order whatever --workers is.
     """
-    from contextlib import closing
-    from functools import partial
-
-    from glm_cli.core.clean.pipeline import CleanStats, batches, clean_batch
-    from glm_cli.core.console import progress, set_quiet
+    from glm_cli.core.clean.run import clean_corpus
+    from glm_cli.core.console import set_quiet
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.corpus import ErrorPolicy, RecordWriter, parse_shard, read_documents
-    from glm_cli.core.io.parallel import map_ordered
+    from glm_cli.core.io.corpus import ErrorPolicy, parse_shard
 
     set_quiet(quiet)
     config = _config(html=html, unicode_form=unicode_form, strip_control=strip_control, whitespace=whitespace,
@@ -214,44 +210,11 @@ def command(
                      lang_threshold=lang_threshold, pii=pii)
     if rejected is not None and rejected in (output, "-") and rejected != "":
         raise UsageError("--rejected must be a file other than the output (and not '-')")
-    columns = columns_for(text_column, id_column)
     policy = ErrorPolicy(on_error, errors_path_for(output, errors))
-    shard_spec = parse_shard(shard)
-    stats = CleanStats()
-
-    docs = read_documents(inputs, policy, shard_spec, columns)
-    results = map_ordered(partial(clean_batch, config.pipeline()), batches(docs), workers, chunk_size=1)
-    try:
-        # closing(): on any error (a closed stdout pipe included) the worker pool is shut down at once.
-        with closing(results), RecordWriter(output, columns, row_group_size) as out, \
-                (RecordWriter(rejected, columns, row_group_size) if rejected else _NoWriter()) as rej, \
-                progress("cleaning") as advance:
-            for batch in results:
-                for result in batch:
-                    stats.add(result)
-                    if result.reason is None:
-                        out.write_document(result.doc)
-                    else:
-                        rej.write_document(result.doc, reason=result.reason)
-                advance(len(batch))
-    except BaseException:
-        policy.close(ok=False)  # no errors file from a failed run
-        raise
-    policy.close()
-
-    summary = {**stats.to_dict(), **policy.summary(), "output": output, "rejected": rejected,
-               "workers": workers, "shard": shard, "steps": config.steps()}
+    summary = clean_corpus(inputs, output, config, rejected=rejected, columns=columns_for(text_column, id_column),
+                           row_group_size=row_group_size, policy=policy, workers=workers, shard=parse_shard(shard))
+    summary["shard"] = shard
     if not quiet:
         _report(summary)
     emit_summary(summary, json_summary, data_on_stdout=output == "-")
 
-
-class _NoWriter:
-    def write_document(self, doc, **extra) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None

@@ -62,51 +62,20 @@ def command(
 
     Example: glm eval runs/demo/pretrain/final runs/demo/finetune/final --task runs/demo/tasks/mc_play.jsonl
     """
-    import time
-
-    from glm_cli.core.checkpoint.loader import load_with_adapter
-    from glm_cli.core.console import log, progress, set_quiet
-    from glm_cli.core.errors import UsageError
-    from glm_cli.core.eval.tasks import Scorer, evaluate_task, load_task, task_size
-    from glm_cli.core.io.corpus import read_records
-    from glm_cli.core.tokens.tokenizer import load_tokenizer
+    from glm_cli.core.console import log, set_quiet
+    from glm_cli.core.eval.run import evaluate
 
     set_quiet(quiet)
-    if fewshot_file is None and num_fewshot:
-        raise UsageError("--num-fewshot needs --fewshot-file")
-    tasks = [load_task(t, task_type) for t in task]
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        tasks_by = {}
-        for t in tasks:
-            tasks_by[t.name] = tasks_by.get(t.name, 0) + 1
-        for t in tasks:
-            if tasks_by[t.name] > 1:
-                t.name = t.source
-    pool = list(read_records(fewshot_file)) if fewshot_file else None
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    report = {"checkpoints": checkpoints, "tasks": {t.name: {"type": t.type, "source": t.source} for t in tasks},
-              "settings": {"batch_size": batch_size, "max_length": max_length, "stride": stride, "limit": limit,
-                           "num_fewshot": num_fewshot, "seed": seed,
-                           "chat": chat}, "results": {}}
-    for ckpt in checkpoints:
-        model = load_with_adapter(ckpt, device=device, dtype=torch_dtype)  # picks up a saved adapter
-        scorer = Scorer(model, load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size,
-                        checkpoint_dir=ckpt)
-        report["results"][ckpt] = {}
-        for t in tasks:
-            started = time.perf_counter()
-            with progress(f"{Path(ckpt).name}: {t.name}", task_size(t, limit or None)) as advance:
-                result = evaluate_task(scorer, t, fewshot=pool, num_fewshot=num_fewshot, seed=seed,
-                                       limit=limit or None, stride=stride or None,
-                                       max_new_tokens=max_new_tokens, stop=stop, chat=chat,
-                                       advance=advance)
-            result.pop("predictions", None)
-            result["seconds"] = round(time.perf_counter() - started, 2)
-            report["results"][ckpt][t.name] = result
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if k in TABLE_METRICS[t.type])
-            log(f"{ckpt}  {t.name}: {shown}  ({result['seconds']}s)")
-        del model
+
+    def show(ckpt, t, result) -> None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items() if k in TABLE_METRICS[t.type])
+        log(f"{ckpt}  {t.name}: {shown}  ({result['seconds']}s)")
+
+    report = evaluate(checkpoints, task, task_type=task_type, batch_size=batch_size, max_length=max_length,
+                      stride=stride, limit=limit, num_fewshot=num_fewshot, fewshot_file=fewshot_file, seed=seed,
+                      max_new_tokens=max_new_tokens, stop=stop, chat=chat, device=device, dtype=torch_dtype,
+                      on_result=show)
     if output:
         from glm_cli.core.io.atomic import write_text_atomic
 
@@ -114,10 +83,10 @@ def command(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    print_table(report, tasks)
+    print_table(report)
 
 
-def print_table(report: dict, tasks) -> None:
+def print_table(report: dict) -> None:
     import os
 
     from rich.console import Console
@@ -134,9 +103,9 @@ def print_table(report: dict, tasks) -> None:
     table.add_column("metric")
     for label in labels:
         table.add_column(label, justify="right")
-    for t in tasks:
-        for i, metric in enumerate(TABLE_METRICS[t.type]):
-            values = [report["results"][c][t.name]["metrics"].get(metric) for c in checkpoints]
+    for name, task in report["tasks"].items():
+        for i, metric in enumerate(TABLE_METRICS[task["type"]]):
+            values = [report["results"][c][name]["metrics"].get(metric) for c in checkpoints]
             if all(v is None for v in values):
                 continue
             lower_is_better = metric in ("perplexity", "bits_per_byte", "word_perplexity")
@@ -144,6 +113,6 @@ def print_table(report: dict, tasks) -> None:
             best = (min(known) if lower_is_better else max(known)) if len(checkpoints) > 1 else None
             text = [None if v is None else (f"{v:.4f}" if abs(v) < 1e6 else f"{v:.4e}") for v in values]
             cells = ["-" if c is None else (f"[bold]{c}[/]" if v == best else c) for v, c in zip(values, text, strict=True)]
-            n = str(report["results"][checkpoints[0]][t.name]["n"]) if i == 0 else ""
-            table.add_row(t.name if i == 0 else "", n, metric, *cells)
+            n = str(report["results"][checkpoints[0]][name]["n"]) if i == 0 else ""
+            table.add_row(name if i == 0 else "", n, metric, *cells)
     Console(width=max(100, 40 + 22 * len(checkpoints))).print(table)

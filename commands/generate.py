@@ -42,24 +42,6 @@ def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
     return bias
 
 
-def read_prompt_records(path: str) -> list[dict]:
-    """--prompts JSONL: {"prompt": str} or {"messages": [...]}, other fields (e.g. id) are kept."""
-    from glm_cli.core.errors import DataError, GlmError
-    from glm_cli.core.io.corpus import read_records
-    from glm_cli.core.tokens.chat import check_messages
-
-    if path != "-" and not Path(path).exists():
-        raise GlmError(f"{path}: no such file")
-    records = []
-    for number, record in enumerate(read_records(path), start=1):
-        if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
-            raise DataError(path, number, 'expected {"prompt": str} or {"messages": [...]}')
-        if record.get("messages") is not None:
-            check_messages(record["messages"], path, number)
-        records.append(record)
-    return records
-
-
 def command(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory (glm or Hugging Face "
                                                    "Llama format). Example: glm generate runs/demo/pretrain/final "
@@ -109,13 +91,13 @@ def command(
 
     import torch
 
-    from glm_cli.core.checkpoint.loader import load_model, load_with_adapter
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.errors import DataError, GlmError, UsageError
+    from glm_cli.core.errors import GlmError, UsageError
     from glm_cli.core.infer.generation import GenerationConfig, eos_ids_for, generate
+    from glm_cli.core.infer.prepare import prepare_for_inference
+    from glm_cli.core.infer.records import generate_records, prompt_encoder, read_prompt_records
     from glm_cli.core.infer.sampling import SamplingConfig
-    from glm_cli.core.io.corpus import RecordWriter
-    from glm_cli.core.model.packed_linear import prepare_for_inference
+    from glm_cli.core.load import load_model, load_with_adapter
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     set_quiet(quiet)
@@ -152,43 +134,15 @@ def command(
         if end_id is not None and end_id not in config.eos_ids:
             config.eos_ids = sorted(config.eos_ids + [end_id])
 
-    def encode(record: dict) -> list[int]:
-        if encoder is not None:
-            messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-            if system and not any(m.get("role") == "system" for m in messages):
-                messages = [{"role": "system", "content": system}] + messages
-            return encoder.prompt_ids(messages)
-        if "prompt" not in record:
-            raise UsageError("a {\"messages\": ...} prompt needs --chat")
-        # The tokenizer's own post-processor adds what the model expects in front (Llama 3's BOS), as
-        # `transformers` does for tokenizer(prompt); glm's tokenizers have none and add nothing.
-        ids = tokenizer.encode(record["prompt"], add_special_tokens=True).ids
-        return ids or [model.config.bos_token_id or 0]
-
-    def encode_at(record: dict, number: int) -> list[int]:
-        try:
-            return encode(record)
-        except DataError as e:  # the chat template refused it: say which line
-            raise DataError(prompts, number, e.reason) from None
+    encode = prompt_encoder(tokenizer, model.config, encoder, system)
 
     generator = torch.Generator(device=device).manual_seed(seed)
     started = time.perf_counter()
     if prompts is not None:
         records = read_prompt_records(prompts)
-        counts = {"prompts": len(records), "prompt_tokens": 0, "completion_tokens": 0}
-        with RecordWriter(output) as writer:
-            for start in range(0, len(records), batch_size):
-                batch = records[start:start + batch_size]
-                ids = [encode_at(r, start + i + 1) for i, r in enumerate(batch)]
-                results = generate(model, ids, config, tokenizer=tokenizer, amateur=amateur_model,
-                                   generator=generator)
-                for record, result in zip(batch, results, strict=True):
-                    writer.write({**record, "completion": result.text, "prompt_tokens": result.prompt_tokens,
-                                  "completion_tokens": result.completion_tokens,
-                                  "finish_reason": result.finish_reason})
-                    counts["prompt_tokens"] += result.prompt_tokens
-                    counts["completion_tokens"] += result.completion_tokens
-                log(f"generated {min(start + batch_size, len(records))}/{len(records)}")
+        counts = generate_records(model, tokenizer, records, output, config, encode=encode, batch_size=batch_size,
+                                  amateur=amateur_model, generator=generator, source=prompts,
+                                  on_batch=lambda done, total: log(f"generated {done}/{total}"))
         elapsed = time.perf_counter() - started
         emit_summary({**counts, "output": output, "seconds": round(elapsed, 3),
                       "completion_tokens_per_s": round(counts["completion_tokens"] / max(elapsed, 1e-9), 1)},

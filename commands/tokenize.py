@@ -87,13 +87,11 @@ def train(
         glm tokenize train runs/demo/dedup.jsonl -o runs/demo/tokenizer --vocab-size 2048 \\
             --val-fraction 0.1 --group-pattern '^(.*?)_gut'
     """
-    import random
-
     from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.errors import GlmError, UsageError
-    from glm_cli.core.io.corpus import parse_shard, read_documents
+    from glm_cli.core.errors import UsageError
+    from glm_cli.core.io.corpus import parse_shard
     from glm_cli.core.tokens.encode import Splitter, load_group_map
-    from glm_cli.core.tokens.tokenizer import save_tokenizer_dir, tokenizer_sha256, train_bpe
+    from glm_cli.core.tokens.training import train_tokenizer
 
     set_quiet(quiet)
     if not output or output == "-":
@@ -103,44 +101,16 @@ def train(
     shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/train", errors)
     start = time.perf_counter()
-    stats = {"documents": 0, "bytes": 0, "held_out": 0}
-
-    def texts():
-        for doc in read_documents(inputs, policy, shard_spec, columns):
-            if splitter.split(doc.id) != "train":
-                stats["held_out"] += 1
-                continue
-            stats["documents"] += 1
-            stats["bytes"] += len(doc.text.encode("utf-8", "surrogatepass"))
-            yield doc.text
-
-    if sample:
-        rng = random.Random(seed)
-        reservoir: list[str] = []
-        for k, text in enumerate(texts()):
-            if k < sample:
-                reservoir.append(text)
-            else:
-                j = rng.randrange(k + 1)
-                if j < sample:
-                    reservoir[j] = text
-        source = iter(reservoir)
-        seen = stats["documents"]
-        stats["documents"] = len(reservoir)
-        stats["bytes"] = sum(len(t.encode("utf-8", "surrogatepass")) for t in reservoir)
-    else:
-        source, seen = texts(), None
-    tok = train_bpe(source, vocab_size, min_frequency)
-    policy.close()
-    if stats["documents"] == 0:
-        raise GlmError("no training documents (all inputs empty, bad, or held out by --val-fraction)")
-    save_tokenizer_dir(tok, output, max_length)
+    result = train_tokenizer(inputs, output, vocab_size=vocab_size, min_frequency=min_frequency, sample=sample,
+                             splitter=splitter, seed=seed, max_length=max_length, columns=columns, policy=policy,
+                             shard=shard_spec)
+    seen, sha = result.pop("seen"), result.pop("tokenizer_sha256")
+    stats = {k: result[k] for k in ("documents", "bytes", "held_out")}
     seconds = time.perf_counter() - start
-    sha = tokenizer_sha256(output)
     log(f"tokenize train: {stats['documents']} documents ({stats['bytes']:,} bytes"
         f"{f', sampled from {seen}' if seen is not None else ''}; {stats['held_out']} held out as val) -> "
-        f"vocab {tok.get_vocab_size()} in {output} ({seconds:.1f}s)")
-    emit_summary({"stage": "train", **stats, "vocab_size": tok.get_vocab_size(), "output": output,
+        f"vocab {result['vocab_size']} in {output} ({seconds:.1f}s)")
+    emit_summary({"stage": "train", **stats, "vocab_size": result["vocab_size"], "output": output,
                   "tokenizer_sha256": sha, "errors": policy.summary(), "seconds": round(seconds, 3)},
                  json_summary, False)
 
@@ -178,11 +148,8 @@ def encode(
     """
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.atomic import atomic_dir
-    from glm_cli.core.io.corpus import parse_shard, read_documents
-    from glm_cli.core.io.shards import INDEX, fragment_name, is_shard_dir
-    from glm_cli.core.tokens.encode import Splitter, encode_corpus, load_group_map, split_stats
-    from glm_cli.core.tokens.tokenizer import tokenizer_path
+    from glm_cli.core.io.corpus import parse_shard
+    from glm_cli.core.tokens.encode import Splitter, encode_files, load_group_map
 
     set_quiet(quiet)
     problems = []
@@ -192,45 +159,13 @@ def encode(
         problems.append("--tokenizer: give the tokenizer directory (from `glm tokenize train`)")
     if problems:
         raise UsageError("; ".join(problems))
-    tokenizer_path(tokenizer)  # fail before reading any input
-    splitter = Splitter(val_fraction, group_pattern, seed, load_group_map(group_map))
-    shard_spec = parse_shard(shard)
     policy = _policy(on_error, output.rstrip("/") + "/encode", errors)
     start = time.perf_counter()
-    docs = read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column))
-    if shard_spec:
-        directory = Path(output)
-        if (directory / INDEX).exists():
-            raise UsageError(f"{output}: holds the index of an unsharded run; give an empty or sharded directory")
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f"*-{shard_spec[0]:05d}-of-{shard_spec[1]:05d}-*"):
-            stale.unlink()
-        (directory / fragment_name(*shard_spec)).unlink(missing_ok=True)
-        encode_corpus(docs, tokenizer, directory, splitter=splitter, shard_tokens=shard_tokens,
-                      workers=workers, batch_size=batch_size, shard=shard_spec)
-    else:
-        target = Path(output)
-        if target.exists() and not (target.is_dir() and (is_shard_dir(target) or not any(target.iterdir()))):
-            raise UsageError(f"{output}: exists and is not a shard directory; refusing to replace it "
-                             "(give a new or empty directory, or an earlier encode output)")
-        with atomic_dir(output) as tmp:
-            encode_corpus(docs, tokenizer, tmp, splitter=splitter, shard_tokens=shard_tokens, workers=workers,
-                          batch_size=batch_size)
-    policy.close()
+    stats = encode_files(inputs, tokenizer, output, splitter=Splitter(val_fraction, group_pattern, seed,
+                                                                      load_group_map(group_map)),
+                         shard_tokens=shard_tokens, workers=workers, batch_size=batch_size, shard=parse_shard(shard),
+                         columns=columns_for(text_column, id_column), policy=policy)
     seconds = time.perf_counter() - start
-    if shard_spec:
-        from glm_cli.core.io.shards import ShardIndex
-
-        part = ShardIndex._read(Path(output) / fragment_name(*shard_spec))
-        stats = {}
-        for s in part.shards:
-            entry = stats.setdefault(s.split, {"shards": 0, "documents": 0, "tokens": 0, "bytes": 0})
-            entry["shards"] += 1
-            entry["documents"] += s.documents
-            entry["tokens"] += s.tokens
-            entry["bytes"] += s.bytes
-    else:
-        stats = split_stats(output)
     total_tokens = sum(s["tokens"] for s in stats.values())
     total_bytes = sum(s["bytes"] for s in stats.values())
     described = ", ".join(f"{name} {s['documents']} docs / {s['tokens']:,} tokens" for name, s in stats.items())

@@ -275,6 +275,11 @@ def stored_dtype(state: dict[str, torch.Tensor], where: Path) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
+def is_quantized(directory: str | Path) -> bool:
+    """Whether config.json declares a `quantization_config` (a checkpoint `glm quantize` wrote)."""
+    return "quantization_config" in read_hf_config(Path(directory))
+
+
 def read_hf_config(directory: Path) -> dict:
     """config.json as a dict: the fields `ModelConfig` reads and the ones it does not
     (`quantization_config`)."""
@@ -285,3 +290,18 @@ def read_hf_config(directory: Path) -> dict:
         raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def generation_config_eos_ids(checkpoint_dir) -> list[int]:
+    """`eos_token_id` of the checkpoint's generation_config.json (an int or a list); [] without the file."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as a JSON object ({e})") from None
+    values = value if isinstance(value, list) else [value]
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, not {value!r}")
+    return [v for v in values if v is not None]

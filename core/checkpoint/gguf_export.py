@@ -103,14 +103,15 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
     """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary."""
     gguf = require("gguf", "GGUF files")
 
+    from glm_cli.core.checkpoint.directory import check_checkpoint_dir, is_quantized
     from glm_cli.core.checkpoint.loader import load_model
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
     checkpoint = Path(checkpoint)
-    model = load_model(checkpoint)
-    if getattr(model, "quant_scheme", None) is not None:
+    if is_quantized(check_checkpoint_dir(checkpoint)):
         raise UsageError(f"{checkpoint}: already quantized; export GGUF from the full-precision checkpoint")
+    model = load_model(checkpoint)
     config = model.config
     refuse_unexportable(config, checkpoint)
     qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm_cli.core.checkpoint.directory import generation_config_eos_ids
 from glm_cli.core.errors import UsageError
 from glm_cli.core.infer.sampling import LogitsPipeline, SamplingConfig, contrastive_scores
 from glm_cli.core.model.transformer import KVCache
@@ -123,27 +124,6 @@ def eos_ids_for(model_config, tokenizer=None, checkpoint_dir=None) -> list[int]:
     if tokenizer is not None:
         ids += [tokenizer.token_to_id(t) for t in (ENDOFTEXT, END_OF_TURN)]
     return sorted({i for i in ids if i is not None})
-
-
-def generation_config_eos_ids(checkpoint_dir) -> list[int]:
-    """`eos_token_id` of the checkpoint's generation_config.json (an int or a list); [] without the file."""
-    import json
-    from pathlib import Path
-
-    from glm_cli.core.checkpoint.directory import GENERATION_CONFIG
-    from glm_cli.core.errors import CheckpointError
-
-    path = Path(checkpoint_dir) / GENERATION_CONFIG
-    if not path.is_file():
-        return []
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: cannot read it as a JSON object ({e})") from None
-    values = value if isinstance(value, list) else [value]
-    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
-        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, not {value!r}")
-    return [v for v in values if v is not None]
 
 
 def _decoder(tokenizer) -> Callable[[list[int]], str]:

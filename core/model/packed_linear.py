@@ -99,24 +99,3 @@ def pack_for_cpu_inference(model: nn.Module, min_bytes: int | None = None) -> in
     for parent, name, child in eligible:
         setattr(parent, name, PackedLinear(child))
     return len(eligible)
-
-
-def prepare_for_inference(model: nn.Module) -> dict[str, int]:
-    """Make a loaded model faster to decode; done once by `glm generate` (and the benchmarks), never by
-    training. q/k/v and gate/up become one matmul each, and on CPU a model too big for the cache gets its
-    weights packed for oneDNN. The model can no longer be trained or saved.
-
-    `glm eval` does not call this, on purpose: its numbers must equal lm-evaluation-harness's, which runs
-    `F.linear`. Packing changes the float summation order; on a random 27M model it moved word perplexity
-    by 1.3e-8 relative, enough to differ at the 4th decimal of 10,176,186, for a 1.17x faster eval."""
-    from glm_cli.core.tune.peft import base_of
-
-    base = base_of(model)
-    fused = base.fuse_projections() if hasattr(base, "fuse_projections") else 0
-    native = False
-    if base is model and hasattr(model, "fast_decode"):  # not under LoRA: the step runs the base weights
-        from glm_cli.core.quant.native import NativeDecoder
-
-        model.fast_decode = NativeDecoder.build(model)  # None unless every block is quantized
-        native = model.fast_decode is not None
-    return {"fused_projections": fused, "packed_linears": pack_for_cpu_inference(model), "native_decode": native}

@@ -13,7 +13,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from glm_cli.core.checkpoint.directory import save_checkpoint
+from glm_cli.core.checkpoint.directory import (
+    check_checkpoint_dir,
+    load_weights,
+    read_hf_config,
+    save_checkpoint,
+    verify_manifest,
+    weight_shapes,
+)
+from glm_cli.core.checkpoint.loader import empty_model
+from glm_cli.core.checkpoint.shapes import check_shapes
+from glm_cli.core.model.config import ModelConfig
 from glm_cli.core.errors import CheckpointError
 from glm_cli.core.quant.weight_only import (
     QUANT_METHOD,
@@ -47,6 +57,23 @@ def scheme_of(quant_config: dict, source: str | Path) -> QuantScheme:
         raise CheckpointError(f"{source}: quantization_config.head_bits must be 4 or 8, not {fields['head_bits']}")
     return QuantScheme(**fields, group_size=max(8, int(quant_config.get("group_size", 128)))
                        if bits == 4 else 128)
+
+
+def load_quantized(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   verify: bool = True) -> nn.Module:
+    """A checkpoint `glm quantize` wrote, as a `Transformer` in eval mode whose packed layers are QuantLinear
+    modules (`quant_scheme` set). `dtype` casts only the full-precision parameters."""
+    directory = check_checkpoint_dir(directory)
+    if verify:
+        verify_manifest(directory)
+    config = ModelConfig.load(directory)
+    quant_config = read_hf_config(directory).get("quantization_config")
+    if quant_config is None:
+        raise CheckpointError(f"{directory}: config.json has no quantization_config; it is not quantized")
+    # shapes of the float tensors against the headers before anything is read (packed ones differ by design)
+    check_shapes(config, weight_shapes(directory), directory, complete=False)
+    model = fill_quantized(empty_model(config), quant_config, load_weights(directory), directory).to(device)
+    return (cast_unquantized(model, dtype) if dtype is not None else model).eval()
 
 
 def fill_quantized(model: nn.Module, quant_config: dict, state: dict[str, torch.Tensor],

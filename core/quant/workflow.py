@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glm_cli.core.checkpoint.directory import TOKENIZER, WEIGHTS
+from glm_cli.core.checkpoint.directory import TOKENIZER, WEIGHTS, check_checkpoint_dir, is_quantized
 from glm_cli.core.checkpoint.gguf_export import export_gguf, load_gguf_model
 from glm_cli.core.checkpoint.loader import load_model
 from glm_cli.core.console import log, warn
@@ -74,9 +74,9 @@ def quantize_to_safetensors(checkpoint: str, output: str, scheme: QuantScheme, *
     """Quantize a checkpoint into a glm checkpoint directory (`scheme.method` rtn, or gptq on
     `calibration`); returns the summary `glm quantize --json` prints."""
     torch.manual_seed(seed)
-    model = load_model(checkpoint)
-    if getattr(model, "quant_scheme", None) is not None:
+    if is_quantized(check_checkpoint_dir(checkpoint)):
         raise UsageError(f"{checkpoint}: already quantized; quantize the full-precision checkpoint")
+    model = load_model(checkpoint)
     window = window_for(model, seq_len)
     held_out = held_out_tokens(held_out_specs(eval_data, calibration), checkpoint, eval_tokens)
     summary: dict = {"checkpoint": checkpoint, "output": output, "format": "safetensors", **scheme.as_config()}

@@ -25,10 +25,18 @@ from rich.markup import escape
 
 from glm_cli.core.console import log
 from glm_cli.core.errors import GlmError, UsageError
-from glm_cli.core.io.atomic import write_text_atomic
-from glm_cli.core.io.corpus import Document
+from glm_cli.core.io.atomic import atomic_dir, write_text_atomic
+from glm_cli.core.io.corpus import DEFAULT_COLUMNS, Columns, Document, ErrorPolicy, read_documents
 from glm_cli.core.io.parallel import map_ordered
-from glm_cli.core.io.shards import ShardIndex, ShardInfo, dtype_for_vocab, fragment_name, write_shard
+from glm_cli.core.io.shards import (
+    INDEX,
+    ShardIndex,
+    ShardInfo,
+    dtype_for_vocab,
+    fragment_name,
+    is_shard_dir,
+    write_shard,
+)
 from glm_cli.core.tokens.fast_encode import NotRepresentable, file_key, spec_from_json, tiktoken_spec
 from glm_cli.core.tokens.tokenizer import ENDOFTEXT, load_tokenizer, tokenizer_path, tokenizer_sha256
 
@@ -229,6 +237,42 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
     return index
 
 
+def encode_files(inputs: list[str], tokenizer: str | Path, output: str | Path, *, splitter: Splitter | None = None,
+                 shard_tokens: int = 1 << 24, workers: int = 1, batch_size: int = 256,
+                 shard: tuple[int, int] | None = None, columns: Columns = DEFAULT_COLUMNS,
+                 policy: ErrorPolicy | None = None) -> dict:
+    """Encode the documents of `inputs` (files, directories, globs, '-') into the shard directory `output`;
+    what `glm tokenize encode` runs. Without `shard` the directory is replaced as a whole (atomically), and
+    only an empty one or an earlier encode output is replaced; with `shard=(i, n)` run i writes its own files
+    and index fragment into a directory the n runs share. Returns the per-split counts (`index_stats`)."""
+    tokenizer_path(tokenizer)  # fail before reading any input
+    splitter = splitter or Splitter(0.0)
+    policy = policy or ErrorPolicy()
+    docs = read_documents(inputs, policy, shard, columns)
+    options = {"splitter": splitter, "shard_tokens": shard_tokens, "workers": workers, "batch_size": batch_size}
+    target = Path(output)
+    try:
+        if shard:
+            if (target / INDEX).exists():
+                raise UsageError(f"{output}: holds the index of an unsharded run; give an empty or sharded directory")
+            target.mkdir(parents=True, exist_ok=True)
+            for stale in target.glob(f"*-{shard[0]:05d}-of-{shard[1]:05d}-*"):
+                stale.unlink()
+            (target / fragment_name(*shard)).unlink(missing_ok=True)
+            index = encode_corpus(docs, tokenizer, target, shard=shard, **options)
+        else:
+            if target.exists() and not (target.is_dir() and (is_shard_dir(target) or not any(target.iterdir()))):
+                raise UsageError(f"{output}: exists and is not a shard directory; refusing to replace it "
+                                 "(give a new or empty directory, or an earlier encode output)")
+            with atomic_dir(output) as tmp:
+                index = encode_corpus(docs, tokenizer, tmp, **options)
+    except BaseException:
+        policy.close(ok=False)
+        raise
+    policy.close()
+    return index_stats(index)
+
+
 def iter_documents(directory: str | Path, split: str, tokenizer_sha: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(name, tokens without the trailing end-of-text) of every document of one split."""
     from glm_cli.core.io.shards import ShardSet
@@ -246,8 +290,12 @@ def iter_documents(directory: str | Path, split: str, tokenizer_sha: str | None 
 
 
 def split_stats(directory: str | Path) -> dict:
-    """Per split: shards, documents, tokens, text bytes, bytes per token."""
-    index = ShardIndex.load(directory)
+    """Per split of the shard directory: shards, documents, tokens, text bytes, bytes per token."""
+    return index_stats(ShardIndex.load(directory))
+
+
+def index_stats(index: ShardIndex) -> dict:
+    """Per split of `index`: shards, documents, tokens, text bytes, bytes per token."""
     out = {}
     for split in sorted({s.split for s in index.shards}):
         infos = [s for s in index.shards if s.split == split]

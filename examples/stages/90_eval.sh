@@ -24,7 +24,7 @@ done
 if [ ${#FOUND[@]} -gt 0 ]; then
   mapfile -t CKPTS < <(.venv/bin/python - "${FOUND[@]}" <<'PY'
 import sys
-from glm_cli.core.checkpoint.loader import load_model
+from glm_cli.core.load import load_model
 for path in sys.argv[1:]:
     try:
         load_model(path)

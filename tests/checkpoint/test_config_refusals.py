@@ -10,7 +10,7 @@ import pytest
 from eval_fixtures import make_checkpoint
 
 from glm_cli.core.checkpoint.directory import write_manifest
-from glm_cli.core.checkpoint.loader import load_model
+from glm_cli.core.load import load_model
 from glm_cli.core.errors import CheckpointError
 from glm_cli.core.model.config import FOREIGN_FIELDS
 

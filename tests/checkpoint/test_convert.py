@@ -180,7 +180,7 @@ def hf_logits(directory, ids: torch.Tensor) -> torch.Tensor:
 
 
 def glm_logits(directory, ids: torch.Tensor) -> torch.Tensor:
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
 
     with torch.no_grad():
         return load_model(directory, dtype=torch.float32)(ids).float()
@@ -239,7 +239,7 @@ def test_glm_export_then_convert_gives_the_checkpoint_back(tmp_path, one_thread)
     from conftest import train_tiny_tokenizer
 
     from glm_cli.core.checkpoint.directory import save_checkpoint
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.model.config import preset
     from glm_cli.core.model.transformer import Transformer
 

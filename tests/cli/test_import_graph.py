@@ -1,9 +1,10 @@
-"""core/ is layered: no module of it imports, even lazily inside a function, a module that imports it back.
+"""core/ is layered: its packages stand in the pipeline's order and none imports, even lazily inside a
+function, a package above it; and no module imports a module that imports it back.
 
-A cycle hidden behind a function-level import still couples the two modules (neither can be read, moved or
-tested alone), so the graph here counts every `import` and `from ... import` of `glm_cli.core.*`, wherever it
-appears in the file. `commands/` is checked for the one direction the house style asks: it may import core,
-core never imports commands.
+A cycle or an upward arrow hidden behind a function-level import still couples the two (neither can be read,
+moved or tested alone), so the graph here counts every `import` and `from ... import` of `glm_cli.core.*`,
+wherever it appears in the file. `commands/` is checked for the one direction the house style asks: it may
+import core, core never imports commands.
 """
 
 from __future__ import annotations
@@ -75,6 +76,70 @@ def test_core_has_no_import_cycle():
     assert cycle is None, "import cycle in core/: " + " -> ".join(c.removeprefix(PACKAGE + ".") for c in cycle)
 
 
+# The package order, lowest floor first. A package may import its own modules and any package on a lower
+# floor, never one on its own floor or above. The floors follow the pipeline: text (io, then the data
+# stages) -> the model and its checkpoint files -> what is built on a checkpoint (quantized formats,
+# training) -> generation -> fine-tuning and alignment (they train, and PPO samples with generate) -> the
+# loader that dispatches among plain, quantized and adapter checkpoints -> evaluation -> the server.
+# The modules directly in core/ (errors, console, allocator, optional, precision, steps) are the ground floor.
+FLOORS: list[set[str]] = [
+    {"base"},
+    {"io"},
+    {"clean", "dedup", "tokens"},
+    {"model"},
+    {"checkpoint"},
+    {"quant", "train"},
+    {"infer"},
+    {"tune"},
+    {"load"},
+    {"eval"},
+    {"serve"},
+]
+FLOOR = {package: level for level, packages in enumerate(FLOORS) for package in packages}
+
+
+def package_of(module: str) -> str:
+    """`glm_cli.core.tune.peft` -> "tune"; a module directly in core/ (`glm_cli.core.errors`) -> "base"."""
+    parts = module.removeprefix(PACKAGE + ".").split(".")
+    path = CORE.joinpath(*parts)
+    return parts[0] if (CORE / parts[0]).is_dir() and path != CORE else "base"
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, dict[str, list[str]]]:
+    """package -> imported package -> the module-level imports that make the arrow ("a.b -> c.d")."""
+    arrows: dict[str, dict[str, list[str]]] = {}
+    for module, deps in graph.items():
+        for dep in deps:
+            if not dep.startswith(PACKAGE + ".") or package_of(dep) == package_of(module):
+                continue
+            arrows.setdefault(package_of(module), {}).setdefault(package_of(dep), []).append(
+                f"{module.removeprefix(PACKAGE + '.')} -> {dep.removeprefix(PACKAGE + '.')}")
+    return arrows
+
+
+def upward_arrows(arrows: dict[str, dict[str, list[str]]], floor: dict[str, int]) -> list[str]:
+    return sorted(f"{src} -> {dst} ({', '.join(sorted(why))})"
+                  for src, targets in arrows.items() for dst, why in targets.items() if floor[dst] >= floor[src])
+
+
+def test_every_core_package_has_a_floor():
+    packages = {package_of(m) for m in core_graph()}
+    assert packages == set(FLOOR), f"give these packages a floor in FLOORS: {sorted(packages ^ set(FLOOR))}"
+
+
+def test_no_package_imports_one_above_it():
+    upward = upward_arrows(package_graph(core_graph()), FLOOR)
+    assert not upward, "imports from a lower package up (or across a floor):\n" + "\n".join(upward)
+
+
+def test_upward_arrow_inside_a_function_is_seen():
+    graph = {"glm_cli.core.model.packed_linear": {"glm_cli.core.quant.native"}, "glm_cli.core.quant.native": set()}
+    assert upward_arrows(package_graph(graph), FLOOR) == [
+        "model -> quant (model.packed_linear -> quant.native)"]
+    source = "def prepare(m):\n    from glm_cli.core.quant.native import NativeDecoder\n"
+    assert imported_modules(ast.parse(source), {"glm_cli.core.quant.native"}) == {"glm_cli.core.quant.native"}
+
+
 def test_core_never_imports_commands_or_the_app():
     upward = {name: sorted(d for d in deps if d.startswith(("glm_cli.commands", "glm_cli.app")))
               for name, deps in core_graph().items()}
@@ -130,3 +195,8 @@ def test_every_glm_import_in_scripts_and_docs_resolves():
             missing.append(f"{where}: {module} has no {name}")
     assert len(outside_imports()) > 20  # the scan sees the benchmarks' imports
     assert not missing, "\n".join(missing)
+
+
+if __name__ == "__main__":  # print the package-level graph: python tests/cli/test_import_graph.py
+    for src, targets in sorted(package_graph(core_graph()).items(), key=lambda kv: FLOOR[kv[0]]):
+        print(f"{src:>10} -> {', '.join(sorted(targets, key=lambda p: (-FLOOR[p], p)))}")

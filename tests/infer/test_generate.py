@@ -195,7 +195,7 @@ def test_generate_usage_error_is_one_line_exit_2(ckpt):
 def test_generate_with_adapter_equals_the_merged_model(ckpt, tmp_path):
     """`--adapter DIR` loads a LoRA onto the checkpoint; greedy output equals that of the merged weights."""
     from glm_cli.core.checkpoint.directory import save_checkpoint
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.tune.adapter_io import save_adapter
     from glm_cli.core.tune.peft import PeftConfig, apply_peft, merge_lora
 

@@ -132,7 +132,7 @@ def test_glm_generate_with_a_compiler_that_fails_says_so_once_and_answers(tmp_pa
     from conftest import run_glm
     from eval_fixtures import make_checkpoint
 
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.quant.quantized_checkpoint import save_quantized
     from glm_cli.core.quant.weight_only import QuantScheme, quantize_model_rtn
 

@@ -8,7 +8,7 @@ import torch
 from conftest import run_glm, write_jsonl
 
 from glm_cli.core.checkpoint.directory import save_checkpoint
-from glm_cli.core.checkpoint.loader import load_model
+from glm_cli.core.load import load_model
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.quant.calibration import calibration_batches, perplexity

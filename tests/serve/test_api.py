@@ -109,7 +109,7 @@ def test_n_choices_sampled_distinct_seeded_reproducible_greedy_equal(server):
 
 
 def test_logprobs_equal_glm_eval_loglikelihoods(server, tiny_ckpt, tokenizer):  # noqa: F811
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.eval.tasks import Scorer
     from glm_cli.core.infer.generation import GenerationConfig, generate
 

@@ -185,7 +185,7 @@ def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
     from tuning_fixtures import make_base
 
     from glm_cli.core.checkpoint.directory import load_tensors
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.chat import ChatEncoder
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.train.trainer import TrainConfig, Trainer

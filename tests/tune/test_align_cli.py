@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 def test_reward_model_trains_and_saves_a_scorer(trained):
     """`--peft full` trains every trunk weight: the saved reward model must hold the trained trunk (it
     once saved an empty model.safetensors, every weight skipped as an adapter tensor) and its head."""
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.tune.preference import load_reward_model
 
     d, base, summary = trained
@@ -53,7 +53,7 @@ def test_reward_model_trains_and_saves_a_scorer(trained):
 
 
 def test_ppo_runs_against_the_trained_reward_model(trained, tmp_path):
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
 
     d, base, _ = trained
     code, out, exc = invoke_glm("align", base, "--method", "ppo", "--reward-model", d / "rm" / "final",

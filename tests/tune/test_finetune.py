@@ -159,7 +159,7 @@ def test_adapter_save_and_load_roundtrip(tmp_path, method):
     save_checkpoint(tmp_path / "base", Transformer(config))
     cfg = PeftConfig(method=method, rank=2, adapter_dim=4, prompt_tokens=3)
     # start from the saved base, then perturb the trainable tensors
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
 
     model = apply_peft(load_model(tmp_path / "base"), cfg)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_adapter_save_and_load_roundtrip(tmp_path, method):
     idx = torch.randint(0, 512, (1, 10))
     expected = model(idx)
     save_adapter(tmp_path / "adapter", model, cfg)
-    from glm_cli.core.checkpoint.loader import load_with_adapter
+    from glm_cli.core.load import load_with_adapter
 
     loaded = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
     torch.testing.assert_close(loaded(idx), expected)
@@ -201,7 +201,7 @@ def base_dir(tmp_path_factory):
 
 
 def _sft_task(base_dir, peft_cfg):
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.tune.sft import SFTTask
     from glm_cli.core.tune.sft_data import load_examples
@@ -232,7 +232,7 @@ def test_lora_run_resumes_exactly(base_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert full.metrics["val_loss"] == resumed.metrics["val_loss"]
     # the checkpoint is the untouched base + the adapter; loading both reproduces the trained model
-    from glm_cli.core.checkpoint.loader import load_with_adapter
+    from glm_cli.core.load import load_with_adapter
 
     saved, base = load_tensors(full.final_dir / "model.safetensors"), load_tensors(base_dir / "model.safetensors")
     assert saved.keys() == base.keys()
@@ -251,7 +251,7 @@ def test_finetune_command_lora_merge(base_dir, tmp_path):
     assert not (final / "adapter_config.json").exists()  # merged: a plain checkpoint
     from transformers import AutoModelForCausalLM
 
-    from glm_cli.core.checkpoint.loader import load_model
+    from glm_cli.core.load import load_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     ours = load_model(final)
@@ -295,7 +295,7 @@ def test_finetune_and_align_layer_settings_like_pretrain(base_dir, tmp_path):
 
 
 def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
-    from glm_cli.core.checkpoint.loader import load_model, load_with_adapter
+    from glm_cli.core.load import load_model, load_with_adapter
     from glm_cli.core.quant.quantized_checkpoint import save_quantized
     from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn
     from glm_cli.core.tune.sft import peft_export
