@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from glm_cli.cpu_ext.loader import load_data_kernels
+from glm_cli.cpu_ext import data as native_data
 
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
@@ -51,16 +51,10 @@ def collapse(data: np.ndarray, starts: np.ndarray, ends: np.ndarray,
 
     One pass of glm's native kernel (`cpu_ext/data.cpp`) where it loads, else the array passes below;
     the same bytes and offsets either way (tested)."""
-    lib = load_data_kernels() if native and ordered_segments(data, starts, ends) else None
-    if lib is not None:
-        data = np.ascontiguousarray(data, dtype=np.uint8)
-        starts = np.ascontiguousarray(starts, dtype=np.int64)
-        ends = np.ascontiguousarray(ends, dtype=np.int64)
-        out = np.empty(data.size, dtype=np.uint8)
-        first, stop = np.empty(starts.size, dtype=np.int64), np.empty(starts.size, dtype=np.int64)
-        size = lib.glm_collapse(data.ctypes.data, starts.ctypes.data, ends.ctypes.data, starts.size, nul,
-                                out.ctypes.data, first.ctypes.data, stop.ctypes.data)
-        return out[:size], first, stop
+    result = native_data.collapse(data, starts, ends, nul) if native and ordered_segments(data, starts, ends) \
+        else None
+    if result is not None:
+        return result
     n = data.size
     lowered = np.take(_LOWER, data)
     if nul:

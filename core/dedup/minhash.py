@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from glm_cli.core.dedup.ascii_batch import ordered_segments
-from glm_cli.cpu_ext.loader import load_data_kernels
+from glm_cli.cpu_ext import data as native_data
 
 _NON_WORD = re.compile(r"[\W_]+")
 _BASE = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
@@ -192,17 +192,10 @@ def ascii_word_shingles(values: np.ndarray, prefix: np.ndarray, first: np.ndarra
     # the kernel reads lines 0..lines-1 and writes at most one hash a byte: only for lines in order
     # within `values` (as `collapse` makes them); anything else keeps the numpy passes
     safe = lines <= min(first.size, stop.size) and (lines == 0 or ordered_segments(values, first[:lines], stop[:lines]))
-    lib = load_data_kernels() if native and safe else None
-    if lib is not None:
-        values = np.ascontiguousarray(values, dtype=np.uint8)
-        first, stop, per_text = (np.ascontiguousarray(a, dtype=np.int64) for a in (first, stop, per_text))
-        out = np.empty(values.size + 1, dtype=np.uint64)
-        counts = np.empty(per_text.size, dtype=np.int64)
-        words = np.empty(values.size + 1, dtype=np.uint64)
-        size = lib.glm_word_shingles(values.ctypes.data, _ASCII_WORD_BYTES.ctypes.data, first.ctypes.data, stop.ctypes.data,
-                                     per_text.ctypes.data, per_text.size, n, int(_BASE), out.ctypes.data,
-                                     counts.ctypes.data, words.ctypes.data)
-        return out[:size].copy(), counts
+    result = native_data.word_shingles(values, _ASCII_WORD_BYTES, first, stop, per_text, n, int(_BASE)) \
+        if native and safe else None
+    if result is not None:
+        return result
     size = values.size
     is_word = np.take(_ASCII_WORD, values)
     cut = np.zeros(size + 1, dtype=bool)  # a word never runs across a line end
@@ -298,15 +291,12 @@ class MinHasher:
         a, b = self._params()
         x = (hashes >> np.uint64(32)).astype(np.uint32)
         n = counts.size
-        sig = np.full((n, self.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
         nonempty = counts > 0
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        lib = load_data_kernels() if self.native else None
-        if lib is not None:
-            bounds = np.ascontiguousarray(bounds, dtype=np.int64)
-            lib.glm_minhash(x.ctypes.data, bounds.ctypes.data, n, a.ctypes.data, b.ctypes.data, self.num_perm,
-                            sig.ctypes.data)
-            return sig, nonempty
+        native_sig = native_data.minhash(x, bounds, a, b, self.num_perm) if self.native else None
+        if native_sig is not None:
+            return native_sig, nonempty
+        sig = np.full((n, self.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
         work = np.empty((self.num_perm, self.block), dtype=np.uint32)
         doc = 0
         while doc < n:
