@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from glm_cli.core.errors import UsageError
-from glm_cli.core.train.field_docs import train_doc
+from glm_cli.core.field_docs import train_doc
 from glm_cli.core.train.settings import TrainConfig
 
 # The training defaults of fine-tuning: no weight decay, evaluation only at the end, and max_steps 0 for

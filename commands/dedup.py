@@ -12,6 +12,7 @@ and the concatenated `out/*.jsonl` equal the single run's output.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import Annotated
@@ -36,6 +37,7 @@ from glm_cli.commands._common import (
     emit_summary,
     errors_path_for,
 )
+from glm_cli.core.field_docs import field_docs
 
 
 class _RunByDefault(TyperGroup):
@@ -57,29 +59,38 @@ app = typer.Typer(cls=_RunByDefault, no_args_is_help=True, pretty_exceptions_ena
 
 # ------------------------------------------------------------------------------------------- options
 
-Exact = Annotated[bool, typer.Option("--exact/--no-exact", help="Drop documents whose normalized text "
-                                     "(NFKC, lowercase, whitespace collapsed) equals an earlier one's.")]
-Near = Annotated[bool, typer.Option("--near/--no-near", help="Drop near duplicates (MinHash LSH).")]
-Threshold = Annotated[float, typer.Option("--threshold", help="Jaccard similarity of shingle sets at which two "
-                                          "documents are near duplicates; sets LSH bands and rows.")]
-NumPerm = Annotated[int, typer.Option("--num-perm", help="MinHash permutations.")]
-Ngram = Annotated[int, typer.Option("--ngram", help="Shingle length, in --shingle units.")]
-ShingleUnit = Annotated[str, typer.Option("--shingle", help="Shingle unit: word or char.")]
-Bands = Annotated[int, typer.Option("--bands", help="LSH bands (with --rows); 0 = derived from --threshold.")]
-Rows = Annotated[int, typer.Option("--rows", help="LSH rows per band (with --bands); 0 = derived.")]
-Lines = Annotated[bool, typer.Option("--lines/--no-lines", help="Remove lines repeated across many kept "
-                                     "documents (boilerplate).")]
-LineUnit = Annotated[str, typer.Option("--line-unit", help="What --lines compares: line or paragraph.")]
-LineMinDocs = Annotated[int, typer.Option("--line-min-docs", help="A line found in at least this many kept "
-                                          "documents is removed from all of them.")]
-LineMinChars = Annotated[int, typer.Option("--line-min-chars", help="Lines shorter than this (normalized) "
-                                           "are never removed.")]
-Against = Annotated[list[str] | None, typer.Option("--against", help="Evaluation JSONL (any fields; all "
-                                                   "strings are checked) to decontaminate against. Repeatable.")]
-ContamNgram = Annotated[int, typer.Option("--contamination-ngram", help="Word n-gram length that, shared "
-                                          "with evaluation data, makes a document contaminated.")]
-ContamAction = Annotated[str, typer.Option("--contamination", help="drop contaminated documents, or only "
-                                           "report them (--contaminated PATH, summary).")]
+
+def _doc(name: str, extra: str = "") -> str:
+    """The help of a flag that sets `DedupConfig.<name>`: the field's docstring (declared once, in core),
+    with the `field` names it mentions shown as their flags."""
+    doc = field_docs("glm_cli.core.dedup.config", "DedupConfig")[name]
+    doc = re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), doc)
+    return f"{doc} {extra}" if extra else doc
+
+
+# The flag of each DedupConfig field, so core's problems (which name fields) read as the flags typed.
+FLAGS = {"exact": "--exact", "near": "--near", "threshold": "--threshold", "num_perm": "--num-perm",
+         "ngram": "--ngram", "unit": "--shingle", "bands": "--bands", "rows": "--rows", "lines": "--lines",
+         "line_unit": "--line-unit", "line_min_docs": "--line-min-docs", "line_min_chars": "--line-min-chars",
+         "against": "--against", "contamination_ngram": "--contamination-ngram",
+         "contamination_action": "--contamination", "sketch": "sketch size", "seed": "--seed"}
+
+Exact = Annotated[bool, typer.Option("--exact/--no-exact", help=_doc("exact"))]
+Near = Annotated[bool, typer.Option("--near/--no-near", help=_doc("near"))]
+Threshold = Annotated[float, typer.Option("--threshold", help=_doc("threshold"))]
+NumPerm = Annotated[int, typer.Option("--num-perm", help=_doc("num_perm"))]
+Ngram = Annotated[int, typer.Option("--ngram", help=_doc("ngram"))]
+ShingleUnit = Annotated[str, typer.Option("--shingle", help=_doc("unit"))]
+Bands = Annotated[int, typer.Option("--bands", help=_doc("bands", "Give with --rows."))]
+Rows = Annotated[int, typer.Option("--rows", help=_doc("rows", "Give with --bands."))]
+Lines = Annotated[bool, typer.Option("--lines/--no-lines", help=_doc("lines"))]
+LineUnit = Annotated[str, typer.Option("--line-unit", help=_doc("line_unit"))]
+LineMinDocs = Annotated[int, typer.Option("--line-min-docs", help=_doc("line_min_docs"))]
+LineMinChars = Annotated[int, typer.Option("--line-min-chars", help=_doc("line_min_chars"))]
+Against = Annotated[list[str] | None, typer.Option("--against", help=_doc("against", "Repeatable."))]
+ContamNgram = Annotated[int, typer.Option("--contamination-ngram", help=_doc("contamination_ngram"))]
+ContamAction = Annotated[str, typer.Option("--contamination", help=_doc("contamination_action",
+                                                                        "(--contaminated PATH)"))]
 Clusters = Annotated[str | None, typer.Option("--clusters", help="Write JSONL: each dropped duplicate, the "
                                               "document kept for it, the reason and estimated similarity.")]
 LocalShard = Annotated[str | None, typer.Option("--shard", help="Deduplicate only shard I of N of the inputs "
@@ -97,7 +108,7 @@ def _config(**kw):
     from glm_cli.core.dedup.pipeline import DedupConfig
 
     kw["against"] = tuple(kw.get("against") or ())
-    return DedupConfig(**kw).resolved()
+    return DedupConfig(**kw).resolved(FLAGS)
 
 
 def _policy(on_error: str, output: str, errors: str | None):

@@ -17,6 +17,13 @@ import typer
 
 from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
 from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
+from glm_cli.core.field_docs import field_docs
+
+
+def _sampling_doc(name: str, extra: str = "") -> str:
+    """The help of a flag that sets `SamplingConfig.<name>`: the field's docstring, declared once in core."""
+    doc = field_docs("glm_cli.core.infer.sampling", "SamplingConfig")[name]
+    return f"{doc} {extra}" if extra else doc
 
 
 def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
@@ -52,14 +59,14 @@ def command(
                                                 "{\"messages\": [...]}); runs in batches, writes JSONL.")] = None,
     output: Output = "-",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy; > 0 samples.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0: off).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus: smallest set with this mass (1: off).")] = 1.0,
-    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens below min_p * top probability (0: off).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="CTRL penalty on tokens "
-                                                      "already present, e.g. 1.2 (1: off).")] = 1.0,
-    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help="OpenAI frequency penalty.")] = 0.0,
-    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty.")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=_sampling_doc("temperature"))] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help=_sampling_doc("top_k"))] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help=_sampling_doc("top_p"))] = 1.0,
+    min_p: Annotated[float, typer.Option("--min-p", help=_sampling_doc("min_p"))] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help=_sampling_doc("repetition_penalty",
+                                                                                           "E.g. 1.2."))] = 1.0,
+    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty", help=_sampling_doc("frequency_penalty"))] = 0.0,
+    presence_penalty: Annotated[float, typer.Option("--presence-penalty", help=_sampling_doc("presence_penalty"))] = 0.0,
     logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="ID=VALUE or TEXT=VALUE added to "
                                                          "that token's logit; repeatable.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (not included); repeatable.")] = None,

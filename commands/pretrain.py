@@ -16,7 +16,7 @@ from glm_cli.commands._common import (
     TrainSet,
     given_flags,
 )
-from glm_cli.core.train.field_docs import data_doc, train_doc
+from glm_cli.core.field_docs import data_doc, train_doc
 
 PRESET = "Default: the preset's."
 

@@ -3,7 +3,7 @@
 
 Every field carries its documentation as the docstring under it; `--config`/`--set` are typed from these
 fields (`core/train/overrides.py`) and the flags that mirror a field take its docstring as their help
-(`core/train/field_docs.py`), so a setting is declared once, here. The docstrings are therefore written
+(`core/field_docs.py`), so a setting is declared once, here. The docstrings are therefore written
 for the person reading `--help`. Importing this module does not import torch: every `glm` invocation
 builds the help of the training commands from it."""
 

@@ -211,9 +211,13 @@ def test_bad_options_are_usage_errors(corpus, tmp_path):
 
 
 def test_config_reports_every_problem_at_once():
+    bad = DedupConfig(threshold=2.0, unit="x", line_min_docs=1)
     with pytest.raises(UsageError) as e:
-        DedupConfig(threshold=2.0, unit="x", line_min_docs=1).resolved()
-    assert "--threshold" in str(e.value) and "--shingle" in str(e.value) and "--line-min-docs" in str(e.value)
+        bad.resolved()
+    assert "threshold 2.0" in str(e.value) and "unit 'x'" in str(e.value) and "line_min_docs 1" in str(e.value)
+    # core names fields; the command passes its flags for them
+    problems = bad.problems({"threshold": "--threshold", "unit": "--shingle", "line_min_docs": "--line-min-docs"})
+    assert [p.split(" ")[0] for p in problems] == ["--threshold", "--shingle", "--line-min-docs"]
 
 
 def test_three_steps_over_shards_equal_one_run(tmp_path):

@@ -106,7 +106,7 @@ def test_presets_are_typed_instances():
 
 
 def test_flag_help_is_the_field_docstring():
-    from glm_cli.core.train.field_docs import field_docs, train_doc
+    from glm_cli.core.field_docs import field_docs, train_doc
 
     docs = field_docs("glm_cli.core.train.settings", "TrainConfig")
     assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}  # every field documents itself
