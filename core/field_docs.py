@@ -2,9 +2,9 @@
 
 A flag such as `--lr` mirrors `TrainConfig.lr`; writing its help a second time in a command would let
 the two drift apart. It sits directly in core/, below every package, because every settings class
-(TrainConfig, DedupConfig, SamplingConfig, ...) feeds flags this way. The class source is parsed with `ast`,
-not imported: every `glm` invocation builds
-the help of every command, and the modules holding the settings may pull in torch.
+(TrainConfig, DedupConfig, SamplingConfig, ...) feeds flags this way. The class source is parsed with
+`ast`, not imported: every `glm` invocation builds the help of every command, and the modules holding the
+settings may pull in torch.
 """
 
 from __future__ import annotations
