@@ -117,3 +117,20 @@ def test_a_quantized_checkpoint_with_a_wrong_vocab_is_refused(checkpoint, tmp_pa
     load_model(q)  # as written: loads
     with pytest.raises(CheckpointError, match="vocab_size=100000000000 disagrees"):
         load_model(edited(q, tmp_path / "bad", vocab_size=10**11))
+
+
+def test_each_loader_reads_its_own_kind(checkpoint, tmp_path):
+    """The plain loader (core/checkpoint) refuses a quantized checkpoint in one line, the quantized one
+    (core/quant) a plain one; core.load dispatches to the right one."""
+    from glm_cli.core.checkpoint import loader as plain
+    from glm_cli.core.quant.quantized_checkpoint import load_quantized, save_quantized
+    from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn
+
+    q = tmp_path / "q"
+    save_quantized(q, quantize_model_rtn(load_model(checkpoint), QuantScheme(bits=8)), tokenizer_dir=checkpoint)
+    with pytest.raises(CheckpointError, match="is quantized"):
+        plain.load_model(q)
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        load_quantized(checkpoint)
+    assert isinstance(load_model(q).model.layers[0].self_attn.q_proj, QuantLinear)
+    assert load_model(checkpoint).model.layers[0].self_attn.q_proj.__class__.__name__ == "Linear"
