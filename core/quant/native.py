@@ -10,20 +10,17 @@ Two uses, both for decode-sized work on x86-64 CPUs with AVX2:
 
 Either way the numbers are the dequantized weights' product in float32, up to summation order: the
 tests compare both against `F.linear` on `dequantize()` and against the Python forward. Where the
-library is not available (`cpu_ext/loader.py` says why) nothing here is used.
+library is not available (`cpu_ext/loader.py` says why) nothing here is used. The calls themselves go
+through `cpu_ext/decode.py`, the kernels' typed face: this module decides when they may run and never
+handles a pointer.
 """
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
+from glm_cli.cpu_ext import decode as kernels
 from glm_cli.cpu_ext.loader import load_cpu_kernels
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class NativeWeights:
@@ -40,9 +37,7 @@ class NativeWeights:
         if layer.bits == 8:
             self.weight = layer.qweight.contiguous()
         else:  # the int4 kernel reads its own arrangement of the same bytes (cpu_ext/decode.cpp)
-            packed = layer.qweight.contiguous()
-            self.weight = torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32)
-            lib.glm_int4_lane_layout(packed.data_ptr(), self.out_features, self.in_features, self.weight.data_ptr())
+            self.weight = kernels.int4_lane_layout(lib, layer.qweight, self.out_features, self.in_features)
 
     @staticmethod
     def supports(layer) -> bool:
@@ -54,43 +49,7 @@ class NativeWeights:
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) float32 -> (M, N) float32."""
-        lib = self.lib
-        x2 = x2.contiguous()
-        rows = x2.shape[0]
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        if self.bits == 8:
-            lib.glm_linear_int8(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(),
-                                self.scales.data_ptr(), self.out_features, y.data_ptr())
-        else:
-            scratch = torch.empty(rows * (self.in_features // self.group_size), dtype=torch.float32)
-            lib.glm_linear_int4(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(),
-                                self.scales.data_ptr(), self.zeros.data_ptr(), self.group_size,
-                                self.out_features, y.data_ptr(), scratch.data_ptr())
-        return y
-
-    def struct(self) -> _Linear:
-        return _Linear(self.bits, self.in_features, self.out_features, self.group_size, self.weight.data_ptr(),
-                       self.scales.data_ptr(), _ptr(self.zeros))
-
-
-# ------------------------------------------------------------------------------ the decode step's ABI
-# Mirrors of the structs in cpu_ext/decode.cpp (field for field, same order and types).
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("bits", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
-                ("group_size", ctypes.c_int64), ("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("zeros", ctypes.c_void_p)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", _Linear),
-                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
-                ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("ffn_dim", ctypes.c_int64),
-                ("norm_eps", ctypes.c_float), ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
+        return kernels.linear(self.lib, x2, self)
 
 
 def _block_weights(block) -> list[NativeWeights] | None:
@@ -117,24 +76,11 @@ class NativeDecoder:
     """
 
     def __init__(self, lib, model, block_weights: list[list[NativeWeights]]):
-        c = model.config
-        self.lib, self.config = lib, c
-        self._weights = []  # keeps every tensor the structs point to alive
-        layers = (_Layer * c.n_layers)()
-        for i, (block, (qkv, o, gate_up, down)) in enumerate(zip(model.model.layers, block_weights, strict=True)):
-            norms = (block.input_layernorm.weight.detach().float().contiguous(),
-                     block.post_attention_layernorm.weight.detach().float().contiguous())
-            self._weights += [qkv, o, gate_up, down, *norms]
-            layers[i] = _Layer(norms[0].data_ptr(), norms[1].data_ptr(), qkv.struct(), o.struct(),
-                               gate_up.struct(), down.struct())
-        final = model.model.norm.weight.detach().float().contiguous()
-        self._weights.append(final)
-        self._layers = layers
-        self._model = _Model(c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.norm_eps,
-                             ctypes.addressof(layers), final.data_ptr())
-        self._model_address = ctypes.addressof(self._model)
-        self._scratch = torch.empty(0)
-        self._held = None  # the last cache tensors seen and their address arrays
+        self.lib, self.config = lib, model.config
+        layers = [(block.input_layernorm.weight.detach().float().contiguous(),
+                   block.post_attention_layernorm.weight.detach().float().contiguous(), *weights)
+                  for block, weights in zip(model.model.layers, block_weights, strict=True)]
+        self._step = kernels.DecodeStep(lib, self.config, layers, model.model.norm.weight.detach().float().contiguous())
 
     @classmethod
     def build(cls, model) -> NativeDecoder | None:
@@ -155,26 +101,6 @@ class NativeDecoder:
             block_weights.append(weights)
         return cls(load_cpu_kernels(), model, block_weights)
 
-    def _pointers(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        """The per-layer key/value addresses as C arrays, rebuilt only when the tensors change (beam
-        search replaces a KVCache's; a slot pool keeps its own)."""
-        held = self._held
-        if (held is None or len(held[0]) != len(keys) or any(a is not b for a, b in zip(held[0], keys, strict=True))
-                or any(a is not b for a, b in zip(held[1], values, strict=True))):
-            n = len(keys)
-            held = (list(keys), list(values), (ctypes.c_void_p * n)(*[k.data_ptr() for k in keys]),
-                    (ctypes.c_void_p * n)(*[v.data_ptr() for v in values]))
-            self._held = held
-        return held[2], held[3]
-
-    def _scratch_for(self, rows: int, max_len: int) -> torch.Tensor:
-        """Scratch for a step of `rows` rows over caches of `max_len` positions (grown, never shrunk: the
-        layout for fewer rows or positions fits in a larger buffer)."""
-        floats = self.lib.glm_decode_rows_scratch_floats(self._model_address, rows, max_len)
-        if self._scratch.numel() < floats:
-            self._scratch = torch.empty(floats, dtype=torch.float32)
-        return self._scratch
-
     def _cache_ok(self, keys, values) -> bool:
         """Every layer's keys and values float32, contiguous, on CPU, one shape (n_slots, Hkv, max_len, D)."""
         c = self.config
@@ -187,15 +113,7 @@ class NativeDecoder:
 
     def _run(self, x, cos, sin, keys, values, slots, lengths) -> torch.Tensor:
         """The native call on validated inputs: x (M, C) -> a new (M, C)."""
-        rows, max_len = x.shape[0], keys[0].shape[2]
-        key_ptrs, value_ptrs = self._pointers(keys, values)
-        h = torch.empty(rows, self.config.dim, dtype=torch.float32).copy_(x)  # contiguous, whatever x's strides
-        cos = cos.reshape(rows, -1).float().contiguous()
-        sin = sin.reshape(rows, -1).float().contiguous()
-        self.lib.glm_decode_rows(self._model_address, rows, h.data_ptr(), key_ptrs, value_ptrs, max_len,
-                                 slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 self._scratch_for(rows, max_len).data_ptr())
-        return h
+        return self._step.run(x, cos, sin, keys, values, slots, lengths)
 
     def accepts(self, x: torch.Tensor, cache) -> bool:
         c = self.config
