@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def answer_accuracy(model_dir: Path, val: Path, limit: int, max_new_tokens: int = 24) -> tuple[float, int]:
     """Exact-match accuracy of greedy answers to the held-out prompts (prompt/response or messages)."""
-    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.io.corpus import read_records
+    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.tokens.chat import ChatEncoder, messages_from_record
     from glm_cli.core.tokens.tokenizer import END_OF_TURN, load_tokenizer
 

@@ -27,10 +27,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from glm_cli.core.checkpoint.directory import save_checkpoint  # noqa: E402
-from glm_cli.core.load import load_model  # noqa: E402
 from glm_cli.core.infer.generation import GenerationConfig, generate  # noqa: E402
-from glm_cli.core.model.config import ModelConfig, preset  # noqa: E402
 from glm_cli.core.infer.prepare import prepare_for_inference  # noqa: E402
+from glm_cli.core.load import load_model  # noqa: E402
+from glm_cli.core.model.config import ModelConfig, preset  # noqa: E402
 from glm_cli.core.model.transformer import Transformer  # noqa: E402
 
 

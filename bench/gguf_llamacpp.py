@@ -33,8 +33,8 @@ def main() -> None:
     except ImportError:
         sys.exit("needs llama-cpp-python: .venv/bin/pip install llama-cpp-python")
 
-    from glm_cli.core.load import load_model
     from glm_cli.core.infer.generation import GenerationConfig, generate
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     llm = Llama(model_path=args.gguf, logits_all=True, n_ctx=128, verbose=False, n_threads=2)

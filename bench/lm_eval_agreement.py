@@ -147,8 +147,8 @@ def run_lm_eval(ckpt: Path, yaml_dir: Path, max_length: int, batch_size: int, mc
 
 
 def run_glm(ckpt: Path, mc: Path, ppl: Path, max_length: int, batch_size: int) -> dict:
-    from glm_cli.core.load import load_model
     from glm_cli.core.eval.tasks import Scorer, evaluate_mc, evaluate_ppl, load_task
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     scorer = Scorer(load_model(ckpt), load_tokenizer(ckpt), max_length=max_length, batch_size=batch_size)

@@ -34,8 +34,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from glm_cli.core.load import load_model  # noqa: E402
 from glm_cli.core.infer.prepare import prepare_for_inference  # noqa: E402
+from glm_cli.core.load import load_model  # noqa: E402
 from glm_cli.core.model.transformer import rope_cos_sin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

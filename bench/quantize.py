@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from glm_cli.core.checkpoint.directory import WEIGHTS, save_checkpoint
-from glm_cli.core.load import load_model
 from glm_cli.core.infer.generation import GenerationConfig, generate
-from glm_cli.core.model.config import ModelConfig, preset
 from glm_cli.core.infer.prepare import prepare_for_inference
+from glm_cli.core.load import load_model
+from glm_cli.core.model.config import ModelConfig, preset
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.quant.calibration import calibration_batches, is_shard_dir, perplexity, token_stream
 from glm_cli.core.quant.gptq import quantize_model_gptq

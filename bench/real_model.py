@@ -133,8 +133,8 @@ def section_convert(args, work: Path) -> dict:
 
 
 def glm_ppl(ckpt: Path, text: str, max_length: int, dtype=None) -> tuple[dict, float]:
-    from glm_cli.core.load import load_model
     from glm_cli.core.eval.tasks import Scorer, Task, evaluate_ppl
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.tokenizer import load_tokenizer
 
     scorer = Scorer(load_model(ckpt, dtype=dtype), load_tokenizer(ckpt), max_length=max_length, batch_size=1)
@@ -233,8 +233,8 @@ def prompt_rows(ckpt: Path, batch: int, length: int) -> torch.Tensor:
 def section_decode(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from glm_cli.core.load import load_model
     from glm_cli.core.infer.prepare import prepare_for_inference
+    from glm_cli.core.load import load_model
 
     gen = load_script(ROOT / "bench/generate.py")
     ckpt = work / "fp32"
@@ -410,9 +410,9 @@ def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def section_qdecode(args, work: Path) -> dict:
-    from glm_cli.core.load import load_model
     from glm_cli.core.infer.generation import GenerationConfig, generate
     from glm_cli.core.infer.prepare import prepare_for_inference
+    from glm_cli.core.load import load_model
 
     gen = load_script(ROOT / "bench/generate.py")
     prompt = prompt_rows(work / "fp32", 1, args.prompt_len)[0].tolist()

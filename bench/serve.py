@@ -208,8 +208,8 @@ def profile_step(work: Path, variant: str, threads: int, steps: int) -> list[dic
     and choosing the next tokens, at M = 1, 4 and 8 rows (median of `steps` steps, each row 128 tokens deep)."""
     import torch
 
-    from glm_cli.core.load import load_model
     from glm_cli.core.infer.prepare import prepare_for_inference
+    from glm_cli.core.load import load_model
     from glm_cli.core.model.transformer import rope_cos_sin
     from glm_cli.core.serve.batched import python_decode_rows
     from glm_cli.core.serve.slots import SlotPool

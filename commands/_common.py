@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.core.precision import dtype_help
 from glm_cli.core.field_docs import train_doc
+from glm_cli.core.precision import dtype_help
 
 Output = Annotated[str, typer.Option("--output", "-o", help="Output path, or '-' for stdout.")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout "

@@ -114,8 +114,8 @@ def steps_for(n_items: int, micro_batch: int, grad_accum: int, epochs: float, ma
 def load_base_and_tokenizer(base: str):
     """The base checkpoint (quantized ones too) and its tokenizer, with the chat encoder of its template
     (glm's own format, or the template a pretrained model ships)."""
-    from glm_cli.core.load import load_model
     from glm_cli.core.errors import CheckpointError
+    from glm_cli.core.load import load_model
     from glm_cli.core.tokens.chat_template import chat_encoder_for
     from glm_cli.core.tokens.tokenizer import load_tokenizer
     from glm_cli.core.tune.adapter_io import ADAPTER_CONFIG

@@ -23,8 +23,8 @@ from glm_cli.core.checkpoint.directory import (
 )
 from glm_cli.core.checkpoint.loader import empty_model
 from glm_cli.core.checkpoint.shapes import check_shapes
-from glm_cli.core.model.config import ModelConfig
 from glm_cli.core.errors import CheckpointError
+from glm_cli.core.model.config import ModelConfig
 from glm_cli.core.quant.weight_only import (
     QUANT_METHOD,
     QuantLinear,

@@ -50,9 +50,9 @@ def load_engine(config: ServeConfig, state: ServerState):
     """Load the model and tokenizer, allocate the slot pool and start the engine; fills `state`."""
     import torch
 
-    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.infer.generation import eos_ids_for
     from glm_cli.core.infer.prepare import prepare_for_inference
+    from glm_cli.core.load import load_with_adapter
     from glm_cli.core.serve.batched import check_servable
     from glm_cli.core.serve.engine import Engine
     from glm_cli.core.serve.slots import SlotPool

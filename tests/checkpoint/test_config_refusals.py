@@ -10,8 +10,8 @@ import pytest
 from eval_fixtures import make_checkpoint
 
 from glm_cli.core.checkpoint.directory import write_manifest
-from glm_cli.core.load import load_model
 from glm_cli.core.errors import CheckpointError
+from glm_cli.core.load import load_model
 from glm_cli.core.model.config import FOREIGN_FIELDS
 
 # field -> a value that changes the math (as some other architecture's config.json writes it)

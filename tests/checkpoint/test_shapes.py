@@ -13,9 +13,9 @@ from eval_fixtures import make_checkpoint
 from safetensors.torch import save_file
 
 from glm_cli.core.checkpoint.directory import load_weights, weight_shapes, write_manifest
-from glm_cli.core.load import load_model
 from glm_cli.core.checkpoint.shapes import check_shapes, expected_shapes
 from glm_cli.core.errors import CheckpointError
+from glm_cli.core.load import load_model
 from glm_cli.core.model.config import ModelConfig
 
 

@@ -101,8 +101,8 @@ def test_training_commands_agree():
     the TrainConfig field they set (written once), and --dtype reads the same in every command."""
     import typer.main
 
-    from glm_cli.core.precision import dtype_help
     from glm_cli.core.field_docs import train_doc
+    from glm_cli.core.precision import dtype_help
 
     options = {name: {p.opts[0]: p for p in typer.main.get_command(app).commands[name].params
                       if p.param_type_name == "option"} for name in ("pretrain", "finetune", "align")}

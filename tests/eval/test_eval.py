@@ -8,9 +8,9 @@ import pytest
 import torch
 from eval_fixtures import make_checkpoint
 
-from glm_cli.core.load import load_model
 from glm_cli.core.eval.tasks import Scorer, evaluate_task, fewshot_prefix, load_task, rolling_windows
 from glm_cli.core.eval.text_metrics import corpus_bleu, exact_match, normalize_answer, rouge_l, token_f1
+from glm_cli.core.load import load_model
 from glm_cli.core.tokens.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm_cli.core.load import load_model
 from glm_cli.core.errors import CheckpointError, GlmError
+from glm_cli.core.load import load_model
 from glm_cli.core.model.config import ModelConfig
 from tests.conftest import run_glm
 

@@ -6,13 +6,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm_cli.core.infer.generation import GenerationConfig, generate
+from glm_cli.core.infer.prepare import prepare_for_inference
 from glm_cli.core.model.config import preset
 from glm_cli.core.model.packed_linear import (
     PackedLinear,
     pack_for_cpu_inference,
     packing_available,
 )
-from glm_cli.core.infer.prepare import prepare_for_inference
 from glm_cli.core.model.transformer import Transformer
 from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn
 from glm_cli.core.tune.peft import LoRALinear, PeftConfig, apply_peft

@@ -15,8 +15,8 @@ import torch
 from conftest import native_library
 
 from glm_cli.core.infer.generation import GenerationConfig, generate
-from glm_cli.core.model.config import preset
 from glm_cli.core.infer.prepare import prepare_for_inference
+from glm_cli.core.model.config import preset
 from glm_cli.core.model.transformer import KVCache, Transformer, rope_cos_sin
 from glm_cli.core.quant.native import NativeWeights
 from glm_cli.core.quant.weight_only import QuantLinear, QuantScheme, quantize_model_rtn, quantize_weight

@@ -109,9 +109,9 @@ def test_n_choices_sampled_distinct_seeded_reproducible_greedy_equal(server):
 
 
 def test_logprobs_equal_glm_eval_loglikelihoods(server, tiny_ckpt, tokenizer):  # noqa: F811
-    from glm_cli.core.load import load_model
     from glm_cli.core.eval.tasks import Scorer
     from glm_cli.core.infer.generation import GenerationConfig, generate
+    from glm_cli.core.load import load_model
 
     prompt = "Good my lord, how does"
     model = load_model(tiny_ckpt)
