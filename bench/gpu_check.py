@@ -152,7 +152,7 @@ class Check:
     def remaining(self) -> float:
         return min(self.deadline, self.step_deadline) - time.monotonic()
 
-    def plan(self, r: StepResult, cmd: list[str], env: dict | None = None) -> list[str]:
+    def add_command(self, r: StepResult, cmd: list[str], env: dict | None = None) -> list[str]:
         """Record a command this step will run (shown in the report; its import probed in a dry run)."""
         r.commands.append(shell_line(cmd, env))
         self.planned.append((r.name, cmd, env or {}))
@@ -321,7 +321,7 @@ def cpu_checks_failed(r: StepResult) -> list[str]:
 def step_env(c: Check) -> StepResult:
     r = StepResult("env", "environment and kernel build")
     out_json = c.work / "env.json"
-    cmd = c.plan(r, c.script("env", str(out_json), str(c.out)))
+    cmd = c.add_command(r, c.script("env", str(out_json), str(c.out)))
     proc = c.run(cmd, plan.BY_NAME["env"].limit_s, label="env", force=True)  # cheap on a CPU: the probe is the smoke test
     info = _read_json(out_json)
     if info is None:
@@ -375,7 +375,7 @@ def step_tests(c: Check) -> StepResult:
     files = plan.gpu_test_files(ROOT)
     r.details["files"] = files
     pytest_args = ["-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=", *files]
-    cmd = c.plan(r, [c.python, "-m", "pytest", *pytest_args])
+    cmd = c.add_command(r, [c.python, "-m", "pytest", *pytest_args])
     if c.dry:
         r.reason = c.skip_reason
         r.cpu_smoke = {"collection": collect_gpu_tests(c, pytest_args, files)}
@@ -441,8 +441,8 @@ def failing_lines(output: str) -> str:
 def step_kernel(c: Check) -> StepResult:
     r = StepResult("kernel", plan.BY_NAME["kernel"].title)
     acc_json, bench_json = c.work / "kernel_accuracy.json", c.work / "attention.json"
-    acc_cmd = c.plan(r, c.script("kernel-accuracy", str(acc_json)))
-    bench_cmd = c.plan(r, [c.python, str(ROOT / "bench" / "attention.py"), "--seqs", plan.ATTN_SEQS,
+    acc_cmd = c.add_command(r, c.script("kernel-accuracy", str(acc_json)))
+    bench_cmd = c.add_command(r, [c.python, str(ROOT / "bench" / "attention.py"), "--seqs", plan.ATTN_SEQS,
                            "--head-dims", plan.ATTN_HEAD_DIMS, "--causal", "both", "--dtype", "bf16",
                            "--gqa", str(plan.ATTN_GQA), "--warmup", "3", "--iters", "10", "--json", str(bench_json)])
     if c.dry:
@@ -564,13 +564,13 @@ LOSS_PAIRS = (("fused", "sdpa"), ("sdpa+compile", "sdpa"), ("fused+compile", "sd
 def step_pretrain(c: Check) -> StepResult:
     r = StepResult("pretrain", f"glm pretrain 124m, {PRETRAIN_STEPS} steps, bf16, fused/sdpa x eager/compile")
     shards = c.work / "shards"
-    shard_cmd = c.plan(r, c.script("shards", str(shards), "32768", str(6_000_000)))
+    shard_cmd = c.add_command(r, c.script("shards", str(shards), "32768", str(6_000_000)))
     runs = []
     for attention, compile_ in PRETRAIN_RUNS:
         name = f"{attention}{'+compile' if compile_ else ''}"
         cmd = pretrain_cmd(c, shards, c.work / "runs" / name, "124m", PRETRAIN_STEPS, PRETRAIN_MICRO,
                            PRETRAIN_SEQ, compile_)
-        runs.append((name, attention, c.plan(r, cmd, {"GLM_ATTENTION": attention})))
+        runs.append((name, attention, c.add_command(r, cmd, {"GLM_ATTENTION": attention})))
     if c.dry:
         r.reason = c.skip_reason
         r.cpu_smoke = {"glm pretrain arguments": c.validate(runs[-1][2], "help")}
@@ -658,7 +658,7 @@ def step_torchrun(c: Check) -> StepResult:
     shards = c.work / "shards"
     shard_cmd = c.script("shards", str(shards), "32768", str(6_000_000))
     if not (shards / "index.json").is_file():
-        c.plan(r, shard_cmd)
+        c.add_command(r, shard_cmd)
     launcher = [c.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     probe = [*launcher, str(PROBES), "nccl", str(c.work / "nccl.json")]
     plans = [("nccl probe", probe, None)]
@@ -671,7 +671,7 @@ def step_torchrun(c: Check) -> StepResult:
         resume[resume.index("--max-steps") + 1] = "3"
         plans += [(f"{mode} 2 steps", base, None), (f"{mode} resumed to 3", resume, 3)]
     for p in plans:
-        c.plan(r, p[1])
+        c.add_command(r, p[1])
     if c.dry:
         r.reason = c.skip_reason
         fsdp_resume = plans[-1][1]
@@ -727,7 +727,7 @@ def torchrun_smoke(c: Check, launcher: list[str]) -> dict:
 
 def step_decode(c: Check) -> StepResult:
     r = StepResult("decode", plan.BY_NAME["decode"].title)
-    cmd = c.plan(r, [c.python, str(ROOT / "bench" / "generate.py"), "--device", "cuda", "--preset", "124m",
+    cmd = c.add_command(r, [c.python, str(ROOT / "bench" / "generate.py"), "--device", "cuda", "--preset", "124m",
                      "--dtype", "bfloat16", "--batch-sizes", "1,16", "--new-tokens", "128", "--repeats", "3",
                      "--json"])
     if c.dry:
@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = StepResult(name, name, reason=f"out of time (budget {args.budget:.0f} s)")
             else:
                 print(f"[gpu-check] {name} ...", file=sys.stderr, flush=True)
-                c.step_deadline = t + plan.BY_NAME[name].limit_s
+                # a step's limit is for the GPU; a dry run's CPU checks keep to the budget alone
+                c.step_deadline = c.deadline if c.dry else t + plan.BY_NAME[name].limit_s
                 try:
                     result = STEP_FUNCTIONS[name](c)
                     if c.dry:

@@ -152,7 +152,7 @@ def test_a_step_that_cannot_import_glm_fails_the_dry_run(tmp_path, bare_python):
     stray = tmp_path / "elsewhere" / "tool.py"
     stray.parent.mkdir()
     r = gpu_check.StepResult("decode", "decode")
-    c.plan(r, [bare_python, str(stray)])
+    c.add_command(r, [bare_python, str(stray)])
     gpu_check.check_step_imports(c, r, {})
     assert r.cpu_smoke["imports"]["status"] == "failed"
     assert "glm_cli.core" in r.cpu_smoke["imports"]["failed"][0]["wrong"]
