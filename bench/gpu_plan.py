@@ -119,10 +119,9 @@ def compare_losses(a: list[float], b: list[float], window: int = LOSS_WINDOW,
     faster or slower, spikes) moves one curve away from the other and keeps it there. So: every step
     within `step_band` (8 bf16 roundings, ~3.1%) and the mean signed difference within `mean_band`
     (2 roundings, ~0.78%). Measured on a CPU (bench/loss_band.py), two correct backends stay within
-    0.1% over 20 steps; a subtly wrong kernel does not show in so few steps either, which is why its
-    errors are checked against fp32 in the kernel step (docs/cuda_ext.md, "Comparing the backends'
-    losses").
-    """
+    0.1% over 20 steps, a wrong K/V head mapping and a next-token leak leave the band (3.6%, 5.7%),
+    a wrong softmax scale does not (0.7%): the kernel's own errors are checked against fp32 in the
+    kernel step (docs/cuda_ext.md, "Comparing the backends' losses")."""
     n = min(window, len(a), len(b))
     if n < min(window, 5):
         return {"ok": False, "steps": n, "reason": f"only {n} steps to compare (need {min(window, 5)})",

@@ -246,9 +246,24 @@ def _load_bench_attention():
 
 # ---------------------------------------------------------------------------------------- shards
 
+PHRASE, BLOCK, COPIES = 64, 16, 4  # a 128-token unit: a pool phrase, then a fresh block 4 times
+
+
+def synthetic_tokens(rng, vocab: int, n: int, phrases):
+    """n tokens in 128-token units: a phrase from the pool `phrases` (learnable from the token before
+    it, so the loss falls), then a fresh random 16-token block repeated 4 times (predictable only by
+    attending 16 positions back: a wrong attention backend trains differently there, which the loss
+    comparison needs to see; bench/loss_band.py)."""
+    import numpy as np
+
+    units = n // (PHRASE + BLOCK * COPIES) + 1
+    head = phrases[rng.integers(0, len(phrases), size=units)]
+    blocks = np.tile(rng.integers(1, vocab, size=(units, BLOCK)), (1, COPIES))
+    return np.concatenate([head, blocks], axis=1).ravel()[:n]
+
+
 def internal_shards(directory: str, vocab: str, tokens: str) -> int:
-    """Token shards a model can learn from: random 64-token phrases from a pool of 512, repeated in
-    random order (the loss falls well below ln(vocab) within a hundred steps). No tokenizer."""
+    """Token shards for the pretraining runs (synthetic_tokens; no tokenizer)."""
     import numpy as np
 
     from glm_cli.core.io.shards import ShardIndex, write_shard
@@ -259,9 +274,9 @@ def internal_shards(directory: str, vocab: str, tokens: str) -> int:
     directory_p.mkdir(parents=True, exist_ok=True)
     index = ShardIndex(dtype="<u2" if vocab_n <= 65536 else "<u4", vocab_size=vocab_n, eot_token_id=0,
                        tokenizer_sha256="gpu-check")
-    phrases = rng.integers(1, vocab_n, size=(512, 64))
-    toks = phrases[rng.integers(0, 512, size=n // 64 + 1)].ravel()[:n].astype(index.dtype)
-    val = phrases[rng.integers(0, 512, size=64)].ravel().astype(index.dtype)
+    phrases = rng.integers(1, vocab_n, size=(512, PHRASE))
+    toks = synthetic_tokens(rng, vocab_n, n, phrases).astype(index.dtype)
+    val = synthetic_tokens(rng, vocab_n, 4096, phrases).astype(index.dtype)
     index.shards.append(write_shard(directory_p, "train-000000", "train", toks, np.array([0]), n * 3))
     index.shards.append(write_shard(directory_p, "val-000000", "val", val, np.array([0]), len(val) * 3))
     index.save(directory_p)

@@ -328,3 +328,18 @@ def test_loss_comparison_looks_only_at_the_early_window_and_needs_steps():
     assert plan.compare_losses(late, base)["ok"]  # past the window the runs may drift apart
     v = plan.compare_losses(base[:3], base[:3])
     assert not v["ok"] and "only 3 steps" in v["reason"]
+
+
+def test_synthetic_shards_hold_a_learnable_phrase_and_a_block_only_attention_predicts():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    phrases = rng.integers(1, 1000, size=(8, 64))
+    toks = probes.synthetic_tokens(rng, 1000, 1000, phrases)
+    assert len(toks) == 1000 and toks.min() >= 1 and toks.max() < 1000
+    units = toks[:896].reshape(7, 128)
+    for unit in units:
+        assert any((unit[:64] == p).all() for p in phrases)  # a pool phrase
+        assert (unit[80:] == unit[64:112]).all()  # each token of the copies is the one 16 back
+        assert not any((unit[64:80] == p[:16]).all() for p in phrases)  # the block is fresh
+    assert len({tuple(u[64:80]) for u in units}) == 7
