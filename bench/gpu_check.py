@@ -661,7 +661,7 @@ def step_torchrun(c: Check) -> StepResult:
         c.add_command(r, shard_cmd)
     launcher = [c.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     probe = [*launcher, str(PROBES), "nccl", str(c.work / "nccl.json")]
-    plans = [("nccl probe", probe, None)]
+    plans = [("nccl probe", probe, None, None)]
     for mode in ("ddp", "fsdp"):
         run_dir = c.work / "runs" / f"torchrun-{mode}"
         glm_args = pretrain_cmd(c, shards, run_dir, "124m", 2, 8, PRETRAIN_SEQ, False, checkpoint_every=2,
@@ -669,7 +669,7 @@ def step_torchrun(c: Check) -> StepResult:
         base = [*launcher, "-m", "glm_cli", *glm_args] + (["--fsdp"] if mode == "fsdp" else [])
         resume = [*base, "--resume"]
         resume[resume.index("--max-steps") + 1] = "3"
-        plans += [(f"{mode} 2 steps", base, None), (f"{mode} resumed to 3", resume, 3)]
+        plans += [(f"{mode} 2 steps", base, None, mode), (f"{mode} resumed to 3", resume, 3, mode)]
     for p in plans:
         c.add_command(r, p[1])
     if c.dry:
@@ -685,15 +685,19 @@ def step_torchrun(c: Check) -> StepResult:
         if not made.ok:
             return r.fail("could not write the synthetic shards", made.tail())
     problems = []
-    for label, cmd, want_step in plans:
+    for label, cmd, want_step, want_mode in plans:
         proc = c.run(cmd, 60, label=label)
         ok = proc.ok
         note = "ok"
-        if ok and want_step is not None:
+        if ok and want_mode is not None:
+            # `glm pretrain --json` says which wrapping really ran (`parallel`: "ddp" or "fsdp"); a run
+            # that fell back to a plain single-process loop must not count as DDP/FSDP2 verified.
             summary = last_json(proc.output) or {}
-            ok = summary.get("step") == want_step and summary.get("status") == "completed"
-            mode = {k: summary[k] for k in ("parallel", "distributed", "mode", "world_size") if k in summary}
-            note = f"step {summary.get('step')}, {summary.get('status')}" + (f", {mode}" if mode else "")
+            ran = summary.get("parallel")
+            ok = ran == want_mode and (want_step is None or (
+                summary.get("step") == want_step and summary.get("status") == "completed"))
+            note = (f"step {summary.get('step')}, {summary.get('status')}, parallel={ran}, "
+                    f"world_size={summary.get('world_size')}")
         if label == "nccl probe" and ok:
             note = json.dumps(_read_json(c.work / "nccl.json"))
         r.figures.append(Figure(label, note if ok else ("timed out" if proc.timed_out else "failed"), "ok", ok))
@@ -706,7 +710,7 @@ def step_torchrun(c: Check) -> StepResult:
 
 
 def torchrun_smoke(c: Check, launcher: list[str]) -> dict:
-    """torchrun (one process, CPU: no process group at world size 1) on the tiny preset, then --resume."""
+    """torchrun (one process on CPU, gloo: a real one-rank DDP group) on the tiny preset, then --resume."""
     shards, run_dir = c.work / "smoke-shards", c.work / "smoke-torchrun"
     if not (shards / "index.json").is_file():
         c.run(c.script("shards", str(shards), "512", "20000"), 120, label="smoke shards", force=True)
@@ -719,8 +723,9 @@ def torchrun_smoke(c: Check, launcher: list[str]) -> dict:
         if not proc.ok:
             return {"status": "failed", "step": label, "tail": proc.tail()}
     summary = last_json(proc.output) or {}
-    ok = summary.get("step") == 3 and summary.get("status") == "completed"
-    return {"status": "ok" if ok else "failed", "resumed_to": summary.get("step")}
+    ok = summary.get("step") == 3 and summary.get("status") == "completed" and summary.get("parallel") == "ddp"
+    return {"status": "ok" if ok else "failed", "resumed_to": summary.get("step"),
+            "parallel": summary.get("parallel")}
 
 
 # ------------------------------------------------------------------------------------ 6. decode
