@@ -24,7 +24,8 @@ from glm_cli.core.tune.peft import (
     base_state,
     merged_state,
 )
-from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate
+from glm_cli.core.model.segments import Segments
+from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate_packed
 
 
 def peft_export(model: nn.Module, peft: PeftConfig | None, merge: bool, tokenizer_dir, base: str | None) -> Export:
@@ -72,8 +73,16 @@ class SFTTask(TaskBase):
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self._to(self.loader.next_batch())
 
+    def _logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """One forward over packed rows, each example attending to itself (no T x T mask). A prompt-tuned
+        model's rows hold one right-padded example each (no packing): plain causal attention is exact
+        there, as no real token has padding before it."""
+        if self.peft is not None and self.peft.method == "prompt":
+            return model(batch["input_ids"], positions=batch["positions"])
+        return model(batch["input_ids"], positions=batch["positions"], segments=Segments.from_ids(batch["segments"]))
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], positions=batch["positions"], mask=batch["mask"])
+        logits = self._logits(model, batch)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE)
         return loss, {"answer_tokens": float((batch["targets"] != IGNORE).sum())}
 
@@ -86,8 +95,8 @@ class SFTTask(TaskBase):
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         rows = self.val_rows
         for start in range(0, len(rows), self.eval_batch_size):
-            batch = self._to(collate(rows[start:start + self.eval_batch_size], self.pad_id))
-            logits = model(batch["input_ids"], positions=batch["positions"], mask=batch["mask"]).float()
+            batch = self._to(collate_packed(rows[start:start + self.eval_batch_size], self.pad_id))
+            logits = self._logits(model, batch).float()
             keep = batch["targets"] != IGNORE
             nats += F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                                     reduction="sum").double()
