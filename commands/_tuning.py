@@ -51,7 +51,8 @@ Warmup = Annotated[int, typer.Option("--warmup-steps", min=0, help=train_doc("wa
 EvalEvery = Annotated[int, typer.Option("--eval-every", min=0, help=train_doc("eval_every"))]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in -o from its newest checkpoint "
                                       "(exactly: same batches, same result).")]
-SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: the model's context).")]
+SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: finetune chooses the longest "
+                                     "example rounded up to 64, at most 2048; align uses the model's context).")]
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
 

@@ -83,6 +83,32 @@ def load_examples(path: str, encoder: ChatEncoderLike, max_len: int) -> tuple[li
     return examples, dropped
 
 
+ROW_CAP = 2048
+"""Longest default row: beyond it, a packed row buys no speed (the matmuls are already large) and
+its activations only cost memory."""
+ROW_MULTIPLE = 64
+
+
+def default_row_length(lengths: list[int], context: int, cap: int = ROW_CAP) -> tuple[int, str]:
+    """The row length when --seq-len is not given, and why (for the log).
+
+    The longest example rounded up to a multiple of 64, so every example fits whole and first-fit
+    packing fills rows with the short ones; at most `cap` tokens and the model's context. Not the
+    context itself: an 8k-context model fine-tuned on 50-token answers would otherwise pack hundreds
+    of examples into rows whose activations (and, without segment attention, a T x T mask) fill memory
+    for no gain in speed.
+    """
+    longest = max(lengths)
+    rounded = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    limit = min(cap, context)
+    if rounded <= limit:
+        return rounded, f"the longest example ({longest} tokens) rounded up to a multiple of {ROW_MULTIPLE}"
+    if limit == context:
+        return context, f"the model's context (the longest example has {longest} tokens)"
+    return limit, (f"the longest example has {longest} tokens, more than the cap of {cap} per row "
+                   "(longer examples keep their last answer)")
+
+
 @dataclass(slots=True)
 class Row:
     inputs: list[int]

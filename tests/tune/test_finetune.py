@@ -321,3 +321,39 @@ def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
     loaded = load_with_adapter(tmp_path / "out")
     assert isinstance(loaded.model.layers[0].self_attn.q_proj.base, QuantLinear)
     torch.testing.assert_close(loaded(idx), expected)
+
+
+# ------------------------------------------------------------------------------------ row length
+
+
+def test_default_row_length_from_the_data():
+    from glm_cli.core.tune.sft_data import default_row_length
+
+    assert default_row_length([43, 80, 12], context=8192) == (
+        128, "the longest example (80 tokens) rounded up to a multiple of 64")
+    assert default_row_length([64], context=8192)[0] == 64
+    length, why = default_row_length([5000, 30], context=8192)
+    assert length == 2048 and "more than the cap of 2048" in why
+    length, why = default_row_length([300], context=256)
+    assert length == 256 and "the model's context" in why
+
+
+def test_finetune_chooses_and_logs_its_row_length(base_dir, tmp_path):
+    """Without --seq-len the rows are as long as the longest example (rounded up), not the context;
+    --seq-len still decides when given."""
+    from glm_cli.core.tune.sft_data import ROW_MULTIPLE
+
+    d = base_dir.parent
+    common = ["--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "--peft", "lora", "--max-steps", "1",
+              "--set", "peak_flops=1"]
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "a", check=True)
+    err = r.stderr.decode()
+    line = next(x for x in err.splitlines() if x.startswith("rows of "))
+    length = int(line.split()[2])
+    assert "the longest example" in line and length % ROW_MULTIPLE == 0, line
+    context = json.loads((base_dir / "config.json").read_text())["max_position_embeddings"]
+    assert length < context
+    assert f"rows of <= {length} tokens" in err
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--seq-len", "40", check=True)
+    err = r.stderr.decode()
+    assert "rows of <= 40 tokens" in err and not any(x.startswith("rows of ") for x in err.splitlines())
