@@ -55,6 +55,7 @@ def command(
     resume: T.Resume = False,
     device: TrainDevice = T.FINETUNE.device,
     dtype: TrainDtype = T.FINETUNE.dtype,
+    activation_checkpointing: T.ActivationCheckpointing = False,
     config: TrainConfigFile = None,
     set_: TrainSet = None,
     seed: TrainSeed = T.FINETUNE.seed,
@@ -89,9 +90,11 @@ def command(
                            "and cannot be folded into the weights)")
     settings, given = T.train_settings(T.FINETUNE, config, set_, given_flags(ctx, {
         "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed}))
+        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed,
+        "activation_checkpointing": activation_checkpointing}))
     seed = settings.seed
     torch.manual_seed(seed)
+    T.precision_note(settings)
     model, tokenizer, encoder = T.load_base_and_tokenizer(base)
     context = model.config.max_seq_len
     if seq_len > context:

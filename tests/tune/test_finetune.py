@@ -357,3 +357,31 @@ def test_finetune_chooses_and_logs_its_row_length(base_dir, tmp_path):
     r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--seq-len", "40", check=True)
     err = r.stderr.decode()
     assert "rows of <= 40 tokens" in err and not any(x.startswith("rows of ") for x in err.splitlines())
+
+
+# ------------------------------------------------------------------------------ memory and precision
+
+
+def test_activation_checkpointing_flag_changes_memory_not_results(base_dir, tmp_path):
+    """--activation-checkpointing recomputes blocks in the backward pass: same losses to the bit."""
+    d = base_dir.parent
+    common = ["--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "--peft", "lora", "--max-steps", "3",
+              "--set", "peak_flops=1", "--json"]
+    plain = json.loads(run_glm("finetune", base_dir, *common, "-o", tmp_path / "a", check=True).stdout)
+    ckpt = json.loads(run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--activation-checkpointing",
+                              check=True).stdout)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["train_config"]["activation_checkpointing"]
+    assert not json.loads((tmp_path / "a" / "run.json").read_text())["train_config"]["activation_checkpointing"]
+    assert (ckpt["train_loss"], ckpt["val_loss"]) == (plain["train_loss"], plain["val_loss"])
+
+
+def test_bf16_note_only_where_the_cpu_emulates_it(monkeypatch):
+    from glm_cli.core.tune import precision
+
+    assert precision.cpu_bf16_flags("flags\t: fpu avx2 avx512f\n") == []
+    assert precision.cpu_bf16_flags("flags\t: fpu avx512_bf16 amx_bf16\n") == ["avx512_bf16", "amx_bf16"]
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    assert "emulates" in precision.cpu_bf16_note("cpu", "bf16")
+    assert precision.cpu_bf16_note("cpu", "fp32") is None and precision.cpu_bf16_note("cuda", "bf16") is None
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    assert precision.cpu_bf16_note("cpu", "bf16") is None
