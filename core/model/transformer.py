@@ -346,9 +346,15 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, ignore_index: int = -100, segments: Segments | None = None):
-        """Logits (B, T, V) for token ids idx (B, T); with targets, also the mean cross-entropy."""
+                cache: KVCache | None = None, ignore_index: int = -100, segments: Segments | None = None,
+                logits_at: torch.Tensor | None = None):
+        """Logits (B, T, V) for token ids idx (B, T); with targets, also the mean cross-entropy.
+        logits_at (bool (B, T)) computes the logits only where it is True, as (K, V): fine-tuning
+        scores its answer tokens alone, and the vocabulary projection of every other position costs
+        time and the largest activations of the pass for nothing."""
         h = self.hidden_states(self.embed(idx), positions, mask, cache, segments)
+        if logits_at is not None:
+            h = h[logits_at]
         return logits_and_loss(self.lm_head(h), targets, ignore_index)
 
     def fuse_projections(self) -> int:

@@ -180,10 +180,12 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of response-token log-probabilities per sequence (B,): per row of a padded batch (`mask`),
     per segment of a packed one (`segments`)."""
-    if "segments" in batch:
+    if "segments" in batch:  # logits at the answer tokens only (K, V): nothing else is scored
         segments = Segments.from_ids(batch["segments"])
-        logits = model(batch["input_ids"], positions=batch["positions"], segments=segments)
-        return segments.sum_per_span(token_logps(logits, batch["targets"]))
+        keep = batch["targets"] != IGNORE
+        logits = model(batch["input_ids"], positions=batch["positions"], segments=segments, logits_at=keep)
+        logps = token_logps(logits[None], batch["targets"][keep][None])[0]  # (K,)
+        return logps.new_zeros(len(segments.lengths)).index_add(0, segments.span_of[keep], logps)
     logits = model(batch["input_ids"], mask=batch["mask"], positions=batch.get("positions"))
     return token_logps(logits, batch["targets"]).sum(-1)
 

@@ -385,3 +385,27 @@ def test_bf16_note_only_where_the_cpu_emulates_it(monkeypatch):
     assert precision.cpu_bf16_note("cpu", "fp32") is None and precision.cpu_bf16_note("cuda", "bf16") is None
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
     assert precision.cpu_bf16_note("cpu", "bf16") is None
+
+
+def test_sft_loss_on_answer_logits_equals_the_masked_full_pass():
+    """SFTTask projects only answer positions onto the vocabulary, through segment attention: the same
+    loss and gradients as full logits over the dense block-diagonal mask."""
+    from glm_cli.core.tune.sft import SFTTask
+    from glm_cli.core.tune.sft_data import collate_packed
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_heads=2))
+    exs = [Example(list(range(5, 5 + n)), [IGNORE] * (n // 2) + list(range(9, 9 + n - n // 2))) for n in (7, 12, 30, 3)]
+    rows = pack(exs, 40)
+    task = SFTTask(model, rows, rows, pad_id=1, micro_batch_size=4)
+    got, metrics = task.loss(model, collate_packed(rows, 1))
+    got.backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dense = collate(rows, 1)
+    _, want = model(dense["input_ids"], dense["targets"], positions=dense["positions"], mask=dense["mask"])
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert metrics["answer_tokens"] == sum(t != IGNORE for ex in exs for t in ex.targets)
+    for a, b in zip(got_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
