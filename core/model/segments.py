@@ -103,7 +103,7 @@ class Segments:
         kf = k.transpose(1, 2).reshape(B * T, -1, D)
         vf = v.transpose(1, 2).reshape(B * T, -1, D)
         outputs = []
-        for L, index in self.groups:
+        for _length, index in self.groups:
             flat = index.reshape(-1)
             qg = qf.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2)  # (N, H, L, D)
             kg = kf.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2)  # (N, Hkv, L, D)

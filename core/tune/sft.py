@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glm_cli.core.model.segments import Segments
 from glm_cli.core.train import distributed as D
 from glm_cli.core.train.task import Export, TaskBase
 from glm_cli.core.tune.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config_dict
@@ -24,7 +25,6 @@ from glm_cli.core.tune.peft import (
     base_state,
     merged_state,
 )
-from glm_cli.core.model.segments import Segments
 from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate_packed
 
 
