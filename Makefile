@@ -80,9 +80,10 @@ cpu_ext: install
 clean-data:
 	rm -rf data runs
 
-# Every GPU step in one time-boxed command, one report in OUT (bench/gpu_check.py; docs/cuda_ext.md).
-# Without this venv (a lent GPU machine runs its own python3 and CUDA torch) the system python3 runs
-# it; without CUDA it is a dry run. Extra flags: GPU_CHECK_ARGS="--only env,kernel --budget 300".
+# Every GPU step in one time-boxed command, one report in OUT (bench/gpu_check.py runs the plan in
+# bench/gpu_plan.py; docs/cuda_ext.md). Without this venv (a lent GPU machine runs its own python3 and
+# CUDA torch, glm not installed: the steps import it from this tree) the system python3 runs it;
+# without CUDA it is a dry run that prints the plan. Extra flags: GPU_CHECK_ARGS="--only env,kernel --budget 300".
 .PHONY: gpu-check
 OUT ?= gpu-report
 GPU_CHECK_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

@@ -14,6 +14,9 @@ model's accuracy is the first row.
         --methods full,lora,adapter,prompt --max-steps 150 -o runs/bench-finetune
 
 CPU timings on a shared machine are noisy: compare methods within one run, and rerun when quiet.
+
+glm against its peers (PEFT + transformers, TRL's SFTTrainer and DPOTrainer) on one model and data set,
+tokens/s, pairs/s, peak RSS and held-out answer loss: `bench/finetune_peers.py`.
 """
 
 from __future__ import annotations

@@ -51,7 +51,11 @@ Warmup = Annotated[int, typer.Option("--warmup-steps", min=0, help=train_doc("wa
 EvalEvery = Annotated[int, typer.Option("--eval-every", min=0, help=train_doc("eval_every"))]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in -o from its newest checkpoint "
                                       "(exactly: same batches, same result).")]
-SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: the model's context).")]
+SeqLen = Annotated[int, typer.Option("--seq-len", min=0, help="Tokens per row (0: finetune chooses the longest "
+                                     "example rounded up to 64, at most 2048; align uses the model's context).")]
+
+ActivationCheckpointing = Annotated[bool, typer.Option(
+    "--activation-checkpointing/--no-activation-checkpointing", help=train_doc("activation_checkpointing"))]
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2}
 
@@ -88,6 +92,23 @@ def train_settings(base: TrainConfig, config: str | None, sets: list[str] | None
         problems.extend(dataclasses.replace(settings, max_steps=max(1, settings.max_steps)).validate())
     raise_problems(problems)
     return settings, set(given)
+
+
+def precision_note(settings: TrainConfig) -> None:
+    """Say so when --dtype bf16 runs on a CPU that only emulates bf16 (slower than fp32 there)."""
+    from glm_cli.core.console import log
+    from glm_cli.core.tune.precision import cpu_bf16_note
+
+    device = settings.device if settings.device != "auto" else ("cuda" if _cuda() else "cpu")
+    note = cpu_bf16_note(device, settings.dtype)
+    if note:
+        log(note)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_config(settings: TrainConfig, given: set[str], *, steps: int, default_lr: float) -> TrainConfig:

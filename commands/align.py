@@ -95,6 +95,7 @@ def command(
     resume: T.Resume = False,
     device: TrainDevice = T.ALIGN.device,
     dtype: TrainDtype = T.ALIGN.dtype,
+    activation_checkpointing: T.ActivationCheckpointing = False,
     config: TrainConfigFile = None,
     set_: TrainSet = None,
     seed: TrainSeed = T.ALIGN.seed,
@@ -135,9 +136,11 @@ def command(
     merge = merge and peft_method == "lora"
     settings, given = T.train_settings(T.ALIGN, config, set_, given_flags(ctx, {
         "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed}))
+        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed,
+        "activation_checkpointing": activation_checkpointing}))
     seed, micro_batch_size = settings.seed, settings.micro_batch_size
     torch.manual_seed(seed)
+    T.precision_note(settings)
     model, tokenizer, encoder = T.load_base_and_tokenizer(base)
     length = seq_len or model.config.max_seq_len
     if peft is not None and peft.method == "prompt":

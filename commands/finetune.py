@@ -55,6 +55,7 @@ def command(
     resume: T.Resume = False,
     device: TrainDevice = T.FINETUNE.device,
     dtype: TrainDtype = T.FINETUNE.dtype,
+    activation_checkpointing: T.ActivationCheckpointing = False,
     config: TrainConfigFile = None,
     set_: TrainSet = None,
     seed: TrainSeed = T.FINETUNE.seed,
@@ -78,7 +79,7 @@ def command(
     from glm_cli.core.train.trainer import Trainer
     from glm_cli.core.tune.holdout import validation_split
     from glm_cli.core.tune.sft import SFTTask
-    from glm_cli.core.tune.sft_data import load_examples, pack, shuffled
+    from glm_cli.core.tune.sft_data import default_row_length, load_examples, pack, shuffled
 
     set_quiet(quiet)
     T.refuse_method(method)
@@ -89,19 +90,34 @@ def command(
                            "and cannot be folded into the weights)")
     settings, given = T.train_settings(T.FINETUNE, config, set_, given_flags(ctx, {
         "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed}))
+        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed,
+        "activation_checkpointing": activation_checkpointing}))
     seed = settings.seed
     torch.manual_seed(seed)
+    T.precision_note(settings)
     model, tokenizer, encoder = T.load_base_and_tokenizer(base)
-    length = seq_len or model.config.max_seq_len
-    if length > model.config.max_seq_len:
-        raise T.UsageError(f"--seq-len {length} exceeds the model's context {model.config.max_seq_len}")
-    if peft is not None and peft.method == "prompt":
-        length -= peft.prompt_tokens
+    context = model.config.max_seq_len
+    if seq_len > context:
+        raise T.UsageError(f"--seq-len {seq_len} exceeds the model's context {context}")
+    prompt_tokens = peft.prompt_tokens if peft is not None and peft.method == "prompt" else 0
+    if prompt_tokens:
         packing = False  # one soft prompt per row: each row holds one example
-    train_examples, dropped = load_examples(data, encoder, length)
-    train_examples, val_examples = validation_split(
-        train_examples, val, lambda path: load_examples(path, encoder, length)[0], val_fraction, seed)
+
+    def load(length: int):
+        examples, dropped = load_examples(data, encoder, length)
+        examples, val_examples = validation_split(
+            examples, val, lambda path: load_examples(path, encoder, length)[0], val_fraction, seed)
+        return examples, val_examples, dropped
+
+    length = (seq_len or context) - prompt_tokens
+    train_examples, val_examples, dropped = load(length)
+    if not seq_len:
+        lengths = [len(ex.inputs) for ex in train_examples + val_examples]
+        chosen, why = default_row_length(lengths, context - prompt_tokens)
+        log(f"rows of {chosen} tokens: {why} (--seq-len sets another)")
+        if chosen < max(lengths):  # some examples must be cut to the chosen rows
+            train_examples, val_examples, dropped = load(chosen)
+        length = chosen
     if dropped:
         log(f"{dropped} example(s) dropped: no answer token fits in {length} tokens")
     train_rows = pack(shuffled(train_examples, seed), length, packing)

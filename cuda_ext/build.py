@@ -16,15 +16,18 @@ flash_emulate.h, so that tests can execute them without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,7 +239,6 @@ def build(verbose: bool = False):
     A prebuilt copy for these exact sources, torch, CUDA and architectures (`prebuilt_path()`) is
     imported as it is; after a compile, the result is copied there for the next process or machine."""
     import torch
-    from torch.utils import cpp_extension
 
     if torch.version.cuda is None:
         raise RuntimeError("this torch is a CPU-only build (torch.version.cuda is None)")
@@ -248,6 +250,15 @@ def build(verbose: bool = False):
     prebuilt = prebuilt_path(directory)
     if prebuilt.is_file():
         return _import_extension(prebuilt)
+    with build_lock(directory):
+        if prebuilt.is_file():  # built by the process this one waited for
+            return _import_extension(prebuilt)
+        return _compile(directory, prebuilt, verbose)
+
+
+def _compile(directory: Path, prebuilt: Path, verbose: bool):
+    from torch.utils import cpp_extension
+
     if not cpp_extension.is_ninja_available():
         # torch's JIT loader insists on ninja; machines without it (and without a package registry
         # to fetch it) still get the kernel through a direct nvcc + c++ build.
@@ -272,6 +283,118 @@ def build(verbose: bool = False):
         except OSError:
             pass
     return module
+
+
+# ------------------------------------------------------------------------------------ build lock
+
+LOCK_NAME = "glm-build.lock"
+TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
+BUILD_WAIT_S = 900.0
+"""How long a build waits for another live build of the same directory ($GLM_CUDA_BUILD_WAIT)."""
+STALE_AFTER_S = 3600.0
+"""A lock whose holder cannot be checked (another host) is stale after this long: no build takes an hour."""
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another build held the directory's lock for longer than the wait allowed."""
+
+
+def _holder_alive(holder: dict | None, lock: Path) -> bool:
+    """Whether the build that wrote `lock` may still be running.
+
+    torch's own lock file (a bare FileBaton) says nothing of its holder, so a build killed mid-way
+    (a timeout, a lost machine) leaves it, and every later build in that directory waits on it
+    forever. glm's lock records pid, host and start time: a holder on this host whose pid is gone,
+    or whose pid now belongs to a process started after the lock was written, is dead."""
+    if holder is None:  # empty or unreadable: a writer killed between create and write, or still writing
+        return time.time() - lock.stat().st_mtime < 10
+    if holder.get("host") != socket.gethostname():
+        return time.time() - float(holder.get("started", 0)) < STALE_AFTER_S
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(pid)
+    if started is not None and started > float(holder.get("started", 0)) + 2:  # the pid was reused since
+        return False
+    return True
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, +-1 s), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _read_holder(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path, wait_s: float | None = None, poll_s: float = 0.5) -> Iterator[dict]:
+    """Hold `directory`'s build lock while compiling into it; yields what was cleaned up.
+
+    A lock left by a dead build is removed at once, together with the torch lock that build left; a
+    live build is waited on for at most `wait_s` seconds (default $GLM_CUDA_BUILD_WAIT or 900), then
+    BuildLockTimeout names the holder and the file. While glm's lock is held, a torch lock in the
+    directory can only be a dead build's (every glm build takes glm's lock first), so it is removed
+    rather than waited on."""
+    if wait_s is None:
+        wait_s = float(os.environ.get("GLM_CUDA_BUILD_WAIT") or BUILD_WAIT_S)
+    directory = Path(directory)
+    lock = directory / LOCK_NAME
+    deadline = time.monotonic() + wait_s
+    cleaned: dict = {"stale_lock": None, "torch_lock": False, "waited_s": 0.0}
+    start = time.monotonic()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pass
+        holder = _read_holder(lock)
+        try:
+            alive = _holder_alive(holder, lock)
+        except OSError:  # the holder released it while we looked
+            continue
+        if not alive:
+            cleaned["stale_lock"] = holder or {}
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        if time.monotonic() >= deadline:
+            raise BuildLockTimeout(
+                f"waited {wait_s:.0f} s for the CUDA extension build of pid {(holder or {}).get('pid', '?')} on "
+                f"{(holder or {}).get('host', '?')} ({lock}); if no build is running, delete that file")
+        time.sleep(poll_s)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    cleaned["waited_s"] = round(time.monotonic() - start, 1)
+    try:
+        torch_lock = directory / TORCH_LOCK_NAME
+        if torch_lock.exists():
+            torch_lock.unlink(missing_ok=True)
+            cleaned["torch_lock"] = True
+        if cleaned["stale_lock"] is not None or cleaned["torch_lock"]:
+            print(f"glm: removed a stale build lock in {directory} (a build that did not finish)", file=sys.stderr)
+        yield cleaned
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _cuda_archs() -> list[str]:

@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from glm_cli.core.errors import GlmError
 from glm_cli.core.model.attention import attention
 from glm_cli.core.model.config import ModelConfig
+from glm_cli.core.model.segments import Segments
 
 
 class RMSNorm(nn.Module):
@@ -158,7 +159,7 @@ class Attention(nn.Module):
         kv_width = self.n_kv_heads * self.head_dim
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, segments: Segments | None = None):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -167,7 +168,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, S, D), S = cached + T
-        y = attention(q, k, v, causal=True, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if segments is not None:  # packed examples, each attending to itself (no T x T mask)
+            y = segments.attention(q, k, v, dropout_p)
+        else:
+            y = attention(q, k, v, causal=True, mask=mask, dropout_p=dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -235,9 +240,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, segments=None):
         dropout = self.dropout if self.training and self.dropout.p else _identity  # one call less, decoding
-        x = x + dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        x = x + dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segments))
         return x + dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -305,11 +310,13 @@ class Transformer(nn.Module):
         return self.model.embed_tokens(idx)
 
     def hidden_states(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                      segments: Segments | None = None) -> torch.Tensor:
         """Run the blocks on input embeddings x (B, T, C); returns the final normed states (B, T, C).
 
         positions (B, T) default to 0..T-1 (offset by the cache length when decoding). mask, when
-        given, is a bool (B or 1, 1, T, S) tensor, True where a query may attend to a key.
+        given, is a bool (B or 1, 1, T, S) tensor, True where a query may attend to a key. segments
+        (`core.model.segments`), instead of a mask, keeps packed examples apart without a T x T mask.
         """
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
@@ -333,18 +340,25 @@ class Transformer(nn.Module):
                 return out
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, segments,
+                                                      use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, mask, cache, segments)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, ignore_index: int = -100):
-        """Logits (B, T, V) for token ids idx (B, T); with targets, also the mean cross-entropy."""
-        h = self.hidden_states(self.embed(idx), positions, mask, cache)
+                cache: KVCache | None = None, ignore_index: int = -100, segments: Segments | None = None,
+                logits_at: torch.Tensor | None = None):
+        """Logits (B, T, V) for token ids idx (B, T); with targets, also the mean cross-entropy.
+        logits_at (bool (B, T)) computes the logits only where it is True, as (K, V): fine-tuning
+        scores its answer tokens alone, and the vocabulary projection of every other position costs
+        time and the largest activations of the pass for nothing."""
+        h = self.hidden_states(self.embed(idx), positions, mask, cache, segments)
+        if logits_at is not None:
+            h = h[logits_at]
         return logits_and_loss(self.lm_head(h), targets, ignore_index)
 
     def fuse_projections(self) -> int:

@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from glm_cli.core.model.segments import Segments
 from glm_cli.core.train import distributed as D
 from glm_cli.core.train.task import Export, TaskBase
-from glm_cli.core.tune.peft import PeftConfig, base_of, disabled, has_peft
+from glm_cli.core.tune.peft import PeftConfig, PromptTuned, base_of, disabled, has_peft
 from glm_cli.core.tune.ppo import (
     PPOConfig,
     gae,
@@ -34,8 +35,9 @@ from glm_cli.core.tune.ppo import (
 from glm_cli.core.tune.preference import (
     Pair,
     ScalarHead,
-    collate_full,
     dpo_loss,
+    packed_full,
+    packed_pair_batch,
     padding_mask,
     pair_batch,
     reward_export,
@@ -45,6 +47,15 @@ from glm_cli.core.tune.preference import (
 )
 from glm_cli.core.tune.sft import peft_export
 from glm_cli.core.tune.sft_data import RowLoader
+
+
+def row_attention(model: nn.Module, valid: torch.Tensor) -> dict:
+    """Keyword arguments that keep each row's real tokens (valid, (B, T)) to themselves, causally:
+    segment attention (no T x T mask), or for a prompt-tuned model, whose soft prompt joins every row,
+    the padding mask."""
+    if isinstance(model, PromptTuned):
+        return {"mask": padding_mask(valid)}
+    return {"segments": Segments.from_ids(torch.where(valid, 0, -1))}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -66,6 +77,9 @@ class _PairTask(TaskBase):
         self.tokenizer_dir, self.peft, self.merge, self.base = tokenizer_dir, peft, merge, base
         self.eval_batch_size = eval_batch_size or micro_batch_size
         self.device = torch.device("cpu")
+        # chosen and rejected sequences end to end in one row with segment attention; a soft prompt
+        # (prompt tuning) needs one row per sequence, so that method keeps padded rows and a mask
+        self.packed = not (peft is not None and peft.method == "prompt")
         self.loader = self._loader(0, 1)
 
     def _collate(self, pairs):
@@ -106,9 +120,7 @@ class DPOTask(_PairTask):
         self.reference = None if has_peft(model) else frozen_copy(model)
 
     def _collate(self, pairs):
-        batch = pair_batch(pairs, self.pad_id)
-        batch.pop("last")
-        return batch
+        return packed_pair_batch(pairs) if self.packed else pair_batch(pairs, self.pad_id)
 
     def setup(self, rank, world_size, device):
         super().setup(rank, world_size, device)
@@ -142,7 +154,7 @@ class DPOTask(_PairTask):
         n = 0
         for batch in self._val_batches():
             loss, metrics = self._loss(model, batch)
-            b = batch["input_ids"].shape[0] // 2
+            b = batch["last"].shape[0] // 2
             for k, v in {"val_loss": loss, **{f"val_{k}": v for k, v in metrics.items()}}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * b
             n += b
@@ -157,10 +169,11 @@ class RewardTask(_PairTask):
 
     def _collate(self, pairs):
         seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-        return collate_full(seqs, self.pad_id)
+        return packed_full(seqs)
 
     def _loss(self, model, batch):
-        scores = model(batch["input_ids"], batch["last"], batch["mask"])
+        scores = model(batch["input_ids"], batch["last"], positions=batch["positions"],
+                       segments=Segments.from_ids(batch["segments"]))
         B = scores.shape[0] // 2
         return reward_loss(scores[:B], scores[B:])
 
@@ -175,7 +188,7 @@ class RewardTask(_PairTask):
         loss_sum = correct = n = 0.0
         for batch in self._val_batches():
             loss, metrics = self._loss(model, batch)
-            b = batch["input_ids"].shape[0] // 2
+            b = batch["last"].shape[0] // 2
             loss_sum += float(loss) * b
             correct += float(metrics["accuracy"]) * b
             n += b
@@ -199,9 +212,11 @@ class PolicyValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, positions, mask, start: int):
-        """Logits (B, T - start, V) and values (B, T - start) from one pass, from column `start` on."""
-        h = self.policy.hidden_states(self.policy.embed(input_ids), positions, mask)[:, start:]
+    def forward(self, input_ids, positions, valid, start: int):
+        """Logits (B, T - start, V) and values (B, T - start) from one pass, from column `start` on;
+        valid (B, T) marks the real tokens of each (padded) row."""
+        h = self.policy.hidden_states(self.policy.embed(input_ids), positions,
+                                      **row_attention(self.policy, valid))[:, start:]
         return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
 
 
@@ -218,9 +233,9 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
         device = next(self.rm.parameters()).device
-        batch = collate_full([p + a for p, a in zip(prompts, answers, strict=True)], self.pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return self.rm(batch["input_ids"], batch["last"], batch["mask"]).float().cpu()
+        batch = {k: v.to(device) for k, v in packed_full([p + a for p, a in zip(prompts, answers, strict=True)]).items()}
+        return self.rm(batch["input_ids"], batch["last"], positions=batch["positions"],
+                       segments=Segments.from_ids(batch["segments"])).float().cpu()
 
 
 ROLLOUT_KEYS = ("input_ids", "positions", "valid", "targets", "answer_mask", "old_logp", "old_values",
@@ -292,18 +307,18 @@ class PPOTask(TaskBase):
         """Rollout tensors: log-probs, values, reference log-probs, rewards (all on self.device)."""
         batch = {k: v.to(self.device) for k, v in rollout_batch(prompts, answers, self.pad_id).items()}
         start = int(batch.pop("start"))
-        mask = padding_mask(batch["valid"])
         was_training = policy_value.training
         policy_value.eval()
         try:
-            logits, values = policy_value(batch["input_ids"], batch["positions"], mask, start)
+            logits, values = policy_value(batch["input_ids"], batch["positions"], batch["valid"], start)
         finally:
             policy_value.train(was_training)
         targets = batch["targets"][:, start:]
         logp = token_logps(logits, targets)
         ref_model = self.reference if self.reference is not None else policy_value.policy
         with disabled(policy_value.policy):
-            ref_h = ref_model.hidden_states(ref_model.embed(batch["input_ids"]), batch["positions"], mask)[:, start:]
+            ref_h = ref_model.hidden_states(ref_model.embed(batch["input_ids"]), batch["positions"],
+                                            **row_attention(ref_model, batch["valid"]))[:, start:]
             ref_logp = token_logps(ref_model.lm_head(ref_h), targets)
         scores = self.reward_fn(prompts, answers).to(self.device).float()
         rewards, kl = rewards_with_kl(scores, logp, ref_logp, batch["answer_mask"], self.cfg.kl_coef)
@@ -336,7 +351,7 @@ class PPOTask(TaskBase):
 
     def loss(self, model, batch):
         start = int(batch["input_ids"].shape[1] - batch["answer_mask"].shape[1])
-        logits, values = model(batch["input_ids"], batch["positions"], padding_mask(batch["valid"]), start)
+        logits, values = model(batch["input_ids"], batch["positions"], batch["valid"], start)
         logp = token_logps(logits, batch["targets"][:, start:])
         loss, metrics = ppo_objective(logp, batch["old_logp"], batch["advantages"], values, batch["old_values"],
                                       batch["returns"], batch["answer_mask"], self.cfg.clip, self.cfg.value_clip,

@@ -196,8 +196,11 @@ class PromptTuned(nn.Module):
             return self.base.hidden_states(x, positions, mask, cache)[:, P:]
         return self.base.hidden_states(x, positions, mask, cache)
 
-    def forward(self, idx, targets=None, *, positions=None, mask=None, cache=None, ignore_index: int = -100):
+    def forward(self, idx, targets=None, *, positions=None, mask=None, cache=None, ignore_index: int = -100,
+                logits_at=None):
         h = self.hidden_states(self.embed(idx), positions, mask, cache)
+        if logits_at is not None:  # as Transformer.forward: logits (K, V) where logits_at is True
+            h = h[logits_at]
         return logits_and_loss(self.lm_head(h), targets, ignore_index)
 
     def num_params(self) -> int:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from glm_cli.core.errors import CheckpointError, DataError
 from glm_cli.core.io.corpus import read_records
+from glm_cli.core.model.segments import Segments
 from glm_cli.core.tokens.chat import prompt_messages
 from glm_cli.core.tune.sft_data import IGNORE
 
@@ -122,6 +123,49 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return collate_sequences(prompts, responses, pad_id)
 
 
+# Training batches lay their sequences end to end in one row, each its own segment (attention within it,
+# positions from 0: `core.model.segments`): chosen and rejected in one forward, no padding computed and
+# no T x T mask. The padded collators above stay the reference they are tested against.
+
+
+def packed_pair_batch(pairs: list[Pair]) -> dict[str, torch.Tensor]:
+    """All chosen sequences, then all rejected ones, in one (1, N) row: input_ids, targets (the answer
+    tokens only), positions, segments (sequence i has id i) and last (2B,) flat index of each
+    sequence's last input token."""
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids, targets, positions, segments, last = [], [], [], [], []
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        seq = prompt + response
+        n = len(seq) - 1
+        ids += seq[:-1]
+        targets += [IGNORE] * (len(prompt) - 1) + response
+        positions += range(n)
+        segments += [i] * n
+        last.append(len(ids) - 1)
+    return _row(ids, positions, segments, last, targets)
+
+
+def packed_full(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Whole sequences (no shift) end to end in one (1, N) row, for reward scoring: input_ids, positions,
+    segments, last (flat index of each sequence's last token)."""
+    ids, positions, segments, last = [], [], [], []
+    for i, seq in enumerate(seqs):
+        ids += seq
+        positions += range(len(seq))
+        segments += [i] * len(seq)
+        last.append(len(ids) - 1)
+    return _row(ids, positions, segments, last)
+
+
+def _row(ids, positions, segments, last, targets=None) -> dict[str, torch.Tensor]:
+    batch = {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]),
+             "segments": torch.tensor([segments]), "last": torch.tensor(last)}
+    if targets is not None:
+        batch["targets"] = torch.tensor([targets])
+    return batch
+
+
 # ------------------------------------------------------------------------------------------- log-probs
 
 
@@ -134,7 +178,14 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of response-token log-probabilities per row (B,)."""
+    """Sum of response-token log-probabilities per sequence (B,): per row of a padded batch (`mask`),
+    per segment of a packed one (`segments`)."""
+    if "segments" in batch:  # logits at the answer tokens only (K, V): nothing else is scored
+        segments = Segments.from_ids(batch["segments"])
+        keep = batch["targets"] != IGNORE
+        logits = model(batch["input_ids"], positions=batch["positions"], segments=segments, logits_at=keep)
+        logps = token_logps(logits[None], batch["targets"][keep][None])[0]  # (K,)
+        return logps.new_zeros(len(segments.lengths)).index_add(0, segments.span_of[keep], logps)
     logits = model(batch["input_ids"], mask=batch["mask"], positions=batch.get("positions"))
     return token_logps(logits, batch["targets"]).sum(-1)
 
@@ -180,18 +231,21 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def values(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.trunk.hidden_states(self.trunk.embed(inputs), positions, mask)  # (B, T, C)
+               positions: torch.Tensor | None = None, segments: Segments | None = None) -> torch.Tensor:
+        h = self.trunk.hidden_states(self.trunk.embed(inputs), positions, mask, segments=segments)  # (B, T, C)
         return self.value_head(h).squeeze(-1).float()  # (B, T)
 
     def score(self, inputs: torch.Tensor, last: torch.Tensor, mask: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The reward of each row: the head at its last real token (B,)."""
-        v = self.values(inputs, mask, positions)
+              positions: torch.Tensor | None = None, segments: Segments | None = None) -> torch.Tensor:
+        """The reward of each sequence: the head at its last real token (S,). `last` indexes each row
+        (B,) of a padded batch, or with `segments` the flattened (B * T) positions of a packed one."""
+        v = self.values(inputs, mask, positions, segments)
+        if segments is not None:
+            return v.reshape(-1)[last]
         return v.gather(1, last[:, None]).squeeze(1)
 
-    def forward(self, inputs, last, mask=None, positions=None):
-        return self.score(inputs, last, mask, positions)
+    def forward(self, inputs, last, mask=None, positions=None, segments=None):
+        return self.score(inputs, last, mask, positions, segments)
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

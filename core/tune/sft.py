@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glm_cli.core.model.segments import Segments
 from glm_cli.core.train import distributed as D
 from glm_cli.core.train.task import Export, TaskBase
 from glm_cli.core.tune.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config_dict
@@ -24,7 +25,7 @@ from glm_cli.core.tune.peft import (
     base_state,
     merged_state,
 )
-from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate
+from glm_cli.core.tune.sft_data import IGNORE, Row, RowLoader, collate_packed
 
 
 def peft_export(model: nn.Module, peft: PeftConfig | None, merge: bool, tokenizer_dir, base: str | None) -> Export:
@@ -72,10 +73,24 @@ class SFTTask(TaskBase):
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self._to(self.loader.next_batch())
 
+    def _answer_logits(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (K, V) at the K answer positions and their targets (K,), from one forward over packed
+        rows, each example attending to itself (no T x T mask). The loss needs no other position, so no
+        other position is projected onto the vocabulary. A prompt-tuned model's rows hold one
+        right-padded example each (no packing): plain causal attention is exact there, as no real token
+        has padding before it."""
+        keep = batch["targets"] != IGNORE
+        if self.peft is not None and self.peft.method == "prompt":
+            attend = {}
+        else:
+            attend = {"segments": Segments.from_ids(batch["segments"])}
+        logits = model(batch["input_ids"], positions=batch["positions"], logits_at=keep, **attend)
+        return logits, batch["targets"][keep]
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], positions=batch["positions"], mask=batch["mask"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE)
-        return loss, {"answer_tokens": float((batch["targets"] != IGNORE).sum())}
+        logits, targets = self._answer_logits(model, batch)
+        loss = F.cross_entropy(logits.float(), targets)
+        return loss, {"answer_tokens": float(targets.numel())}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -86,13 +101,11 @@ class SFTTask(TaskBase):
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         rows = self.val_rows
         for start in range(0, len(rows), self.eval_batch_size):
-            batch = self._to(collate(rows[start:start + self.eval_batch_size], self.pad_id))
-            logits = model(batch["input_ids"], positions=batch["positions"], mask=batch["mask"]).float()
-            keep = batch["targets"] != IGNORE
-            nats += F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
-                                    reduction="sum").double()
-            count += keep.sum()
-            correct += ((logits.argmax(-1) == batch["targets"]) & keep).sum()
+            batch = self._to(collate_packed(rows[start:start + self.eval_batch_size], self.pad_id))
+            logits, targets = self._answer_logits(model, batch)
+            nats += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            count += targets.numel()
+            correct += (logits.argmax(-1) == targets).sum()
         return {"val_loss": float(nats / count), "val_token_accuracy": float(correct / count)}
 
     def state_dict(self) -> dict:

@@ -6,9 +6,10 @@ where token t+1 belongs to an assistant answer (-100 elsewhere), so the loss cov
 (every assistant turn) and their end-of-turn marker (`<|end|>` in glm's format).
 
 Packing puts several short examples into one row of `seq_len` tokens. Each row carries a segment id per
-token; attention is causal *within* a segment only (a block-diagonal causal mask) and positions restart
-at 0 for each segment, so a packed example computes exactly what it would alone (tested: same logits).
-Padding (segment -1) attends only to itself and has no target.
+token; attention is causal *within* a segment only and positions restart at 0 for each segment, so a
+packed example computes exactly what it would alone (tested: same logits). Training attends per segment
+(`core.model.segments`, memory linear in the row); `collate` also builds the equivalent dense
+block-diagonal mask, the reference it is tested against. Padding (segment -1) has no target.
 
 Order: rows are built once (examples shuffled with the seed, then packed greedily); every epoch visits
 the rows in a fresh seeded permutation. The cursor (epoch, position) is all the state there is, so a
@@ -82,6 +83,32 @@ def load_examples(path: str, encoder: ChatEncoderLike, max_len: int) -> tuple[li
     return examples, dropped
 
 
+ROW_CAP = 2048
+"""Longest default row: beyond it, a packed row buys no speed (the matmuls are already large) and
+its activations only cost memory."""
+ROW_MULTIPLE = 64
+
+
+def default_row_length(lengths: list[int], context: int, cap: int = ROW_CAP) -> tuple[int, str]:
+    """The row length when --seq-len is not given, and why (for the log).
+
+    The longest example rounded up to a multiple of 64, so every example fits whole and first-fit
+    packing fills rows with the short ones; at most `cap` tokens and the model's context. Not the
+    context itself: an 8k-context model fine-tuned on 50-token answers would otherwise pack hundreds
+    of examples into rows whose activations (and, without segment attention, a T x T mask) fill memory
+    for no gain in speed.
+    """
+    longest = max(lengths)
+    rounded = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    limit = min(cap, context)
+    if rounded <= limit:
+        return rounded, f"the longest example ({longest} tokens) rounded up to a multiple of {ROW_MULTIPLE}"
+    if limit == context:
+        return context, f"the model's context (the longest example has {longest} tokens)"
+    return limit, (f"the longest example has {longest} tokens, more than the cap of {cap} per row "
+                   "(longer examples keep their last answer)")
+
+
 @dataclass(slots=True)
 class Row:
     inputs: list[int]
@@ -121,7 +148,17 @@ def pack(examples: list[Example], seq_len: int, packing: bool = True) -> list[Ro
 
 
 def collate(rows: list[Row], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad rows to one length; build the block-diagonal causal mask (B, 1, T, T), True = may attend."""
+    """Pad rows to one length; build the block-diagonal causal mask (B, 1, T, T), True = may attend.
+
+    The dense reference: training uses `collate_packed`, whose segment ids keep examples apart without
+    a T x T mask (`core.model.segments`); both compute the same loss (tested)."""
+    batch = collate_packed(rows, pad_id, length)
+    batch["mask"] = segment_mask(batch.pop("segments"))
+    return batch
+
+
+def collate_packed(rows: list[Row], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad rows to one length: inputs, targets, positions and segment ids (B, T), -1 on padding."""
     T = length or max(len(r.inputs) for r in rows)
     B = len(rows)
     inputs = torch.full((B, T), pad_id, dtype=torch.long)
@@ -134,7 +171,7 @@ def collate(rows: list[Row], pad_id: int, length: int | None = None) -> dict[str
         targets[b, :n] = torch.tensor(r.targets)
         positions[b, :n] = torch.tensor(r.positions)
         segments[b, :n] = torch.tensor(r.segments)
-    return {"input_ids": inputs, "targets": targets, "positions": positions, "mask": segment_mask(segments)}
+    return {"input_ids": inputs, "targets": targets, "positions": positions, "segments": segments}
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -156,7 +193,7 @@ class RowLoader:
             raise DataError("<data>", 0, "no rows to train on")
         self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.collate = collate_fn or (lambda items: collate(items, pad_id))
+        self.collate = collate_fn or (lambda items: collate_packed(items, pad_id))
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, []
 

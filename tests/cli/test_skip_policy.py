@@ -18,6 +18,7 @@ TESTS = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("reason", [
     "needs a CUDA device",
     "needs compute capability 8.0+",
+    "needs a CUDA device of compute capability 8.0+",
     "nvcc is not installed",
     "needs nvcc's headers and a C++ compiler",
     "oneDNN's bf16 linear needs avx512bw/vl/dq or avx_ne_convert, which this CPU lacks",

@@ -218,3 +218,69 @@ def test_dpo_run_improves_preference_accuracy_and_resumes(tmp_path):
     wa, wb = load_tensors(a.final_dir / "model.safetensors"), load_tensors(b.final_dir / "model.safetensors")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+# ------------------------------------------------------------------- packed batches (segment attention)
+
+
+def _pairs():
+    from glm_cli.core.tune.preference import Pair
+
+    return [Pair([7, 8, 9], [10, 11], [12]), Pair([7, 8], [12, 13, 14], [10, 11, 9, 9]),
+            Pair([5, 6, 7, 8, 9, 10], [11], [13, 14])]
+
+
+def test_packed_pair_batch_equals_padded_rows_in_logps_and_gradients():
+    """Chosen and rejected end to end in one row with segment attention: the same sequence log-probs
+    and gradients as the padded (2B, T) rows with their mask."""
+    from glm_cli.core.tune.preference import packed_pair_batch, pair_batch
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_heads=2))
+    packed = packed_pair_batch(_pairs())
+    assert packed["input_ids"].shape[0] == 1 and packed["last"].tolist()[-1] == packed["input_ids"].shape[1] - 1
+    results = []
+    for batch in (packed, pair_batch(_pairs(), pad_id=1)):
+        model.zero_grad()
+        logps = sequence_logps(model, batch)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()  # weighs every sequence differently
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_reward_scores_equal_padded_rows():
+    from glm_cli.core.model.segments import Segments
+    from glm_cli.core.tune.preference import packed_full
+
+    torch.manual_seed(0)
+    rm = ScalarHead(Transformer(preset("tiny")), init_std=0.1).eval()
+    seqs = [[7, 8, 9, 10], [7, 8], [9] * 20]
+    padded = collate_full(seqs, pad_id=1)
+    packed = packed_full(seqs)
+    with torch.no_grad():
+        want = rm.score(padded["input_ids"], padded["last"], padded["mask"])
+        got = rm.score(packed["input_ids"], packed["last"], positions=packed["positions"],
+                       segments=Segments.from_ids(packed["segments"]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ppo_rollout_rows_attend_without_a_mask():
+    """PolicyValue on left- and right-padded rollout rows: segment attention equals the padding mask on
+    every real answer position."""
+    from glm_cli.core.tune.align import PolicyValue
+    from glm_cli.core.tune.preference import padding_mask
+
+    torch.manual_seed(0)
+    pv = PolicyValue(Transformer(preset("tiny"))).eval()
+    torch.nn.init.normal_(pv.value_head.weight, 0, 0.1)
+    batch = rollout_batch([[7, 8, 9], [7], [5, 6, 7, 8]], [[10, 5], [11, 12, 5], [9]], pad_id=1)
+    start = int(batch["start"])
+    with torch.no_grad():
+        logits, values = pv(batch["input_ids"], batch["positions"], batch["valid"], start)
+        h = pv.policy.hidden_states(pv.policy.embed(batch["input_ids"]), batch["positions"],
+                                    padding_mask(batch["valid"]))[:, start:]
+    real = batch["answer_mask"]
+    torch.testing.assert_close(logits[real], pv.policy.lm_head(h)[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values[real], pv.value_head(h).squeeze(-1)[real], rtol=1e-5, atol=1e-5)

@@ -321,3 +321,91 @@ def test_qlora_trains_lora_on_a_quantized_frozen_base(tmp_path):
     loaded = load_with_adapter(tmp_path / "out")
     assert isinstance(loaded.model.layers[0].self_attn.q_proj.base, QuantLinear)
     torch.testing.assert_close(loaded(idx), expected)
+
+
+# ------------------------------------------------------------------------------------ row length
+
+
+def test_default_row_length_from_the_data():
+    from glm_cli.core.tune.sft_data import default_row_length
+
+    assert default_row_length([43, 80, 12], context=8192) == (
+        128, "the longest example (80 tokens) rounded up to a multiple of 64")
+    assert default_row_length([64], context=8192)[0] == 64
+    length, why = default_row_length([5000, 30], context=8192)
+    assert length == 2048 and "more than the cap of 2048" in why
+    length, why = default_row_length([300], context=256)
+    assert length == 256 and "the model's context" in why
+
+
+def test_finetune_chooses_and_logs_its_row_length(base_dir, tmp_path):
+    """Without --seq-len the rows are as long as the longest example (rounded up), not the context;
+    --seq-len still decides when given."""
+    from glm_cli.core.tune.sft_data import ROW_MULTIPLE
+
+    d = base_dir.parent
+    common = ["--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "--peft", "lora", "--max-steps", "1",
+              "--set", "peak_flops=1"]
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "a", check=True)
+    err = r.stderr.decode()
+    line = next(x for x in err.splitlines() if x.startswith("rows of "))
+    length = int(line.split()[2])
+    assert "the longest example" in line and length % ROW_MULTIPLE == 0, line
+    context = json.loads((base_dir / "config.json").read_text())["max_position_embeddings"]
+    assert length < context
+    assert f"rows of <= {length} tokens" in err
+    r = run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--seq-len", "40", check=True)
+    err = r.stderr.decode()
+    assert "rows of <= 40 tokens" in err and not any(x.startswith("rows of ") for x in err.splitlines())
+
+
+# ------------------------------------------------------------------------------ memory and precision
+
+
+def test_activation_checkpointing_flag_changes_memory_not_results(base_dir, tmp_path):
+    """--activation-checkpointing recomputes blocks in the backward pass: same losses to the bit."""
+    d = base_dir.parent
+    common = ["--data", d / "sft.jsonl", "--val", d / "sft_val.jsonl", "--peft", "lora", "--max-steps", "3",
+              "--set", "peak_flops=1", "--json"]
+    plain = json.loads(run_glm("finetune", base_dir, *common, "-o", tmp_path / "a", check=True).stdout)
+    ckpt = json.loads(run_glm("finetune", base_dir, *common, "-o", tmp_path / "b", "--activation-checkpointing",
+                              check=True).stdout)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["train_config"]["activation_checkpointing"]
+    assert not json.loads((tmp_path / "a" / "run.json").read_text())["train_config"]["activation_checkpointing"]
+    assert (ckpt["train_loss"], ckpt["val_loss"]) == (plain["train_loss"], plain["val_loss"])
+
+
+def test_bf16_note_only_where_the_cpu_emulates_it(monkeypatch):
+    from glm_cli.core.tune import precision
+
+    assert precision.cpu_bf16_flags("flags\t: fpu avx2 avx512f\n") == []
+    assert precision.cpu_bf16_flags("flags\t: fpu avx512_bf16 amx_bf16\n") == ["avx512_bf16", "amx_bf16"]
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    assert "emulates" in precision.cpu_bf16_note("cpu", "bf16")
+    assert precision.cpu_bf16_note("cpu", "fp32") is None and precision.cpu_bf16_note("cuda", "bf16") is None
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    assert precision.cpu_bf16_note("cpu", "bf16") is None
+
+
+def test_sft_loss_on_answer_logits_equals_the_masked_full_pass():
+    """SFTTask projects only answer positions onto the vocabulary, through segment attention: the same
+    loss and gradients as full logits over the dense block-diagonal mask."""
+    from glm_cli.core.tune.sft import SFTTask
+    from glm_cli.core.tune.sft_data import collate_packed
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_heads=2))
+    exs = [Example(list(range(5, 5 + n)), [IGNORE] * (n // 2) + list(range(9, 9 + n - n // 2))) for n in (7, 12, 30, 3)]
+    rows = pack(exs, 40)
+    task = SFTTask(model, rows, rows, pad_id=1, micro_batch_size=4)
+    got, metrics = task.loss(model, collate_packed(rows, 1))
+    got.backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dense = collate(rows, 1)
+    _, want = model(dense["input_ids"], dense["targets"], positions=dense["positions"], mask=dense["mask"])
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert metrics["answer_tokens"] == sum(t != IGNORE for ex in exs for t in ex.targets)
+    for a, b in zip(got_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
