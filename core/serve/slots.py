@@ -91,7 +91,7 @@ class SlotCache(KVCache):
     """A `KVCache` whose tensors are views of one slot of the pool: the model's forward writes into the
     pool directly. Its `length` starts at the slot's length; `SlotPool.lengths` is updated by the caller."""
 
-    def __init__(self, pool: SlotPool, slot: int):  # noqa: super().__init__ would allocate a cache
+    def __init__(self, pool: SlotPool, slot: int):  # no super().__init__(): it would allocate a cache
         self.keys = [k[slot:slot + 1] for k in pool.keys]
         self.values = [v[slot:slot + 1] for v in pool.values]
         self.length = int(pool.lengths[slot])
