@@ -160,12 +160,22 @@ def test_models_health_metrics(server):
     health = http("GET", f"{server.url}/health")
     assert health.status_code == 200 and health.json()["slots_total"] == 4
     assert health.json()["context_per_slot"] == 128
+
+    def counter(text: str, prefix: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    # Other tests share this server, so the counters are compared around a request of this test's own.
+    before = http("GET", f"{server.url}/metrics").text
+    done = client.completions.create(model="ckpt", prompt="HAMLET.", max_tokens=5, temperature=0)
     text = http("GET", f"{server.url}/metrics").text
     for name in ("glm_requests_total", "glm_completion_tokens_total", "glm_queue_length", "glm_slots_busy",
                  "glm_time_to_first_token_seconds_bucket", "glm_time_per_token_seconds_count"):
         assert name in text
-    completed = [line for line in text.splitlines() if line.startswith('glm_requests_total{outcome="ok"}')]
-    assert int(completed[0].split()[-1]) > 0
+    ok = 'glm_requests_total{outcome="ok"}'
+    assert counter(text, ok) >= counter(before, ok) + 1
+    tokens = "glm_completion_tokens_total"
+    assert counter(text, tokens) >= counter(before, tokens) + done.usage.completion_tokens
 
 
 BAD_REQUESTS = [
