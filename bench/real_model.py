@@ -524,15 +524,15 @@ def build_tasks(out: Path, per_kind: int, seed: int) -> dict:
 
 def answer_loss(ckpt: Path, val: Path, seq_len: int) -> float:
     """The held-out answer loss `glm finetune` reports (same encoder, packing and SFTTask.evaluate)."""
-    from glm_cli.commands._tuning import load_base_and_tokenizer, pad_id
+    from glm_cli.core.load.tuning_base import load_tuning_base
     from glm_cli.core.tune.sft import SFTTask
     from glm_cli.core.tune.sft_data import load_examples, pack
 
-    model, tokenizer, encoder = load_base_and_tokenizer(str(ckpt))
-    examples, _ = load_examples(str(val), encoder, seq_len)
+    base = load_tuning_base(ckpt)
+    examples, _ = load_examples(str(val), base.encoder, seq_len)
     rows = pack(examples, seq_len, True)
-    task = SFTTask(model, rows, rows, pad_id=pad_id(model, tokenizer), micro_batch_size=8)
-    return task.evaluate(model.eval())["val_loss"]
+    task = SFTTask(base.model, rows, rows, pad_id=base.pad_id(), micro_batch_size=8)
+    return task.evaluate(base.model.eval())["val_loss"]
 
 
 def chat_answers(ckpt: Path, questions: list[str], out: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Annotated
@@ -82,3 +83,19 @@ def emit_summary(summary: dict, as_json: bool, data_on_stdout: bool) -> None:
     stream = sys.stderr if data_on_stdout else sys.stdout
     stream.write(json.dumps(summary, indent=2, default=str) + "\n")
     stream.flush()
+
+
+def flag_name(field: str) -> str:
+    """The flag of an options field: `seq_len` -> `--seq-len` (every command names its flags so)."""
+    return "--" + field.replace("_", "-")
+
+
+@contextlib.contextmanager
+def flags_for_fields():
+    """Core names a wrong setting by its field; the user typed a flag: say the flag."""
+    from glm_cli.core.errors import OptionError, UsageError
+
+    try:
+        yield
+    except OptionError as e:
+        raise UsageError(e.render(flag_name)) from None

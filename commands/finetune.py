@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from glm_cli.commands._common import (
     TrainSeed,
     TrainSet,
     emit_summary,
+    flags_for_fields,
     given_flags,
 )
 
@@ -73,72 +73,21 @@ def command(
         glm finetune runs/demo/pretrain/final --data tasks/train.jsonl --val tasks/val.jsonl \\
             -o runs/sft --peft lora --lora-rank 8 --merge --epochs 3
     """
-    import torch
-
-    from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.train.trainer import Trainer
-    from glm_cli.core.tune.holdout import validation_split
-    from glm_cli.core.tune.sft import SFTTask
-    from glm_cli.core.tune.sft_data import default_row_length, load_examples, pack, shuffled
+    from glm_cli.core.console import set_quiet
+    from glm_cli.core.load.tuning_base import load_tuning_base
+    from glm_cli.core.tune.finetune_setup import FinetuneOptions, build_finetune, finetune_settings
 
     set_quiet(quiet)
     T.refuse_method(method)
-    peft = T.peft_config(peft_method, lora_rank, lora_alpha, lora_dropout, lora_targets, adapter_dim,
-                         prompt_tokens)
-    if merge and peft_method != "lora":
-        raise T.UsageError(f"--merge applies to --peft lora only ({peft_method} adapters add layers or inputs "
-                           "and cannot be folded into the weights)")
-    settings, given = T.train_settings(T.FINETUNE, config, set_, given_flags(ctx, {
-        "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-        "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype, "seed": seed,
-        "activation_checkpointing": activation_checkpointing}))
-    seed = settings.seed
-    torch.manual_seed(seed)
-    T.precision_note(settings)
-    model, tokenizer, encoder = T.load_base_and_tokenizer(base)
-    context = model.config.max_seq_len
-    if seq_len > context:
-        raise T.UsageError(f"--seq-len {seq_len} exceeds the model's context {context}")
-    prompt_tokens = peft.prompt_tokens if peft is not None and peft.method == "prompt" else 0
-    if prompt_tokens:
-        packing = False  # one soft prompt per row: each row holds one example
-
-    def load(length: int):
-        examples, dropped = load_examples(data, encoder, length)
-        examples, val_examples = validation_split(
-            examples, val, lambda path: load_examples(path, encoder, length)[0], val_fraction, seed)
-        return examples, val_examples, dropped
-
-    length = (seq_len or context) - prompt_tokens
-    train_examples, val_examples, dropped = load(length)
-    if not seq_len:
-        lengths = [len(ex.inputs) for ex in train_examples + val_examples]
-        chosen, why = default_row_length(lengths, context - prompt_tokens)
-        log(f"rows of {chosen} tokens: {why} (--seq-len sets another)")
-        if chosen < max(lengths):  # some examples must be cut to the chosen rows
-            train_examples, val_examples, dropped = load(chosen)
-        length = chosen
-    if dropped:
-        log(f"{dropped} example(s) dropped: no answer token fits in {length} tokens")
-    train_rows = pack(shuffled(train_examples, seed), length, packing)
-    val_rows = pack(val_examples, length, packing)
-    pid = T.pad_id(model, tokenizer)
-    init_ids = (torch.tensor([t for ex in train_examples[:8] for t in ex.inputs]) if peft_method == "prompt"
-                else None)
-    model = T.prepare_model(model, peft, init_ids, merge)
-    steps = T.steps_for(len(train_rows), settings.micro_batch_size, settings.grad_accum, epochs,
-                        settings.max_steps)
-    train_config = T.run_config(settings, given, steps=steps, default_lr=T.DEFAULT_LR[peft_method])
-    trainable, total = T.trainable_counts(model)
-    log(f"finetune ({peft_method}): {len(train_examples)} examples in {len(train_rows)} rows of <= {length} "
-        f"tokens, {len(val_examples)} for validation; {steps} steps; {trainable:,} of {total:,} parameters trained")
-    task = SFTTask(model, train_rows, val_rows, pad_id=pid, micro_batch_size=settings.micro_batch_size,
-                   seed=seed, tokenizer_dir=base, peft=peft, merge=merge, base=str(base))
-    run_info = {"title": f"finetune {peft_method}", "command": "finetune", "base": str(base), "data": data,
-                "val": val, "method": peft_method, "peft": T.asdict(peft) if peft else None, "merge": merge,
-                "train_examples": len(train_examples), "val_examples": len(val_examples)}
-    result = Trainer(task, train_config, output, resume=resume, run_info=run_info).fit()
-    summary = T.finish(result, Path(output), model, peft, merge, base,
-                       {"command": "finetune", "method": peft_method, "train_examples": len(train_examples),
-                        "val_examples": len(val_examples), "dropped": dropped})
-    emit_summary(summary, as_json, data_on_stdout=False)
+    options = FinetuneOptions(
+        data=data, output=output, val=val, val_fraction=val_fraction, peft=peft_method, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, adapter_dim=adapter_dim,
+        prompt_tokens=prompt_tokens, merge=merge, epochs=epochs, seq_len=seq_len, packing=packing, resume=resume,
+        config_file=config, sets=list(set_ or []), settings=given_flags(ctx, {
+            "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
+            "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype,
+            "seed": seed, "activation_checkpointing": activation_checkpointing}))
+    with flags_for_fields():
+        checked = finetune_settings(options)  # before the base is loaded: a wrong setting fails at once
+        run = build_finetune(options, load_tuning_base(base), checked)
+    emit_summary(run.summary(run.trainer().fit()), as_json, data_on_stdout=False)

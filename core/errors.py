@@ -31,3 +31,30 @@ class DataError(GlmError):
 
 class CheckpointError(GlmError):
     """A checkpoint directory is missing, incomplete, corrupted or unsafe to load."""
+
+
+class OptionError(UsageError):
+    """A setting of a core options object is wrong. Core names settings by field (`seq_len`); the command
+    that filled the options renders the same message with its flag names (`--seq-len`) by `render`.
+
+    `template` names each field it mentions in braces, and takes the values it shows as keywords:
+    OptionError("{seq_len} {value} exceeds the model's context {context}", value=4096, context=2048).
+    """
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        super().__init__(self.render(str))
+
+    def render(self, name) -> str:
+        """The message with every {field} replaced by `name(field)` (a flag, say)."""
+        import string
+
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name} - set(self.values)
+        return self.template.format(**{f: name(f) for f in fields}, **self.values)
+
+    def __reduce__(self):
+        return _option_error, (self.template, self.values)
+
+
+def _option_error(template: str, values: dict) -> OptionError:
+    return OptionError(template, **values)

@@ -107,6 +107,14 @@ class _PairTask(TaskBase):
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
 
+    def _loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's loss on a batch of pairs and its metrics as tensors (`evaluate` sums them)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        loss, metrics = self._loss(model, batch)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
     def _val_batches(self):
         for start in range(0, len(self.val_pairs), self.eval_batch_size):
             yield self._to(self._collate(self.val_pairs[start:start + self.eval_batch_size]))
@@ -142,10 +150,6 @@ class DPOTask(_PairTask):
         return dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=self.beta,
                         label_smoothing=self.label_smoothing, loss_type=self.loss_type)
 
-    def loss(self, model, batch):
-        loss, metrics = self._loss(model, batch)
-        return loss, {k: float(v) for k, v in metrics.items()}
-
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         if not self.val_pairs:
@@ -176,10 +180,6 @@ class RewardTask(_PairTask):
                        segments=Segments.from_ids(batch["segments"]))
         B = scores.shape[0] // 2
         return reward_loss(scores[:B], scores[B:])
-
-    def loss(self, model, batch):
-        loss, metrics = self._loss(model, batch)
-        return loss, {k: float(v) for k, v in metrics.items()}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:

@@ -13,9 +13,12 @@ WORDS = ("the king and the queen of the land went to the sea with their men, for
          "wind would bring news of the war from a far country where the people had been waiting").split()
 
 
-def script() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python_api.md").read_text(), re.S)
-    assert len(blocks) == 1, "docs/python_api.md should hold exactly one python block"
+def script(section: str = "Raw text to an evaluated model") -> str:
+    """The one python block of a `## section` of docs/python_api.md."""
+    text = (ROOT / "docs" / "python_api.md").read_text()
+    part = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", part, re.S)
+    assert len(blocks) == 1, f"docs/python_api.md's section {section!r} should hold exactly one python block"
     return blocks[0]
 
 

@@ -413,10 +413,11 @@ def test_generate_prompts_with_an_unknown_role_name_the_line(chatml_ckpt, tmp_pa
 
 
 def test_finetune_and_eval_pick_the_models_template(chatml_ckpt):
-    from glm_cli.commands._tuning import load_base_and_tokenizer
     from glm_cli.core.eval.tasks import Scorer, Task, evaluate_gen
+    from glm_cli.core.load.tuning_base import load_tuning_base
 
-    _, tokenizer, encoder = load_base_and_tokenizer(str(chatml_ckpt))
+    base = load_tuning_base(chatml_ckpt)
+    tokenizer, encoder = base.tokenizer, base.encoder
     assert isinstance(encoder, TemplateChatEncoder) and encoder.end_id == tokenizer.token_to_id("<|im_end|>")
     model = __import__("glm_cli.core.checkpoint.loader", fromlist=["load_model"]).load_model(chatml_ckpt)
     scorer = Scorer(model, tokenizer, batch_size=2, checkpoint_dir=str(chatml_ckpt))
