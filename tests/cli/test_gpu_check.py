@@ -50,11 +50,12 @@ def _bare_env() -> dict:
 
 def _dependency_dirs() -> list[str]:
     """The site-packages directories this interpreter imports torch, typer, pytest ... from, as a fresh
-    process outside the repository sees them (so no working-directory entry)."""
+    process outside the repository sees them (so no working-directory entry). A venv inside the checkout
+    (`make install`'s .venv, as in CI) is kept: listed in a .pth, its own .pth files (the editable
+    install's finder among them) are not run, so glm still cannot be imported from it."""
     out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], cwd="/",
                          env=_bare_env(), capture_output=True, text=True, check=True, timeout=60).stdout
-    dirs = [p for p in json.loads(out) if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
-    return [p for p in dirs if not Path(p).resolve().is_relative_to(ROOT)]
+    return [p for p in json.loads(out) if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
 
 
 @pytest.fixture(scope="module")
