@@ -320,25 +320,37 @@ def _parse_json_line(source: str, number: int, raw: bytes, columns: Columns = DE
     return Document(id=doc_id, text=text, meta=record, source=source, line=number)
 
 
+def numbered_lines(f) -> Iterator[tuple[int, bytes | CorruptInput]]:
+    """(line number, line without its end and the file's BOM) for each line of a binary file; a damaged
+    compressed stream ends it with (number, the CorruptInput), since nothing after it can be read. The
+    one line reader of JSONL, in-process (`_read_jsonl`) and cut into worker units (`io/units.py`)."""
+    number = 0
+    lines = iter(f)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except CorruptInput as e:
+            yield number + 1, e
+            return
+        number += 1
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        yield number, raw
+
+
 def _read_jsonl(source: str, columns: Columns) -> Iterator[Document | BadRecord]:
     with _open_binary(source) as f:
         number = 0
-        lines = iter(f)
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                break
-            except CorruptInput as e:  # nothing after this point can be read: report it and stop
-                yield BadRecord(source, number + 1, str(e), "")
+        for number, raw in numbered_lines(f):
+            if isinstance(raw, CorruptInput):  # nothing after this point can be read: report it and stop
+                yield BadRecord(source, number, str(raw), "")
                 return
-            number += 1
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-                if raw.endswith(b"\r"):
-                    raw = raw[:-1]
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
             yield _parse_json_line(source, number, raw, columns)
         if number == 0:
             yield BadRecord(source, 0, "empty file", "")

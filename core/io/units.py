@@ -23,6 +23,7 @@ from glm_cli.core.io.corpus import (
     _strip_compression,
     expand_inputs,
     is_parquet,
+    numbered_lines,
     read_source,
     shard_units,
 )
@@ -57,24 +58,12 @@ def _raw_units(source: str) -> Iterator[RawLines | Parsed]:
     """`_read_jsonl`'s lines, cut into units (its BOM and line-end stripping, its bad records)."""
     with _open_binary(source) as f:
         number, lines, size, first = 0, [], 0, 1
-        it = iter(f)
-        while True:
-            try:
-                raw = next(it)
-            except StopIteration:
-                break
-            except CorruptInput as e:  # nothing after this point can be read: report it and stop
+        for number, raw in numbered_lines(f):
+            if isinstance(raw, CorruptInput):  # nothing after this point can be read: report it and stop
                 if lines:
                     yield RawLines(source, first, lines)
-                yield Parsed([BadRecord(source, number + 1, str(e), "")])
+                yield Parsed([BadRecord(source, number, str(raw), "")])
                 return
-            number += 1
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-                if raw.endswith(b"\r"):
-                    raw = raw[:-1]
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
             lines.append(raw)
             size += len(raw)
             if len(lines) >= UNIT_LINES or size >= UNIT_BYTES:
