@@ -76,6 +76,13 @@ def errors_path_for(output: str, errors: str | None) -> str:
     return output + ".errors.jsonl"
 
 
+def error_policy(on_error: str, output: str, errors: str | None):
+    """The `ErrorPolicy` of --on-error and --errors, its errors file beside `output` by default."""
+    from glm_cli.core.io.corpus import ErrorPolicy
+
+    return ErrorPolicy(on_error, errors_path_for(output, errors))
+
+
 def emit_summary(summary: dict, as_json: bool, data_on_stdout: bool) -> None:
     """The --json summary goes to stdout, unless stdout already carries data."""
     if not as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import typer
@@ -17,8 +18,11 @@ from glm_cli.commands._common import (
     TrainSet,
     emit_summary,
     flags_for_fields,
-    given_flags,
 )
+
+# the help of an option that sets a DPOConfig / PPOConfig field, marked as that method's
+_dpo = partial(T.doc, "DPOConfig", prefix="dpo:")
+_ppo = partial(T.doc, "PPOConfig", prefix="ppo:")
 
 
 def command(
@@ -32,33 +36,34 @@ def command(
                                       "\"chosen\", \"rejected\"}; ppo: {\"prompt\"} (preference files work too).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Run directory; RUN/final is the aligned model "
                                         "(for --method reward: the reward model).")],
-    method: Annotated[str, typer.Option("--method", help="dpo | reward | ppo.")] = "dpo",
+    method: Annotated[str, typer.Option("--method", help=T.ALIGN_METHOD_HELP)] = "dpo",
     val: Annotated[str | None, typer.Option("--val", help="Held-out JSONL (same format): DPO reward accuracy, "
                                             "reward-model pairwise accuracy, PPO reward on its prompts. Default: "
                                             "--val-fraction of --data.")] = None,
     val_fraction: T.ValFraction = 0.05,
-    reward_model: Annotated[str | None, typer.Option("--reward-model", help="ppo: the reward model (output "
-                                                     "of --method reward: RUN/final).")] = None,
-    beta: Annotated[float, typer.Option("--beta", min=0, help="dpo: strength of the implicit KL constraint.")] = 0.1,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0, max=0.49, help="dpo: assumed "
-                                                   "share of flipped preference labels (cDPO / robust).")] = 0.0,
-    loss_type: Annotated[str, typer.Option("--loss-type", help="dpo: sigmoid (cDPO with label smoothing) or "
-                                           "robust (Chowdhury et al.).")] = "sigmoid",
-    kl_coef: Annotated[float, typer.Option("--kl-coef", min=0, help="ppo: per-token KL penalty to the "
-                                           "reference model.")] = 0.05,
-    rollout_size: Annotated[int, typer.Option("--rollout-size", min=1, help="ppo: prompts per rollout.")] = 16,
-    ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="ppo: passes over each rollout.")] = 2,
-    clip: Annotated[float, typer.Option("--clip", min=0, help="ppo: policy ratio clip epsilon.")] = 0.2,
-    vf_coef: Annotated[float, typer.Option("--vf-coef", min=0, help="ppo: value loss weight.")] = 0.1,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="ppo: longest sampled answer.")] = 24,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.05, help="ppo: sampling temperature.")] = 1.0,
+    reward_model: Annotated[str | None, typer.Option("--reward-model", help=T.doc("AlignOptions",
+                                                                                  "reward_model"))] = None,
+    beta: Annotated[float, typer.Option("--beta", min=0, help=_dpo("beta"))] = T.DPO.beta,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0, max=0.49,
+                                                   help=_dpo("label_smoothing"))] = T.DPO.label_smoothing,
+    loss_type: Annotated[str, typer.Option("--loss-type", help=_dpo("loss_type"))] = T.DPO.loss_type,
+    kl_coef: Annotated[float, typer.Option("--kl-coef", min=0, help=_ppo("kl_coef"))] = T.PPO.kl_coef,
+    rollout_size: Annotated[int, typer.Option("--rollout-size", min=1,
+                                              help=_ppo("rollout_size"))] = T.PPO.rollout_size,
+    ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help=_ppo("ppo_epochs"))] = T.PPO.ppo_epochs,
+    clip: Annotated[float, typer.Option("--clip", min=0, help=_ppo("clip"))] = T.PPO.clip,
+    vf_coef: Annotated[float, typer.Option("--vf-coef", min=0, help=_ppo("vf_coef"))] = T.PPO.vf_coef,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1,
+                                                help=_ppo("max_new_tokens"))] = T.PPO.max_new_tokens,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.05,
+                                               help=_ppo("temperature"))] = T.PPO.temperature,
     peft_method: T.Peft = "lora",
-    lora_rank: T.LoraRank = 8,
-    lora_alpha: T.LoraAlpha = 16.0,
-    lora_dropout: T.LoraDropout = 0.0,
-    lora_targets: T.LoraTargets = "q_proj,v_proj",
-    adapter_dim: T.AdapterDim = 16,
-    prompt_tokens: T.PromptTokens = 16,
+    lora_rank: T.LoraRank = T.PEFT.rank,
+    lora_alpha: T.LoraAlpha = T.PEFT.alpha,
+    lora_dropout: T.LoraDropout = T.PEFT.dropout,
+    lora_targets: T.LoraTargets = T.LORA_TARGETS,
+    adapter_dim: T.AdapterDim = T.PEFT.adapter_dim,
+    prompt_tokens: T.PromptTokens = T.PEFT.prompt_tokens,
     merge: T.Merge = True,
     epochs: T.Epochs = 2.0,
     max_steps: T.MaxSteps = T.ALIGN.max_steps,
@@ -103,10 +108,7 @@ def command(
         peft=peft_method, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_targets=lora_targets, adapter_dim=adapter_dim, prompt_tokens=prompt_tokens, merge=merge,
         epochs=epochs, seq_len=seq_len, resume=resume, config_file=config, sets=list(set_ or []),
-        settings=given_flags(ctx, {
-            "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-            "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype,
-            "seed": seed, "activation_checkpointing": activation_checkpointing}))
+        settings=T.typed_settings(ctx))
     with flags_for_fields():
         checked = align_settings(options)  # before the base is loaded: a wrong setting fails at once
         run = build_align(options, load_tuning_base(base), checked)

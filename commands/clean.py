@@ -24,7 +24,7 @@ from glm_cli.commands._common import (
     Workers,
     columns_for,
     emit_summary,
-    errors_path_for,
+    error_policy,
 )
 
 # The command's help text comes from glm_cli.app, so the examples live in the INPUTS help.
@@ -199,7 +199,7 @@ def command(
     from glm_cli.core.clean.run import clean_corpus
     from glm_cli.core.console import set_quiet
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.corpus import ErrorPolicy, parse_shard
+    from glm_cli.core.io.corpus import parse_shard
 
     set_quiet(quiet)
     config = _config(html=html, unicode_form=unicode_form, strip_control=strip_control, whitespace=whitespace,
@@ -210,7 +210,7 @@ def command(
                      lang_threshold=lang_threshold, pii=pii)
     if rejected is not None and rejected in (output, "-") and rejected != "":
         raise UsageError("--rejected must be a file other than the output (and not '-')")
-    policy = ErrorPolicy(on_error, errors_path_for(output, errors))
+    policy = error_policy(on_error, output, errors)
     summary = clean_corpus(inputs, output, config, rejected=rejected, columns=columns_for(text_column, id_column),
                            row_group_size=row_group_size, policy=policy, workers=workers, shard=parse_shard(shard))
     summary["shard"] = shard

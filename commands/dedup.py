@@ -35,9 +35,9 @@ from glm_cli.commands._common import (
     Workers,
     columns_for,
     emit_summary,
-    errors_path_for,
+    error_policy,
 )
-from glm_cli.core.field_docs import field_docs
+from glm_cli.core.field_docs import field_doc
 
 
 class _RunByDefault(TyperGroup):
@@ -63,9 +63,8 @@ app = typer.Typer(cls=_RunByDefault, no_args_is_help=True, pretty_exceptions_ena
 def _doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `DedupConfig.<name>`: the field's docstring (declared once, in core),
     with the `field` names it mentions shown as their flags."""
-    doc = field_docs("glm_cli.core.dedup.config", "DedupConfig")[name]
-    doc = re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), doc)
-    return f"{doc} {extra}" if extra else doc
+    doc = field_doc("glm_cli.core.dedup.config", "DedupConfig", name, extra)
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), doc)
 
 
 # The flag of each DedupConfig field, so core's problems (which name fields) read as the flags typed.
@@ -109,12 +108,6 @@ def _config(**kw):
 
     kw["against"] = tuple(kw.get("against") or ())
     return DedupConfig(**kw).resolved(FLAGS)
-
-
-def _policy(on_error: str, output: str, errors: str | None):
-    from glm_cli.core.io.corpus import ErrorPolicy
-
-    return ErrorPolicy(on_error, errors_path_for(output, errors))
 
 
 def _write_jsonl(path: str | None, records: Iterable[dict]) -> None:
@@ -209,7 +202,7 @@ def run(
         log("dedup: disk space not checked (standard input has no size)")
     else:
         disk.check(need, output)
-    policy = _policy(on_error, output, errors)
+    policy = error_policy(on_error, output, errors)
     start = time.perf_counter()
     plan, counts, contamination_records = dedup_run(
         inputs, output, config, columns=columns, policy=policy, shard=shard_spec, workers=workers,
@@ -273,7 +266,7 @@ def signatures(
                      line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
                      contamination_ngram=contamination_ngram, contamination_action=contamination)
     shard_spec = parse_shard(shard)
-    policy = _policy(on_error, output, errors)
+    policy = error_policy(on_error, output, errors)
     start = time.perf_counter()
     # streamed to the file: memory stays bounded (the default 1024 MB of signatures held, the rest spilled)
     work = write_signatures(read_documents(inputs, policy, shard_spec, columns_for(text_column, id_column)),
@@ -368,7 +361,7 @@ def filter_step(
             raise UsageError(f"--signatures {signatures}: not the signature file of shard {index} of this plan "
                              "(its documents differ)")
         holders = own.holders_of(loaded.boilerplate)
-    policy = _policy(on_error, output, errors)
+    policy = error_policy(on_error, output, errors)
     start = time.perf_counter()
     columns = columns_for(text_column, id_column)
     with RecordWriter(output, columns, row_group_size) as writer:

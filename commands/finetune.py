@@ -17,7 +17,6 @@ from glm_cli.commands._common import (
     TrainSet,
     emit_summary,
     flags_for_fields,
-    given_flags,
 )
 
 
@@ -35,12 +34,12 @@ def command(
                                             "--val-fraction of --data.")] = None,
     val_fraction: T.ValFraction = 0.05,
     peft_method: T.Peft = "lora",
-    lora_rank: T.LoraRank = 8,
-    lora_alpha: T.LoraAlpha = 16.0,
-    lora_dropout: T.LoraDropout = 0.0,
-    lora_targets: T.LoraTargets = "q_proj,v_proj",
-    adapter_dim: T.AdapterDim = 16,
-    prompt_tokens: T.PromptTokens = 16,
+    lora_rank: T.LoraRank = T.PEFT.rank,
+    lora_alpha: T.LoraAlpha = T.PEFT.alpha,
+    lora_dropout: T.LoraDropout = T.PEFT.dropout,
+    lora_targets: T.LoraTargets = T.LORA_TARGETS,
+    adapter_dim: T.AdapterDim = T.PEFT.adapter_dim,
+    prompt_tokens: T.PromptTokens = T.PEFT.prompt_tokens,
     merge: T.Merge = False,
     epochs: T.Epochs = 3.0,
     max_steps: T.MaxSteps = T.FINETUNE.max_steps,
@@ -83,10 +82,7 @@ def command(
         data=data, output=output, val=val, val_fraction=val_fraction, peft=peft_method, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, adapter_dim=adapter_dim,
         prompt_tokens=prompt_tokens, merge=merge, epochs=epochs, seq_len=seq_len, packing=packing, resume=resume,
-        config_file=config, sets=list(set_ or []), settings=given_flags(ctx, {
-            "max_steps": max_steps, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr,
-            "warmup_steps": warmup_steps, "eval_every": eval_every, "device": device, "dtype": dtype,
-            "seed": seed, "activation_checkpointing": activation_checkpointing}))
+        config_file=config, sets=list(set_ or []), settings=T.typed_settings(ctx))
     with flags_for_fields():
         checked = finetune_settings(options)  # before the base is loaded: a wrong setting fails at once
         run = build_finetune(options, load_tuning_base(base), checked)

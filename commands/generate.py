@@ -17,13 +17,12 @@ import typer
 
 from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
 from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
-from glm_cli.core.field_docs import field_docs
+from glm_cli.core.field_docs import field_doc
 
 
 def _sampling_doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `SamplingConfig.<name>`: the field's docstring, declared once in core."""
-    doc = field_docs("glm_cli.core.infer.sampling", "SamplingConfig")[name]
-    return f"{doc} {extra}" if extra else doc
+    return field_doc("glm_cli.core.infer.sampling", "SamplingConfig", name, extra)
 
 
 def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:

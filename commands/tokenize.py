@@ -24,7 +24,7 @@ from glm_cli.commands._common import (
     Workers,
     columns_for,
     emit_summary,
-    errors_path_for,
+    error_policy,
 )
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,12 +44,6 @@ GroupPattern = Annotated[str | None, typer.Option(
 GroupMap = Annotated[str | None, typer.Option(
     "--group-map", help="JSON object renaming groups after --group-pattern ({\"loves_labour_lost\": "
     "\"loves_labours_lost\"}), to join groups no regex can, such as two spellings of one title.")]
-
-
-def _policy(on_error: str, output: str, errors: str | None):
-    from glm_cli.core.io.corpus import ErrorPolicy
-
-    return ErrorPolicy(on_error, errors_path_for(output, errors))
 
 
 @app.command("train", no_args_is_help=True)
@@ -99,7 +93,7 @@ def train(
     splitter = Splitter(val_fraction, group_pattern, seed, load_group_map(group_map))
     columns = columns_for(text_column, id_column)
     shard_spec = parse_shard(shard)
-    policy = _policy(on_error, output.rstrip("/") + "/train", errors)
+    policy = error_policy(on_error, output.rstrip("/") + "/train", errors)
     start = time.perf_counter()
     result = train_tokenizer(inputs, output, vocab_size=vocab_size, min_frequency=min_frequency, sample=sample,
                              splitter=splitter, seed=seed, max_length=max_length, columns=columns, policy=policy,
@@ -159,7 +153,7 @@ def encode(
         problems.append("--tokenizer: give the tokenizer directory (from `glm tokenize train`)")
     if problems:
         raise UsageError("; ".join(problems))
-    policy = _policy(on_error, output.rstrip("/") + "/encode", errors)
+    policy = error_policy(on_error, output.rstrip("/") + "/encode", errors)
     start = time.perf_counter()
     stats = encode_files(inputs, tokenizer, output, splitter=Splitter(val_fraction, group_pattern, seed,
                                                                       load_group_map(group_map)),

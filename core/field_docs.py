@@ -2,7 +2,7 @@
 
 A flag such as `--lr` mirrors `TrainConfig.lr`; writing its help a second time in a command would let
 the two drift apart. It sits directly in core/, below every package, because every settings class
-(TrainConfig, DedupConfig, SamplingConfig, ...) feeds flags this way. The class source is parsed with
+(TrainConfig, DedupConfig, SamplingConfig, PeftConfig, PPOConfig, ...) feeds flags this way. The class source is parsed with
 `ast`, not imported: every `glm` invocation builds the help of every command, and the modules holding the
 settings may pull in torch.
 """
@@ -35,15 +35,41 @@ def field_docs(module: str, class_name: str) -> dict[str, str]:
     raise LookupError(f"{module} has no class {class_name}")
 
 
+@functools.cache
+def table_keys(module: str, name: str) -> tuple[str, ...]:
+    """The string keys of the dict literal `module.name` (a table such as ALIGN_METHODS), in order, read
+    from the source like the field docs, so a flag's help can list the choices without importing torch."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"no module {module}")
+    for node in ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == name and isinstance(node.value, ast.Dict):
+            return tuple(ast.literal_eval(key) for key in node.value.keys)
+    raise LookupError(f"{module} has no dict literal {name}")
+
+
+def one_of(names) -> str:
+    """'a, b or c': choices as a message offers them."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def field_doc(module: str, class_name: str, name: str, extra: str = "", prefix: str = "") -> str:
+    """The help of a flag that sets `module.class_name.<name>`: `prefix`, the field's docstring, then
+    `extra` (what the command adds, such as which other flag it goes with)."""
+    doc = field_docs(module, class_name)[name]
+    if prefix and doc[1:2].islower():  # "ppo: weight of ...", but "ppo: KL ..."
+        doc = doc[0].lower() + doc[1:]
+    return " ".join(part for part in (prefix, doc, extra) if part)
+
+
 def train_doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `TrainConfig.<name>`, with `extra` (what the command adds) after it."""
-    return _with(field_docs("glm_cli.core.train.settings", "TrainConfig")[name], extra)
+    return field_doc("glm_cli.core.train.settings", "TrainConfig", name, extra)
 
 
 def data_doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `PretrainData.<name>`."""
-    return _with(field_docs("glm_cli.core.train.settings", "PretrainData")[name], extra)
-
-
-def _with(doc: str, extra: str) -> str:
-    return f"{doc} {extra}" if extra else doc
+    return field_doc("glm_cli.core.train.settings", "PretrainData", name, extra)

@@ -16,13 +16,14 @@ import torch
 
 from glm_cli.core.console import log
 from glm_cli.core.errors import CheckpointError, DataError, OptionError
+from glm_cli.core.field_docs import one_of
 from glm_cli.core.io.corpus import read_records
 from glm_cli.core.tokens.chat import prompt_messages
 from glm_cli.core.tune.align import DPOTask, PPOTask, RewardModelScorer, RewardTask
 from glm_cli.core.tune.defaults import ALIGN
 from glm_cli.core.tune.holdout import validation_split
-from glm_cli.core.tune.ppo import PPOConfig
 from glm_cli.core.tune.preference import ScalarHead, load_pairs, load_reward_model
+from glm_cli.core.tune.settings import DPOConfig, PPOConfig
 from glm_cli.core.tune.tune_setup import (
     TuneBase,
     TuneOptions,
@@ -33,37 +34,31 @@ from glm_cli.core.tune.tune_setup import (
     steps_for,
 )
 
+DPO, PPO = DPOConfig(), PPOConfig()  # the defaults
+
 
 @dataclass(kw_only=True, slots=True)
 class AlignOptions(TuneOptions):
     """An alignment run: the shared settings, the method, and each method's own."""
 
     method: str = "dpo"
-    """A key of ALIGN_METHODS: dpo, reward or ppo."""
+    """A key of ALIGN_METHODS (below)."""
     merge: bool = True
     epochs: float = 2.0
     reward_model: str | None = None
-    """ppo: the reward model (the final checkpoint of a reward run)."""
-    beta: float = 0.1
-    """dpo: strength of the implicit KL constraint."""
-    label_smoothing: float = 0.0
-    """dpo: assumed share of flipped preference labels (cDPO / robust)."""
-    loss_type: str = "sigmoid"
-    """dpo: sigmoid (cDPO with label smoothing) or robust (Chowdhury et al.)."""
-    kl_coef: float = 0.05
-    """ppo: per-token KL penalty to the reference model."""
-    rollout_size: int = 16
-    """ppo: prompts per rollout."""
-    ppo_epochs: int = 2
-    """ppo: passes over each rollout."""
-    clip: float = 0.2
-    """ppo: policy ratio clip epsilon."""
-    vf_coef: float = 0.1
-    """ppo: value loss weight."""
-    max_new_tokens: int = 24
-    """ppo: longest sampled answer."""
-    temperature: float = 1.0
-    """ppo: sampling temperature."""
+    """ppo: the reward model (the output of a reward run: RUN/final)."""
+    # dpo: the DPOConfig fields, ppo: the PPOConfig fields of the same names (core/tune/settings.py,
+    # documented there; `glm align` shows them as its help)
+    beta: float = DPO.beta
+    label_smoothing: float = DPO.label_smoothing
+    loss_type: str = DPO.loss_type
+    kl_coef: float = PPO.kl_coef
+    rollout_size: int = PPO.rollout_size
+    ppo_epochs: int = PPO.ppo_epochs
+    clip: float = PPO.clip
+    vf_coef: float = PPO.vf_coef
+    max_new_tokens: int = PPO.max_new_tokens
+    temperature: float = PPO.temperature
 
 
 @dataclass(kw_only=True, slots=True)
@@ -195,15 +190,11 @@ def align_settings(options: AlignOptions):
     method = ALIGN_METHODS.get(options.method)
     if method is None:
         raise OptionError("{method} {value!r}: choose {choices}", value=options.method,
-                          choices=_choices(list(ALIGN_METHODS)))
+                          choices=one_of(list(ALIGN_METHODS)))
     method.check(options)
     peft = options.peft_config()
     settings, given = options.train_settings(ALIGN)
     return method, peft, settings, given
-
-
-def _choices(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def build_align(options: AlignOptions, base: TuneBase, checked=None) -> TuneRun:

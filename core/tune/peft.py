@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,45 +29,7 @@ import torch.nn.functional as F
 
 from glm_cli.core.errors import CheckpointError, UsageError
 from glm_cli.core.model.transformer import logits_and_loss
-
-METHODS = ("lora", "adapter", "prompt")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(kw_only=True, slots=True)
-class PeftConfig:
-    method: str = "lora"
-    """lora | adapter | prompt."""
-    rank: int = 8
-    """LoRA rank r."""
-    alpha: float = 16.0
-    """LoRA scale numerator: the update is multiplied by alpha / rank."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input (training only)."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Linear layers LoRA wraps, by name (`all-linear` expands to every projection of every block)."""
-    adapter_dim: int = 16
-    """Bottleneck width of the adapter layers."""
-    prompt_tokens: int = 16
-    """Number of soft-prompt vectors for prompt tuning."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.rank < 1 or self.adapter_dim < 1 or self.prompt_tokens < 1:
-            problems.append("rank, adapter dim and prompt tokens must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append("dropout must be in [0, 1)")
-        if self.targets == ["all-linear"]:
-            self.targets = list(LINEAR_NAMES)
-        unknown = [t for t in self.targets if t not in LINEAR_NAMES]
-        if unknown:
-            problems.append(f"unknown LoRA target(s) {', '.join(unknown)}; choose from all-linear, "
-                            + ", ".join(LINEAR_NAMES))
-        if problems:
-            raise UsageError("; ".join(problems))
-
+from glm_cli.core.tune.settings import PeftConfig  # declared torch-free there, for --help
 
 # --------------------------------------------------------------------------------------------- LoRA
 

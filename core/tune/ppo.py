@@ -16,34 +16,10 @@ over tokens), clip fraction, approximate KL between the new and the rollout poli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from glm_cli.core.tune.settings import PPOConfig  # noqa: F401 - declared torch-free there, for --help
 from glm_cli.core.tune.sft_data import IGNORE
-
-
-@dataclass(kw_only=True, slots=True)
-class PPOConfig:
-    rollout_size: int = 16
-    """Prompts sampled per rollout."""
-    minibatch_size: int = 8
-    """Rollout rows per optimizer step."""
-    ppo_epochs: int = 2
-    """Passes over each rollout."""
-    max_new_tokens: int = 24
-    """Longest sampled answer."""
-    temperature: float = 1.0
-    kl_coef: float = 0.05
-    """Weight of the per-token KL penalty to the reference model."""
-    clip: float = 0.2
-    """Policy ratio clip epsilon."""
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    """Normalize advantages over each rollout."""
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,16 @@ import torch.nn as nn
 
 from glm_cli.core.console import log
 from glm_cli.core.errors import OptionError
+from glm_cli.core.field_docs import one_of
 from glm_cli.core.train.overrides import apply, field_types, raise_problems, read_overrides
 from glm_cli.core.train.settings import TrainConfig
 from glm_cli.core.train.trainer import Trainer
 from glm_cli.core.tune.adapter_io import save_adapter
 from glm_cli.core.tune.peft import PeftConfig, apply_peft, trainable_parameters
 from glm_cli.core.tune.precision import cpu_bf16_note
+from glm_cli.core.tune.settings import METHODS
+
+PEFT = PeftConfig()  # the defaults
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,26 +61,28 @@ class TuneOptions:
     output: str
     """Run directory: checkpoints/, metrics.jsonl, final/, adapter/ (PEFT without merge)."""
     val: str | None = None
-    """Validation JSONL (same format); None: hold out `val_fraction` of `data`."""
+    """Validation JSONL (same format); without one, `val_fraction` of `data` is held out."""
     val_fraction: float = 0.05
-    """Share of `data` held out for validation when `val` is None (shuffled with the seed)."""
+    """Share of `data` held out for validation when no `val` is given (shuffled with the seed)."""
     peft: str = "lora"
-    """Which parameters to train: full, lora, adapter or prompt."""
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"
-    """Comma-separated projections LoRA wraps, or all-linear."""
-    adapter_dim: int = 16
-    prompt_tokens: int = 16
+    """Which parameters to train: full (all), lora, adapter (bottleneck layers) or prompt (soft-prompt
+    vectors)."""
+    # the PeftConfig fields (core/tune/settings.py, documented there), flat as a command takes them
+    lora_rank: int = PEFT.rank
+    lora_alpha: float = PEFT.alpha
+    lora_dropout: float = PEFT.dropout
+    lora_targets: str = ",".join(PEFT.targets)
+    """Comma-separated: the LoRA targets."""
+    adapter_dim: int = PEFT.adapter_dim
+    prompt_tokens: int = PEFT.prompt_tokens
     merge: bool = False
-    """LoRA: fold the adapter into the weights of the final checkpoint."""
+    """LoRA: fold the adapter into the weights and write a plain final checkpoint."""
     epochs: float = 3.0
-    """Passes over the training data (ignored when the settings give max_steps)."""
+    """Passes over the training data (ignored when `max_steps` is set)."""
     seq_len: int = 0
     """Tokens per row; 0: the recipe chooses."""
     resume: bool = False
-    """Continue the run in `output` from its newest checkpoint."""
+    """Continue the run in `output` from its newest checkpoint (exactly: same batches, same result)."""
     config_file: str | None = None
     """JSON file of TrainConfig fields."""
     sets: list[str] = field(default_factory=list)
@@ -88,8 +94,9 @@ class TuneOptions:
         """None for full fine-tuning."""
         if self.peft == "full":
             return None
-        if self.peft not in ("lora", "adapter", "prompt"):
-            raise OptionError("{peft} {value!r}: choose full, lora, adapter or prompt", value=self.peft)
+        if self.peft not in METHODS:
+            raise OptionError("{peft} {value!r}: choose {choices}", value=self.peft,
+                              choices=one_of(["full", *METHODS]))
         return PeftConfig(method=self.peft, rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           adapter_dim=self.adapter_dim, prompt_tokens=self.prompt_tokens,
                           targets=[t.strip() for t in self.lora_targets.split(",") if t.strip()])

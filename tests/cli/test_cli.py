@@ -1,5 +1,8 @@
 """The CLI surface: every command is registered, documented with an example, and fails politely."""
 
+import subprocess
+import sys
+
 import pytest
 from conftest import run_glm
 
@@ -119,6 +122,46 @@ def test_training_commands_agree():
     for name in ("generate", "eval", "convert"):
         dtype = next(p for p in typer.main.get_command(app).commands[name].params if "--dtype" in p.opts)
         assert dtype.help.startswith("Precision: auto ("), name
+
+
+def test_tuning_flags_take_help_and_default_from_the_settings_classes():
+    """Every finetune/align flag that sets a PeftConfig, DPOConfig or PPOConfig field shows that field's
+    docstring and default (declared once, in core/tune/settings.py), and --method lists ALIGN_METHODS."""
+    import typer.main
+
+    from glm_cli.core.field_docs import field_docs
+    from glm_cli.core.tune.align_setup import ALIGN_METHODS, AlignOptions
+    from glm_cli.core.tune.settings import DPOConfig, PeftConfig, PPOConfig
+
+    peft = {"--lora-rank": "rank", "--lora-alpha": "alpha", "--lora-dropout": "dropout", "--lora-targets": "targets",
+            "--adapter-dim": "adapter_dim", "--prompt-tokens": "prompt_tokens"}
+    dpo = {"--beta": "beta", "--label-smoothing": "label_smoothing", "--loss-type": "loss_type"}
+    ppo = {f"--{f.replace('_', '-')}": f for f in ("kl_coef", "rollout_size", "ppo_epochs", "clip", "vf_coef",
+                                                    "max_new_tokens", "temperature")}
+    commands = typer.main.get_command(app).commands
+    for name in ("finetune", "align"):
+        opts = {p.opts[0]: p for p in commands[name].params if p.param_type_name == "option"}
+        tables = [(PeftConfig, peft)] + ([(DPOConfig, dpo), (PPOConfig, ppo)] if name == "align" else [])
+        for cls, flags in tables:
+            docs, defaults = field_docs("glm_cli.core.tune.settings", cls.__name__), cls()
+            for flag, field in flags.items():
+                doc, default = docs[field], getattr(defaults, field)
+                assert doc[1:] in opts[flag].help, (name, flag)
+                assert opts[flag].default == (",".join(default) if isinstance(default, list) else default), flag
+                if name == "align":  # the options object a script fills starts from the same defaults
+                    key = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                           "targets": "lora_targets"}.get(field, field)
+                    assert getattr(AlignOptions(data="d", output="o"), key) == opts[flag].default, flag
+    method = next(p for p in commands["align"].params if "--method" in p.opts)
+    assert method.help == "Alignment method: " + ", ".join(list(ALIGN_METHODS)[:-1]) + f" or {list(ALIGN_METHODS)[-1]}."
+
+
+def test_settings_for_help_import_no_torch():
+    """The modules --help reads defaults from stay torch-free: every glm invocation imports them."""
+    code = ("import sys; import glm_cli.core.tune.settings, glm_cli.core.tune.defaults, glm_cli.commands._tuning; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_finetune_method_is_now_peft(tmp_path):
