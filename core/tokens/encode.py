@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +29,7 @@ from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import atomic_dir, write_text_atomic
 from glm_cli.core.io.corpus import DEFAULT_COLUMNS, Columns, Document, ErrorPolicy, read_documents
 from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.io.runner import run_stages
 from glm_cli.core.io.shards import (
     INDEX,
     ShardIndex,
@@ -174,6 +176,13 @@ class _SplitWriter:
         if self.tokens >= self.shard_tokens:
             self.flush()
 
+    def __enter__(self) -> _SplitWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:  # the last, partial shard; a failed run leaves its directory to be discarded
+            self.flush()
+
     def flush(self) -> None:
         if not self.offsets:
             return
@@ -183,7 +192,9 @@ class _SplitWriter:
         self.parts, self.offsets, self.tokens, self.bytes = [], [], 0, 0
 
 
-def _batches(docs: Iterable[Document], size: int, side: list) -> Iterator[list[str]]:
+def _batches(docs: Iterable[Document], size: int, side: deque) -> Iterator[list[str]]:
+    """The texts of `size` documents at a time (what a worker needs); their ids and UTF-8 sizes go to
+    `side`, in the same order, for the writer: no need to send them through the worker."""
     iterator = iter(docs)
     while True:
         batch = list(islice(iterator, size))
@@ -212,7 +223,7 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
     directory = Path(directory)
     prefix = f"{shard[0]:05d}-of-{shard[1]:05d}-" if shard else ""
     writers = {s: _SplitWriter(directory, s, prefix, shard_tokens, dtype, eot) for s in SPLITS}
-    side: list = []
+    side: deque = deque()
     if engine == "auto":
         engine = choose_engine(tok_file)
     elif engine == "tiktoken" and isinstance(reason := tiktoken_spec(tok_file), NotRepresentable):
@@ -220,13 +231,17 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
     elif engine not in ("tiktoken", "tokenizers"):
         raise UsageError(f"engine {engine!r}: expected auto, tiktoken or tokenizers")
     fn = partial(encode_batch, tok_file, dtype.str, engine=engine)
-    for flat, lengths in map_ordered(fn, _batches(docs, batch_size, side), workers, chunk_size=1):
-        meta = side.pop(0)
+
+    def write(encoded: tuple[np.ndarray, np.ndarray], *_) -> int:
+        flat, lengths = encoded
+        meta = side.popleft()
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         for k, (doc_id, nbytes) in enumerate(meta):
             writers[splitter.split(doc_id)].add(flat[bounds[k]:bounds[k + 1]], nbytes)
-    for w in writers.values():
-        w.flush()
+        return len(meta)
+
+    run_stages(map_ordered(fn, _batches(docs, batch_size, side), workers, chunk_size=1), write,
+               writers=list(writers.values()), label="encoding")
     index = ShardIndex(dtype=dtype.str, vocab_size=vocab, eot_token_id=eot,
                        tokenizer_sha256=tokenizer_sha256(tok_file),
                        shards=[i for s in SPLITS for i in writers[s].infos])
@@ -251,6 +266,8 @@ def encode_files(inputs: list[str], tokenizer: str | Path, output: str | Path, *
     docs = read_documents(inputs, policy, shard, columns)
     options = {"splitter": splitter, "shard_tokens": shard_tokens, "workers": workers, "batch_size": batch_size}
     target = Path(output)
+    # the policy is closed here rather than by `run_stages` in `encode_corpus`: the run has finished only
+    # once the index is written and the directory moved into place
     try:
         if shard:
             if (target / INDEX).exists():
