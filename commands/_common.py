@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.core.field_docs import train_doc
+from glm_cli.core.field_docs import as_flag, train_doc
 from glm_cli.core.precision import dtype_help
 
 Output = Annotated[str, typer.Option("--output", "-o", help="Output path, or '-' for stdout.")]
@@ -92,9 +92,7 @@ def emit_summary(summary: dict, as_json: bool, data_on_stdout: bool) -> None:
     stream.flush()
 
 
-def flag_name(field: str) -> str:
-    """The flag of an options field: `seq_len` -> `--seq-len` (every command names its flags so)."""
-    return "--" + field.replace("_", "-")
+flag_name = as_flag  # the flag of an options field: `seq_len` -> `--seq-len`
 
 
 @contextlib.contextmanager

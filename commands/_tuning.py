@@ -7,7 +7,6 @@ training defaults), so a setting is declared once, in core."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 import typer
@@ -30,8 +29,7 @@ _MODULES = {"PeftConfig": "glm_cli.core.tune.settings", "DPOConfig": "glm_cli.co
 def doc(cls: str, name: str, extra: str = "", prefix: str = "") -> str:
     """The help of a flag that sets the field `name` of the class `cls` (one of _MODULES): its docstring,
     the `field` names it mentions shown as their flags."""
-    text = field_doc(_MODULES[cls], cls, name, extra, prefix)
-    return re.sub(r"`(\w+)`", lambda m: flag_name(m.group(1)), text)
+    return field_doc(_MODULES[cls], cls, name, extra, prefix, flags=flag_name)
 
 
 # the methods of core's ALIGN_METHODS table, read from its source (importing it would import torch)

@@ -12,7 +12,6 @@ and the concatenated `out/*.jsonl` equal the single run's output.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from typing import Annotated
@@ -63,8 +62,8 @@ app = typer.Typer(cls=_RunByDefault, no_args_is_help=True, pretty_exceptions_ena
 def _doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `DedupConfig.<name>`: the field's docstring (declared once, in core),
     with the `field` names it mentions shown as their flags."""
-    doc = field_doc("glm_cli.core.dedup.config", "DedupConfig", name, extra)
-    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), doc)
+    return field_doc("glm_cli.core.dedup.config", "DedupConfig", name, extra,
+                     flags=lambda field: FLAGS.get(field, f"`{field}`"))
 
 
 # The flag of each DedupConfig field, so core's problems (which name fields) read as the flags typed.

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary
+from glm_cli.commands._common import JsonSummary, Output, Quiet, Seed, emit_summary, flag_name
 from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
 from glm_cli.core.field_docs import field_doc
 
@@ -23,6 +23,11 @@ from glm_cli.core.field_docs import field_doc
 def _sampling_doc(name: str, extra: str = "") -> str:
     """The help of a flag that sets `SamplingConfig.<name>`: the field's docstring, declared once in core."""
     return field_doc("glm_cli.core.infer.sampling", "SamplingConfig", name, extra)
+
+
+def _generation_doc(name: str, extra: str = "") -> str:
+    """The help of a flag that sets `GenerationConfig.<name>`."""
+    return field_doc("glm_cli.core.infer.generation", "GenerationConfig", name, extra, flags=flag_name)
 
 
 def parse_logit_bias(items: list[str], tokenizer) -> dict[int, float]:
@@ -57,7 +62,7 @@ def command(
     prompts: Annotated[str | None, typer.Option("--prompts", help="JSONL of prompts ({\"prompt\": ...} or "
                                                 "{\"messages\": [...]}); runs in batches, writes JSONL.")] = None,
     output: Output = "-",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help=_generation_doc("max_new_tokens"))] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help=_sampling_doc("temperature"))] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help=_sampling_doc("top_k"))] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help=_sampling_doc("top_p"))] = 1.0,
@@ -68,10 +73,10 @@ def command(
     presence_penalty: Annotated[float, typer.Option("--presence-penalty", help=_sampling_doc("presence_penalty"))] = 0.0,
     logit_bias: Annotated[list[str] | None, typer.Option("--logit-bias", help="ID=VALUE or TEXT=VALUE added to "
                                                          "that token's logit; repeatable.")] = None,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (not included); repeatable.")] = None,
-    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search with this many beams (1: off).")] = 1,
-    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam score = sum log p / "
-                                                  "length ** this.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help=_generation_doc("stop", "Repeatable."))] = None,
+    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help=_generation_doc("num_beams"))] = 1,
+    length_penalty: Annotated[float, typer.Option("--length-penalty",
+                                                  help=_generation_doc("length_penalty"))] = 1.0,
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter directory from `glm finetune` "
                                                 "(LoRA, bottleneck adapters or prompt tuning) to load on the "
                                                 "checkpoint; one saved inside the checkpoint is picked up anyway.")] = None,

@@ -7,16 +7,21 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary
+from glm_cli.commands._common import JsonSummary, Quiet, Seed, emit_summary, flag_name
+from glm_cli.core.field_docs import field_doc
+
+
+def _scheme_doc(name: str, extra: str = "") -> str:
+    """The help of a flag that sets `QuantScheme.<name>`: the field's docstring, declared once in core."""
+    return field_doc("glm_cli.core.quant.weight_only", "QuantScheme", name, extra, flags=flag_name)
+
 
 QuantOutput = Annotated[str, typer.Option("--output", "-o", help="Output: a checkpoint directory (safetensors) "
                                           "or a .gguf file (--format gguf).")]
-Bits = Annotated[int, typer.Option("--bits", help="8: int8 per output channel (symmetric absmax). "
-                                   "4: int4 per group (asymmetric).")]
-Method = Annotated[str, typer.Option("--method", help="rtn: round to nearest. gptq: second-order error "
-                                     "compensation on --calibration data (safetensors format only).")]
-GroupSize = Annotated[int, typer.Option("--group-size", help="INT4 group length along the input dimension "
-                                        "(halved per layer until it divides the layer's width).")]
+Bits = Annotated[int, typer.Option("--bits", help=_scheme_doc("bits"))]
+Method = Annotated[str, typer.Option("--method", help=_scheme_doc("method", "GPTQ reads --calibration "
+                                                                  "(safetensors format only)."))]
+GroupSize = Annotated[int, typer.Option("--group-size", help=_scheme_doc("group_size"))]
 Calibration = Annotated[list[str] | None, typer.Option(
     "--calibration", help="GPTQ calibration data: a token-shard directory (its train split is used) or text/"
     "JSONL corpus files, encoded with the checkpoint's tokenizer. Repeatable.")]
@@ -32,13 +37,9 @@ Format = Annotated[str, typer.Option("--format", help="safetensors: a glm checkp
                                      "generate/eval load. gguf: one .gguf file for llama.cpp.")]
 GgufType = Annotated[str, typer.Option("--gguf-type", help="GGUF tensor type: q8_0, q4_0, f16 or f32 "
                                        "(done by the gguf package; --bits/--method do not apply).")]
-HeadBits = Annotated[int | None, typer.Option("--head-bits", help=(
-    "Bits of the output head (and tied embedding) with --no-keep-embeddings, if not --bits: 8 beside "
-    "--bits 4 is what llama.cpp's Q4_0 does (the head loses least in 8 bits, and costs little)."))]
+HeadBits = Annotated[int | None, typer.Option("--head-bits", help=_scheme_doc("head_bits"))]
 KeepEmbeddings = Annotated[bool, typer.Option("--keep-embeddings/--no-keep-embeddings",
-                                              help="Keep the token embedding and output head in full "
-                                              "precision (F16 in GGUF).")]
-
+                                              help=_scheme_doc("keep_embeddings", "(F16 in GGUF.)"))]
 
 def command(
     checkpoint: Annotated[str, typer.Argument(help=(

@@ -12,8 +12,14 @@ from typing import Annotated
 
 import typer
 
-from glm_cli.commands._common import Quiet
+from glm_cli.commands._common import Quiet, flag_name
 from glm_cli.commands._model_options import DeviceOpt, DtypeOpt, resolve_device_dtype
+from glm_cli.core.field_docs import field_doc
+
+
+def _doc(name: str) -> str:
+    """The help of a flag that sets `ServeConfig.<name>`: the field's docstring, declared once in core."""
+    return field_doc("glm_cli.core.serve.server", "ServeConfig", name, flags=flag_name)
 
 
 def command(
@@ -23,16 +29,13 @@ def command(
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback without "
                                       "--api-key prints a warning.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
-    slots: Annotated[int, typer.Option("--slots", min=1, help="Sequences decoded together; each slot holds "
-                                       "--context tokens of KV cache.")] = 4,
-    context: Annotated[int | None, typer.Option("--context", min=2, help="Tokens per slot, prompt plus "
-                                                "completion (default: the model's context).")] = None,
+    slots: Annotated[int, typer.Option("--slots", min=1, help=_doc("slots"))] = 4,
+    context: Annotated[int | None, typer.Option("--context", min=2, help=_doc("context"))] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the model "
                                                 "(default: PyTorch's choice).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="GLM_API_KEY", help="Require "
                                                 "'Authorization: Bearer KEY' on /v1/* and /metrics.")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; "
-                                           "more get 429 with Retry-After.")] = 64,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help=_doc("max_queue"))] = 64,
     model_name: Annotated[str | None, typer.Option("--model-name", help="The model id clients send "
                                                    "(default: the checkpoint directory's name).")] = None,
     device: DeviceOpt = "auto",

@@ -13,6 +13,8 @@ import ast
 import functools
 import importlib.util
 import inspect
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -56,13 +58,22 @@ def one_of(names) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def field_doc(module: str, class_name: str, name: str, extra: str = "", prefix: str = "") -> str:
+def field_doc(module: str, class_name: str, name: str, extra: str = "", prefix: str = "",
+              flags: Callable[[str], str] | None = None) -> str:
     """The help of a flag that sets `module.class_name.<name>`: `prefix`, the field's docstring, then
-    `extra` (what the command adds, such as which other flag it goes with)."""
+    `extra` (what the command adds, such as which other flag it goes with). `flags` names the flag of a
+    field: the `field` names the docstring mentions in backquotes are shown as their flags."""
     doc = field_docs(module, class_name)[name]
     if prefix and doc[1:2].islower():  # "ppo: weight of ...", but "ppo: KL ..."
         doc = doc[0].lower() + doc[1:]
+    if flags is not None:
+        doc = re.sub(r"`(\w+)`", lambda m: flags(m.group(1)), doc)
     return " ".join(part for part in (prefix, doc, extra) if part)
+
+
+def as_flag(field: str) -> str:
+    """The flag of a field by the naming every command keeps: `seq_len` -> `--seq-len`."""
+    return "--" + field.replace("_", "-")
 
 
 def train_doc(name: str, extra: str = "") -> str:

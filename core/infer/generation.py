@@ -28,12 +28,14 @@ from glm_cli.core.model.transformer import KVCache
 @dataclass(kw_only=True, slots=True)
 class GenerationConfig:
     max_new_tokens: int = 128
+    """Tokens to generate at most."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation of a row ends when its text contains one; the text is cut before it."""
     eos_ids: list[int] = field(default_factory=list)
     """Token ids that end a row (not included in its text)."""
     num_beams: int = 1
+    """Beam search with this many beams (1: off)."""
     length_penalty: float = 1.0
     """Beam search ranks finished hypotheses by sum(log p) / length ** length_penalty."""
     contrastive_alpha: float = 0.1

@@ -41,17 +41,18 @@ FP16_SCALE_MIN = 2.0 ** -14  # smallest normal fp16: no subnormal scales
 @dataclass(kw_only=True, slots=True)
 class QuantScheme:
     bits: int = 8
-    """8: per-channel symmetric int8; 4: group-wise asymmetric int4."""
+    """8: int8 per output channel (symmetric absmax). 4: int4 per group (asymmetric)."""
     group_size: int = 128
-    """INT4 group length along the input dimension (halved per layer until it divides in_features)."""
+    """INT4 group length along the input dimension (halved per layer until it divides the layer's width)."""
     method: str = "rtn"
-    """'rtn' (round to nearest) or 'gptq' (second-order error compensation on calibration data)."""
+    """rtn: round to nearest. gptq: second-order error compensation on calibration data."""
     keep_embeddings: bool = True
     """Keep the token embedding and the output head in full precision."""
     head_bits: int | None = None
-    """Bits of the output head (and the tied embedding) when they are quantized; None: `bits`. The head
-    is the largest single matrix of a small model and the most sensitive one, so int4 blocks with an
-    int8 head (as llama.cpp's Q4_0 files keep theirs at 6-8 bits) lose less and decode almost as fast."""
+    """Bits of the output head (and the tied embedding) when they are quantized (`keep_embeddings` off);
+    unset: `bits`. The head is the largest single matrix of a small model and the most sensitive one, so
+    int4 blocks with an int8 head (as llama.cpp's Q4_0 files keep theirs at 6-8 bits) lose less and
+    decode almost as fast."""
     damp: float = 0.01
     """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
     block_size: int = 128

@@ -24,11 +24,11 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     slots: int = 4
-    """Sequences decoded together; each slot holds a whole `context`."""
+    """Sequences decoded together; each slot holds `context` tokens of KV cache."""
     context: int | None = None
-    """Tokens per slot (prompt plus completion); the model's own context when None."""
+    """Tokens per slot, prompt plus completion (unset: the model's context)."""
     max_queue: int = 64
-    """Requests that may wait for a slot; beyond it the server answers 429."""
+    """Requests that may wait for a slot; more get 429 with Retry-After."""
     api_key: str | None = None
     prefill_chunk: int = 512
     """At most this many prompt tokens are prefilled per engine iteration."""

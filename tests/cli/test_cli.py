@@ -156,6 +156,32 @@ def test_tuning_flags_take_help_and_default_from_the_settings_classes():
     assert method.help == "Alignment method: " + ", ".join(list(ALIGN_METHODS)[:-1]) + f" or {list(ALIGN_METHODS)[-1]}."
 
 
+@pytest.mark.parametrize("command, module, cls, fields", [
+    ("generate", "glm_cli.core.infer.generation", "GenerationConfig",
+     ["max_new_tokens", "stop", "num_beams", "length_penalty"]),
+    ("serve", "glm_cli.core.serve.server", "ServeConfig", ["slots", "context", "max_queue"]),
+    ("quantize", "glm_cli.core.quant.weight_only", "QuantScheme",
+     ["bits", "method", "group_size", "head_bits", "keep_embeddings"]),
+])
+def test_flags_that_set_a_field_show_its_docstring_and_default(command, module, cls, fields):
+    """One declaration: the flag's help is the field's docstring (its `field` names shown as flags) and
+    its default the field's."""
+    import importlib
+    import re
+
+    import typer.main
+
+    from glm_cli.core.field_docs import field_docs
+
+    defaults = getattr(importlib.import_module(module), cls)(**({"checkpoint": "c"} if cls == "ServeConfig" else {}))
+    opts = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for field in fields:
+        doc = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), field_docs(module, cls)[field])
+        assert doc in opts[field].help, (command, field)
+        default = getattr(defaults, field)
+        assert opts[field].default == (default or None if isinstance(default, list) else default), (command, field)
+
+
 def test_settings_for_help_import_no_torch():
     """The modules --help reads defaults from stay torch-free: every glm invocation imports them."""
     code = ("import sys; import glm_cli.core.tune.settings, glm_cli.core.tune.defaults, glm_cli.commands._tuning; "
