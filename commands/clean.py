@@ -26,6 +26,15 @@ from glm_cli.commands._common import (
     emit_summary,
     error_policy,
 )
+from glm_cli.core.field_docs import field_doc
+
+
+def _doc(module: str, cls: str, name: str, extra: str = "") -> str:
+    """The help of a flag that sets a field of a step's settings (core/clean/<module>.py): its docstring,
+    declared once in core, Gopher's thresholds marked as such."""
+    prefix = "Gopher:" if cls.startswith("Gopher") else ""
+    return field_doc(f"glm_cli.core.clean.{module}", cls, name, extra, prefix)
+
 
 # The command's help text comes from glm_cli.app, so the examples live in the INPUTS help.
 CleanInputs = Annotated[list[str], typer.Argument(help=(
@@ -41,14 +50,14 @@ Rejected = Annotated[str | None, typer.Option("--rejected", help="Also write the
 Lang = Annotated[str | None, typer.Option("--lang", help="Keep only documents identified as one of these "
                                           "languages (comma-separated ISO 639-1 codes, e.g. 'en' or 'en,fr'). "
                                           "Default: keep all, tag each with 'lang' and 'lang_score'.")]
-LangThreshold = Annotated[float, typer.Option("--lang-threshold", min=0.0, max=1.0, help="With --lang: minimum "
-                                              "language-id confidence to keep a document.")]
+LangThreshold = Annotated[float, typer.Option("--lang-threshold", min=0.0, max=1.0, help=_doc(
+    "language_id", "LanguageFilter", "min_score", "With --lang."))]
 LangId = Annotated[bool, typer.Option("--langid/--no-langid", help="Identify each document's language "
                                       "(py3langid); --no-langid skips it (and cannot go with --lang).")]
 Html = Annotated[str, typer.Option("--html", help="HTML/XML to text: 'auto' (.html/.htm/.xml sources and "
                                    "text that opens like markup), 'always' or 'never'.")]
-UnicodeForm = Annotated[str, typer.Option("--unicode-form", help="Unicode normalization: NFC, NFKC (also "
-                                          "folds ligatures, full-width forms; lossy), NFD, NFKD or none.")]
+UnicodeForm = Annotated[str, typer.Option("--unicode-form", help=_doc("normalize", "NormalizeConfig",
+                                                                     "unicode_form"))]
 StripControl = Annotated[bool, typer.Option("--strip-control/--keep-control", help="Remove control "
                                             "characters and invisible format characters (zero-width space, "
                                             "soft hyphen, BOM).")]
@@ -70,13 +79,12 @@ C4Opt = Annotated[bool, typer.Option("--c4/--no-c4", help="C4 document rules: 'l
 GopherQ = Annotated[bool, typer.Option("--gopher-quality/--no-gopher-quality", help="Gopher quality rules: "
                                        "word count, mean word length, symbols, bullets, ellipses, alphabetic "
                                        "words, stop words.")]
-MinWords = Annotated[int, typer.Option("--min-words", min=0, help="Gopher: fewest words a document may have.")]
-MaxWords = Annotated[int, typer.Option("--max-words", min=1, help="Gopher: most words a document may have.")]
+MinWords = Annotated[int, typer.Option("--min-words", min=0, help=_doc("quality", "GopherQuality", "min_words"))]
+MaxWords = Annotated[int, typer.Option("--max-words", min=1, help=_doc("quality", "GopherQuality", "max_words"))]
 GopherR = Annotated[bool, typer.Option("--gopher-repetition/--no-gopher-repetition", help="Gopher repetition "
                                        "rules: duplicate lines and paragraphs, top and duplicated n-grams.")]
-MaxDupLines = Annotated[float, typer.Option("--max-dup-line-fraction", min=0.0, max=1.0, help="Gopher: "
-                                            "largest share of lines that repeat an earlier line (Gopher "
-                                            "used 0.3; drama repeats speaker lines, see docs/clean.md).")]
+MaxDupLines = Annotated[float, typer.Option("--max-dup-line-fraction", min=0.0, max=1.0, help=_doc(
+    "quality", "GopherRepetition", "max_dup_line_fraction"))]
 Pii = Annotated[bool, typer.Option("--pii/--no-pii", help="Replace e-mail addresses, phone numbers, IP "
                                    "addresses and credit-card numbers by <EMAIL>, <PHONE>, <IP_ADDRESS>, "
                                    "<CREDIT_CARD>.")]

@@ -57,7 +57,9 @@ class LanguageFilter:
     """
 
     languages: tuple[str, ...] = ()
-    min_score: float = 0.65  # below this the model is guessing (mixed-language or very short text)
+    min_score: float = 0.65
+    """Minimum language-id confidence to keep a document (below it the model is guessing: mixed-language
+    or very short text)."""
     sample_chars: int = 6_000
 
     name = "language"

@@ -35,7 +35,9 @@ _BLANK_RUNS: dict[int, re.Pattern] = {}
 class NormalizeConfig:
     """What `normalize_text` does; the defaults are those of `glm clean`."""
 
-    unicode_form: str | None = "NFC"  # one of UNICODE_FORMS, or None to keep code points as they are
+    unicode_form: str | None = "NFC"
+    """Unicode normalization: NFC, NFKC (also folds ligatures, full-width forms; lossy), NFD, NFKD or none
+    (code points kept as they are)."""
     line_endings: bool = True  # all line breaks become "\n"
     strip_control: bool = True  # drop control and invisible format characters
     collapse_whitespace: bool = True  # one space per run, no edge spaces on lines, few blank lines

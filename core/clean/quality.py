@@ -64,8 +64,10 @@ def lowercase_words(words: list[str]) -> list[str]:
 class GopherQuality:
     """The Gopher quality rules; a document failing any is dropped with the first failing rule's reason."""
 
-    min_words: int = 50  # fewer words: not a document (a title, a stub)
-    max_words: int = 100_000  # more: a dump, not a document (a whole play is ~20-35k words)
+    min_words: int = 50
+    """Fewest words a document may have (fewer: a title, a stub, not a document)."""
+    max_words: int = 100_000
+    """Most words a document may have (more: a dump; a whole play is ~20-35k words)."""
     min_mean_word_length: float = 3.0  # shorter: lists of numbers, initials, garbage
     max_mean_word_length: float = 10.0  # longer: URLs, hashes, concatenated tokens
     max_symbol_word_ratio: float = 0.1  # '#' and '...'/'…' per word: hashtags, teaser text
@@ -317,11 +319,12 @@ class NgramIndex:
 class GopherRepetition:
     """The Gopher repetition rules: documents that repeat themselves (spam, boilerplate, loops)."""
 
-    # Share of lines that repeat an earlier line. Gopher used 0.3; glm uses 0.4 because drama repeats
-    # its speaker lines: the modern-spelling plays in data/raw have 0.16-0.30 (The Merry Wives of Windsor
-    # 0.303, which 0.3 would drop). The character-weighted rule below keeps Gopher's 0.2 (plays: <= 0.11),
-    # so long repeated boilerplate lines are still caught.
     max_dup_line_fraction: float = 0.4
+    """Largest share of lines that repeat an earlier line (Gopher used 0.3; drama repeats speaker lines,
+    see docs/clean.md)."""
+    # glm uses 0.4 because the modern-spelling plays in data/raw have 0.16-0.30 (The Merry Wives of
+    # Windsor 0.303, which 0.3 would drop). The character-weighted rule below keeps Gopher's 0.2 (plays:
+    # <= 0.11), so long repeated boilerplate lines are still caught.
     max_dup_para_fraction: float = 0.3  # share of paragraphs that repeat an earlier paragraph
     max_dup_line_char_fraction: float = 0.2  # characters in repeated lines over all characters
     max_dup_para_char_fraction: float = 0.2  # characters in repeated paragraphs over all characters
