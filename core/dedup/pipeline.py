@@ -242,15 +242,19 @@ def cluster(sources: list, memory_mb: int = 1024,
         total = sum(f.shape("line_hashes")[0] for f in corpus.files)
 
         def line_chunks():
+            # at most `chunk` line keys at a time (a document with more is read alone), not `chunk`
+            # documents: a document holds ~90 keys, and a chunk of documents held all of them at 1 GB
             for k, f in enumerate(corpus.files):
                 counts = f.read("line_counts")
                 ends = np.cumsum(counts)
                 keep_docs = reason[starts[k]:starts[k + 1]] == KEPT
-                for lo in range(0, f.documents, chunk):
-                    hi = min(lo + chunk, f.documents)
-                    a, b = (int(ends[lo - 1]) if lo else 0), int(ends[hi - 1]) if hi else 0
-                    keys = f.read("line_hashes", a, b)[np.repeat(keep_docs[lo:hi], counts[lo:hi])]
+                lo = 0
+                while lo < f.documents:
+                    a = int(ends[lo - 1]) if lo else 0
+                    hi = min(f.documents, max(lo + 1, int(np.searchsorted(ends, a + chunk, side="right"))))
+                    keys = f.read("line_hashes", a, int(ends[hi - 1]))[np.repeat(keep_docs[lo:hi], counts[lo:hi])]
                     yield keys, np.zeros(keys.size, np.int64)
+                    lo = hi
 
         work["partitions"]["lines"] = spill_groups.partitions_for(total, group_budget)
         found = []
