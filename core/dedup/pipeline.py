@@ -258,9 +258,11 @@ def cluster(sources: list, memory_mb: int = 1024,
 
         work["partitions"]["lines"] = spill_groups.partitions_for(total, group_budget)
         found = []
-        for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines"):
-            uniq, counts = np.unique(keys, return_counts=True)
-            found.append(uniq[counts >= config.line_min_docs])
+        for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines", keys_only=True):
+            # the keys come sorted: count each run of equal keys (np.unique would sort them again)
+            first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if keys.size else keys
+            counts = np.diff(np.append(first, keys.size))
+            found.append(keys[first][counts >= config.line_min_docs])
         boilerplate = np.sort(np.concatenate(found)) if found else boilerplate
 
     stats = {
