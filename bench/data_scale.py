@@ -2,11 +2,20 @@
 
     nice .venv/bin/python bench/data_scale.py --mb 100                  # generates bench/data/data_scale/ once
     nice .venv/bin/python bench/data_scale.py --mb 100,300 --only dedup --repeats 1
+    # worker scaling and peak RSS of `glm dedup run` only (no peers), inputs kept outside the repository:
+    nice .venv/bin/python bench/data_scale.py --mb 100,1000 --only dedup --repeats 2 --data-dir /work/bigdata \
+        --skip datasketch,near
+    nice .venv/bin/python bench/data_scale.py --mb 1000,5000 --data-dir /work/bigdata --make-only  # inputs only
 
-Input: --mb megabytes of JSONL made from the Shakespeare corpus (data/raw/texts, `make data`): all words
-of all texts, shuffled in runs of 5-40 lines and re-cut into documents of 200-1500 words, each with a
-random 0-5 % of its words edited; 10 % of the documents are edited copies (0-10 % of words) of an earlier
-one, so there are near duplicates at every similarity. Not committed (bench/data/ is ignored).
+Input: --mb megabytes of JSONL made from the Shakespeare corpus (data/raw/texts, `make data`). Up to
+100 MB, generated word by word: all words of all texts, shuffled in runs of 5-40 lines and re-cut into
+documents of 200-1500 words, each with a random 0-5 % of its words edited; 10 % of the documents are
+edited copies (0-10 % of words) of an earlier one, so there are near duplicates at every similarity
+(~13 s for 100 MB). Past 100 MB, grown from the 100 MB input (`grow_corpus`, ~30 s a GB where generating
+word by word took minutes on a loaded machine): the 100 MB input, then copies of it, each re-cut into
+new documents of the same make (paragraphs shuffled among 64 neighbouring documents, 0-5 % of words
+replaced, 10 % near copies of a recent document with 0-10 % replaced, new ids). Not committed
+(bench/data/ is ignored; --data-dir puts inputs and outputs elsewhere).
 
 Every row runs as its own process on the same file, rows alternating (repeats interleave), so machine
 load hits all alike. Measured: wall seconds and CPU seconds (user + system of the process and its
