@@ -85,8 +85,11 @@ def _splittable(source: str) -> bool:
     """A JSONL file a worker can enter at a byte offset: a file, not compressed by suffix or magic bytes."""
     if source == STDIN or source.lower().endswith(COMPRESSED_SUFFIXES):
         return False
-    with open(source, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(source, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False  # the line reader's open then reports it in one line ("cannot read: ...")
     return magic != ZSTD_MAGIC and magic[:2] != GZIP_MAGIC
 
 
