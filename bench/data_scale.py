@@ -2,11 +2,20 @@
 
     nice .venv/bin/python bench/data_scale.py --mb 100                  # generates bench/data/data_scale/ once
     nice .venv/bin/python bench/data_scale.py --mb 100,300 --only dedup --repeats 1
+    # worker scaling and peak RSS of `glm dedup run` only (no peers), inputs kept outside the repository:
+    nice .venv/bin/python bench/data_scale.py --mb 100,1000 --only dedup --repeats 2 --data-dir /work/bigdata \
+        --skip datasketch,near
+    nice .venv/bin/python bench/data_scale.py --mb 1000,5000 --data-dir /work/bigdata --make-only  # inputs only
 
-Input: --mb megabytes of JSONL made from the Shakespeare corpus (data/raw/texts, `make data`): all words
-of all texts, shuffled in runs of 5-40 lines and re-cut into documents of 200-1500 words, each with a
-random 0-5 % of its words edited; 10 % of the documents are edited copies (0-10 % of words) of an earlier
-one, so there are near duplicates at every similarity. Not committed (bench/data/ is ignored).
+Input: --mb megabytes of JSONL made from the Shakespeare corpus (data/raw/texts, `make data`). Up to
+100 MB, generated word by word: all words of all texts, shuffled in runs of 5-40 lines and re-cut into
+documents of 200-1500 words, each with a random 0-5 % of its words edited; 10 % of the documents are
+edited copies (0-10 % of words) of an earlier one, so there are near duplicates at every similarity
+(~13 s for 100 MB). Past 100 MB, grown from the 100 MB input (`grow_corpus`, ~30 s a GB where generating
+word by word took minutes on a loaded machine): the 100 MB input, then copies of it, each re-cut into
+new documents of the same make (paragraphs shuffled among 64 neighbouring documents, 0-5 % of words
+replaced, 10 % near copies of a recent document with 0-10 % replaced, new ids). Not committed
+(bench/data/ is ignored; --data-dir puts inputs and outputs elsewhere).
 
 Every row runs as its own process on the same file, rows alternating (repeats interleave), so machine
 load hits all alike. Measured: wall seconds and CPU seconds (user + system of the process and its
@@ -46,10 +55,17 @@ DATA = ROOT / "bench/data/data_scale"
 PY = sys.executable
 
 
-def make_corpus(mb: int, seed: int) -> Path:
-    out = DATA / f"docs-{mb}mb-s{seed}.jsonl"
+BASE_MB = 100  # larger inputs are grown from the 100 MB corpus (`grow_corpus`)
+
+
+def make_corpus(mb: int, seed: int, data: Path | None = None) -> Path:
+    """The --mb input under `data`: generated word by word up to 100 MB, grown from the 100 MB one past it."""
+    data = data or DATA
+    out = data / f"docs-{mb}mb-s{seed}.jsonl"
     if out.exists():
         return out
+    if mb > BASE_MB:
+        return grow_corpus(make_corpus(BASE_MB, seed, data), out, mb, seed)
     files = sorted((ROOT / "data/raw/texts").glob("*.txt"))
     if not files:
         raise SystemExit("no data/raw/texts/*.txt: run `make data` first")
@@ -74,7 +90,7 @@ def make_corpus(mb: int, seed: int) -> Path:
                 out.append(rng.choice(vocab))
         return out
 
-    DATA.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     written, k, docs = 0, 0, []
     with open(tmp, "w", encoding="utf-8") as f:
@@ -92,6 +108,66 @@ def make_corpus(mb: int, seed: int) -> Path:
             f.write(line)
             written += len(line.encode("utf-8"))
             k += 1
+    tmp.rename(out)
+    return out
+
+
+def _substituted(words: list[str], rate: float, rng, vocab: list[str]) -> str:
+    """`words` joined by spaces with a `rate` share of them replaced by vocabulary words (numpy picks
+    which and by what; only the replaced words cost a Python step)."""
+    k = int(rng.binomial(len(words), rate))
+    if k:
+        for at, word in zip(rng.integers(0, len(words), k).tolist(), rng.integers(0, len(vocab), k).tolist(),
+                            strict=True):
+            words[at] = vocab[word]
+    return " ".join(words)
+
+
+def grow_corpus(base: Path, out: Path, mb: int, seed: int) -> Path:
+    """An input of `mb` MB from the 100 MB one: the base itself, then copies of it, each copy re-cut so
+    that its documents are new ones of the same make (seconds a GB where generating word by word took
+    minutes). Copy c: the paragraphs (runs of edited Shakespeare lines) of every 64 consecutive base
+    documents are shuffled among those documents (each keeps its number of paragraphs, so the lengths
+    stay those of the base), then 0-5 % of each document's words are replaced by vocabulary words, and
+    10 % of the documents are replaced by a copy of one of the previous 2,000 with 0-10 % of its words
+    replaced: distinct documents with near duplicates at every similarity, as in the base, and new ids
+    (doc{k} counting on). Paragraphs recur across copies (as runs recur within the base), so line
+    counts for boilerplate grow with the input as they would in a crawl."""
+    import numpy as np
+
+    texts = [json.loads(line)["text"] for line in open(base, encoding="utf-8")]
+    paragraphs = [t.split("\n\n") for t in texts]
+    vocab = sorted({w for t in texts[:2000] for w in t.split()})
+    tmp = out.with_suffix(".tmp")
+    shutil.copyfile(base, tmp)
+    written, k, copy = base.stat().st_size, len(texts), 0
+    with open(tmp, "a", encoding="utf-8") as f:
+        while written < mb * 1_000_000:
+            copy += 1
+            rng = np.random.default_rng([seed, copy])
+            recent: list[str] = []
+            for lo in range(0, len(texts), 64):
+                block = paragraphs[lo:lo + 64]
+                pool = [p for doc in block for p in doc]
+                order = rng.permutation(len(pool)).tolist()
+                at = 0
+                for doc in block:
+                    if written >= mb * 1_000_000:
+                        break
+                    if recent and rng.random() < 0.1:
+                        source = recent[int(rng.integers(0, len(recent)))]
+                        text = _substituted(source.split(" "), rng.uniform(0, 0.1), rng, vocab)
+                    else:
+                        text = "\n\n".join(pool[j] for j in order[at:at + len(doc)])
+                        text = _substituted(text.split(" "), rng.uniform(0, 0.05), rng, vocab)
+                        recent.append(text)
+                        if len(recent) > 2000:
+                            del recent[0]
+                    at += len(doc)
+                    line = json.dumps({"id": f"doc{k}", "text": text}) + "\n"
+                    f.write(line)
+                    written += len(line.encode("utf-8"))
+                    k += 1
     tmp.rename(out)
     return out
 
@@ -228,20 +304,31 @@ def main() -> None:
     ap.add_argument("--only", default="dedup,clean,encode")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=str(DATA),
+                    help="where the inputs are made (once) and the rows write their outputs")
+    ap.add_argument("--skip", default="", help="comma-separated parts of row names to leave out, e.g. "
+                    "'datasketch,near only'")
+    ap.add_argument("--make-only", action="store_true", help="make the inputs and stop")
     ap.add_argument("--json-out", default=str(ROOT / "bench/results/data_scale.json"))
     args = ap.parse_args()
     only = set(args.only.split(","))
     results = []
-    tok = DATA / "tok8192"
+    data = Path(args.data_dir)
+    skip = [part for part in args.skip.split(",") if part]
+    tok = data / "tok8192"
     for mb in (int(m) for m in args.mb.split(",")):
-        inp = make_corpus(mb, args.seed)
+        inp = make_corpus(mb, args.seed, data)
+        if args.make_only:
+            print(f"{inp}: {inp.stat().st_size / 1e6:.1f} MB", file=sys.stderr)
+            continue
         size = inp.stat().st_size
         if "encode" in only and not (tok / "tokenizer.json").exists():
-            sample = make_corpus(20, args.seed)
+            sample = make_corpus(20, args.seed, data)
             subprocess.run([PY, "-m", "glm_cli", "tokenize", "train", str(sample), "-o", str(tok),
                             "--vocab-size", "8192", "-q"], check=True)
-        work = DATA / f"work-{mb}"
-        rows = rows_for(only, inp, work, tok)
+        work = data / f"work-{mb}"
+        rows = {name: row for name, row in rows_for(only, inp, work, tok).items()
+                if not any(part in name for part in skip)}
         best: dict[str, list[float]] = {}
         load = os.getloadavg()[0]
         for _ in range(args.repeats):
@@ -259,6 +346,8 @@ def main() -> None:
                             "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(rss), "load_average": round(load, 1),
                             "mb_per_s": round(size / 1e6 / wall, 2),
                             "cpu_s_per_gb": round(cpu / (size / 1e9), 1)})
+    if args.make_only:
+        return
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
     print("| input | row | wall s | CPU s | peak RSS MB | MB/s | CPU s per GB |")

@@ -180,38 +180,43 @@ def run(
         glm clean data/raw -o - | glm dedup - -o - --against evals.jsonl | glm tokenize encode - ...
     """
 
-    from glm_cli.core.console import log, set_quiet
-    from glm_cli.core.dedup import disk
-    from glm_cli.core.dedup.run import dedup_run
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.corpus import parse_shard
+    from glm_cli.core.io.parallel import WorkerPool
 
-    set_quiet(quiet)
     if memory_mb < 1:
         raise UsageError(f"--memory-mb {memory_mb}: need at least 1")
-    config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
-                     unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,
-                     line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
-                     contamination_ngram=contamination_ngram, contamination_action=contamination)
-    shard_spec = parse_shard(shard)
-    columns = columns_for(text_column, id_column)
-    # before anything is written: will the signatures, spill files and output fit on the disks?
-    need = disk.estimate(inputs, config, columns, shard_spec)
-    if need is None:
-        log("dedup: disk space not checked (standard input has no size)")
-    else:
-        disk.check(need, output)
-    policy = error_policy(on_error, output, errors)
-    start = time.perf_counter()
-    plan, counts, contamination_records = dedup_run(
-        inputs, output, config, columns=columns, policy=policy, shard=shard_spec, workers=workers,
-        memory_mb=memory_mb, row_group_size=row_group_size, clusters=clusters)
-    policy.close()
-    _write_jsonl(contaminated, contamination_records)
-    seconds = time.perf_counter() - start
-    _log_result(plan.stats, counts, seconds)
-    emit_summary({"stage": "run", **plan.stats, **counts, "lsh": {"bands": config.bands, "rows": config.rows},
-                  "errors": policy.summary(), "seconds": round(seconds, 3)}, json_summary, output == "-")
+    # the pool's workers start first: they import the dedup code while this process does the same and
+    # checks the disk, instead of after it; the same pool then serves both passes over the input
+    with WorkerPool(workers, preload=("glm_cli.core.dedup.run",)) as pool:
+        from glm_cli.core.console import log, set_quiet
+        from glm_cli.core.dedup import disk
+        from glm_cli.core.dedup.run import dedup_run
+        from glm_cli.core.io.corpus import parse_shard
+
+        set_quiet(quiet)
+        config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
+                         unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,
+                         line_min_docs=line_min_docs, line_min_chars=line_min_chars, against=against,
+                         contamination_ngram=contamination_ngram, contamination_action=contamination)
+        shard_spec = parse_shard(shard)
+        columns = columns_for(text_column, id_column)
+        # before anything is written: will the signatures, spill files and output fit on the disks?
+        need = disk.estimate(inputs, config, columns, shard_spec)
+        if need is None:
+            log("dedup: disk space not checked (standard input has no size)")
+        else:
+            disk.check(need, output)
+        policy = error_policy(on_error, output, errors)
+        start = time.perf_counter()
+        plan, counts, contamination_records = dedup_run(
+            inputs, output, config, columns=columns, policy=policy, shard=shard_spec, workers=pool,
+            memory_mb=memory_mb, row_group_size=row_group_size, clusters=clusters)
+        policy.close()
+        _write_jsonl(contaminated, contamination_records)
+        seconds = time.perf_counter() - start
+        _log_result(plan.stats, counts, seconds)
+        emit_summary({"stage": "run", **plan.stats, **counts, "lsh": {"bands": config.bands, "rows": config.rows},
+                      "errors": policy.summary(), "seconds": round(seconds, 3)}, json_summary, output == "-")
 
 
 # ------------------------------------------------------------------------------------------ steps

@@ -33,7 +33,8 @@ from glm_cli.core.io.corpus import (
 )
 
 EXPANSION = 4  # text bytes per byte of a compressed or parquet file, for the estimate
-SAMPLE = 2000  # documents read to learn bytes, lines and id length per document
+SAMPLE = 200  # documents read to learn bytes, lines and id length per document (~1 MB: 5 ms, where
+# 2,000 took 0.13 s, 2 % of a 100 MB run, for an estimate within 0.4 % of theirs)
 MARGIN = 1.1  # on top of the estimate
 SLACK = 64 << 20  # bytes always left free
 

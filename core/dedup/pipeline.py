@@ -242,21 +242,27 @@ def cluster(sources: list, memory_mb: int = 1024,
         total = sum(f.shape("line_hashes")[0] for f in corpus.files)
 
         def line_chunks():
+            # at most `chunk` line keys at a time (a document with more is read alone), not `chunk`
+            # documents: a document holds ~90 keys, and a chunk of documents held all of them at 1 GB
             for k, f in enumerate(corpus.files):
                 counts = f.read("line_counts")
                 ends = np.cumsum(counts)
                 keep_docs = reason[starts[k]:starts[k + 1]] == KEPT
-                for lo in range(0, f.documents, chunk):
-                    hi = min(lo + chunk, f.documents)
-                    a, b = (int(ends[lo - 1]) if lo else 0), int(ends[hi - 1]) if hi else 0
-                    keys = f.read("line_hashes", a, b)[np.repeat(keep_docs[lo:hi], counts[lo:hi])]
+                lo = 0
+                while lo < f.documents:
+                    a = int(ends[lo - 1]) if lo else 0
+                    hi = min(f.documents, max(lo + 1, int(np.searchsorted(ends, a + chunk, side="right"))))
+                    keys = f.read("line_hashes", a, int(ends[hi - 1]))[np.repeat(keep_docs[lo:hi], counts[lo:hi])]
                     yield keys, np.zeros(keys.size, np.int64)
+                    lo = hi
 
         work["partitions"]["lines"] = spill_groups.partitions_for(total, group_budget)
         found = []
-        for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines"):
-            uniq, counts = np.unique(keys, return_counts=True)
-            found.append(uniq[counts >= config.line_min_docs])
+        for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines", keys_only=True):
+            # the keys come sorted: count each run of equal keys (np.unique would sort them again)
+            first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if keys.size else keys
+            counts = np.diff(np.append(first, keys.size))
+            found.append(keys[first][counts >= config.line_min_docs])
         boilerplate = np.sort(np.concatenate(found)) if found else boilerplate
 
     stats = {

@@ -1,8 +1,10 @@
-"""`glm dedup run`: the three steps on one machine, with the parsing and the filter in the worker pool.
+"""`glm dedup run`: the three steps on one machine, with the reading, parsing and filter in the worker pool.
 
-Both passes over the input hand the workers raw units of JSON lines (`core.io.units`): a worker parses
-them, and in the first pass computes their signatures, in the second applies the plan and encodes the
-kept documents as output lines, so the calling process only reads bytes, keeps the order and writes.
+Both passes over the input hand the workers units of JSON lines (`core.io.units`): of a plain file a
+byte range the worker reads itself, else the raw lines. A worker parses them, and in the first pass
+computes their signatures, in the second applies the plan and encodes the kept documents as output
+lines, so the calling process only finds the cuts, keeps the order, clusters and writes. One pool serves
+both passes (`WorkerPool`).
 What ties the passes together is each unit's count of good documents, recorded in the first pass: a
 unit of the second pass (the same lines, cut the same way) knows its documents' positions from it, so
 a worker applies the plan to its unit alone. Bad records reach the error policy in input order (with
@@ -30,7 +32,7 @@ from glm_cli.core.dedup.plan import DropPlan
 from glm_cli.core.dedup.signatures import SignatureFile, SignatureWriter, _eval_ids_of, batch_features
 from glm_cli.core.errors import GlmError
 from glm_cli.core.io.corpus import STDIN, ErrorPolicy, RecordWriter, write_records
-from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.io.parallel import WorkerPool
 from glm_cli.core.io.records import BadRecord, Columns, Document, record_json, utf8_size
 from glm_cli.core.io.units import RawLines, parse_unit, read_units
 from glm_cli.core.steps import Drop, run_batch
@@ -56,13 +58,13 @@ def _spooled(units: Iterator, spool) -> Iterator:
         yield unit
 
 
-def _signatures(units: Iterator, config: DedupConfig, columns: Columns, policy: ErrorPolicy, workers: int,
+def _signatures(units: Iterator, config: DedupConfig, columns: Columns, policy: ErrorPolicy, pool: WorkerPool,
                 writer: SignatureWriter, saved_keys: line_dedup.SavedUnitKeys | None) -> tuple[list[int], dict]:
     """Step 1 over the units; returns each unit's count of good documents and the contamination ids."""
     fn = partial(_signature_unit, config, saved_keys is not None and config.lines, columns)
     counts: list[int] = []
     eval_ids: dict[int, str] = {}
-    for ids, nbytes, bad, features in map_ordered(fn, units, workers, chunk_size=1):
+    for ids, nbytes, bad, features in pool.map(fn, units, chunk_size=1):
         for record in bad:  # in input order, so --on-error fail stops at the first, with its file:line
             policy.handle(record)
         counts.append(len(ids))
@@ -149,12 +151,12 @@ def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, holde
 
 
 def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np.ndarray, setup: _FilterSetup,
-            saved_keys, writer: RecordWriter, workers: int) -> dict:
+            saved_keys, writer: RecordWriter, pool: WorkerPool) -> dict:
     """Step 3 over the units: write what the plan keeps; returns the counts `apply_plan` returns."""
     digest = hashlib.sha256()
     totals = Counter()
     tasks = _filter_tasks(units, unit_counts, plan, holders, saved_keys)
-    for ids, counts, out in map_ordered(partial(_filter_unit, setup), tasks, workers, chunk_size=1):
+    for ids, counts, out in pool.map(partial(_filter_unit, setup), tasks, chunk_size=1):
         digest.update(ids)
         totals.update(counts)
         if setup.encode:
@@ -173,24 +175,33 @@ def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np
 
 
 def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: Columns, policy: ErrorPolicy,
-              shard: tuple[int, int] | None = None, workers: int = 1, memory_mb: int = 1024,
+              shard: tuple[int, int] | None = None, workers: int | WorkerPool = 1, memory_mb: int = 1024,
               row_group_size: int | None = None, clusters: str | None = None) -> tuple[DropPlan, dict, list[dict]]:
     """Deduplicate `inputs` into `output`: (plan, counts, contamination records). `clusters`: where to write
-    the cluster records (each dropped duplicate and the document kept for it), if anywhere.
+    the cluster records (each dropped duplicate and the document kept for it), if anywhere. `workers`: a
+    number, or a `WorkerPool` already started (that the caller closes).
 
     Memory: at most about `memory_mb` of signatures (spilled to the temporary directory past it), the
     clustering's 5 bytes a document plus `memory_mb`, a bool a document for the filter's boilerplate
     holders, 9 bytes a dropped document for the plan, and the units in flight; the saved line keys and
     their offsets stay on disk."""
+    if isinstance(workers, WorkerPool):
+        return _dedup_run(inputs, output, config, columns, policy, shard, workers, memory_mb, row_group_size, clusters)
+    with WorkerPool(workers, (__name__,)) as pool:  # one pool for both passes
+        return _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, row_group_size, clusters)
+
+
+def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, row_group_size, clusters):
     with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
         stdin = STDIN in inputs
         saved_keys = line_dedup.SavedUnitKeys(os.path.join(tmp, "unit_keys.u64")) if config.lines else None
         signatures = os.path.join(tmp, "signatures.npz")
         writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp)
-        spool = open(os.path.join(tmp, "spool.jsonl"), "wb") if stdin else None  # noqa: SIM115 - closed below
+        spool_path = os.path.join(tmp, "spool.jsonl") if stdin else None
+        spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
         try:
             unit_counts, eval_ids = _signatures(_spooled(read_units(inputs, shard, columns), spool), config, columns,
-                                                policy, workers, writer, saved_keys)
+                                                policy, pool, writer, saved_keys)
             writer.close(policy.count, eval_ids)
         finally:
             writer.discard()
@@ -207,12 +218,11 @@ def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: C
         if config.lines and plan.boilerplate.size:
             boilerplate_path = os.path.join(tmp, "boilerplate.npy")
             np.save(boilerplate_path, plan.boilerplate)
-        second = read_units([os.path.join(tmp, "spool.jsonl") if s == STDIN else s for s in inputs], shard, columns)
+        second = read_units(inputs, shard, columns, stdin_copy=spool_path)
         with RecordWriter(output, columns, row_group_size) as out:
             setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, config.line_unit,
                                  config.line_min_chars, saved_keys.path if saved_keys is not None else None)
-            counts = _filter(second, unit_counts, plan, holders, setup, saved_keys, out, workers)
+            counts = _filter(second, unit_counts, plan, holders, setup, saved_keys, out, pool)
         if clusters:
             write_records(clusters, cluster_records)
     return plan, counts, contamination_records
-

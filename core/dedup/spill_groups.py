@@ -28,16 +28,24 @@ def partitions_for(records: int, memory_bytes: int) -> int:
 
 
 def grouped(chunks: Iterable[tuple[np.ndarray, np.ndarray]], records: int, memory_bytes: int,
-            workdir: str | Path, name: str = "part") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            workdir: str | Path, name: str = "part",
+            keys_only: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(keys, index) sorted by key, then index, one partition at a time.
 
     `chunks` yields (uint64 keys, int64 index) in increasing index order; `records` is their total (an
-    upper bound is fine). Spill files go to `workdir` and are removed as they are read.
+    upper bound is fine). Spill files go to `workdir` and are removed as they are read. `keys_only`:
+    yield (sorted keys, None), for a caller that only counts keys (an in-place sort, where the index
+    needs a stable argsort and two gathers: about 3x the time on the line keys).
     """
     parts = partitions_for(records, memory_bytes)
     if parts == 1:
         got = list(chunks)
         keys = np.concatenate([k for k, _ in got]) if got else np.zeros(0, np.uint64)
+        if keys_only:
+            del got
+            keys.sort()
+            yield keys, None
+            return
         index = np.concatenate([i for _, i in got]) if got else np.zeros(0, np.int64)
         del got
         order = np.argsort(keys, kind="stable")
@@ -62,6 +70,12 @@ def grouped(chunks: Iterable[tuple[np.ndarray, np.ndarray]], records: int, memor
         for path in paths:
             rec = np.fromfile(path, dtype=RECORD)
             os.unlink(path)
+            if keys_only:
+                keys = rec["key"].copy()
+                del rec
+                keys.sort()
+                yield keys, None
+                continue
             order = np.argsort(rec["key"], kind="stable")  # index order within a key: spilled in that order
             rec = rec[order]
             del order

@@ -1,12 +1,23 @@
-"""The inputs as units of work for a worker pool: raw JSONL lines, parsed where the work is done.
+"""The inputs as units of work for a worker pool: JSONL read and parsed where the work is done.
 
 `read_documents` parses every JSON line in the calling process, so with N workers the caller parses
-while the workers wait on it. `read_units` hands out the lines still as bytes (`RawLines`: a source, the
-number of its first line, the lines), and a worker turns them into documents with `parse_units` exactly
-as `read_documents` would (the same `_parse_json_line`, the same line stripping, the same bad records
-with their file:line). Sources that are not JSON lines (parquet, one-document text files) are parsed here
-and handed out as `Parsed` batches. The cut between units depends only on the lines themselves (a count
-and a byte budget), so reading the same lines again, or a copy of them, gives the same units.
+while the workers wait on it. `read_units` hands out work that a worker turns into documents with
+`parse_unit` exactly as `read_documents` would (the same `_parse_json_line`, the same line stripping,
+the same bad records with their file:line):
+
+- a plain (uncompressed) JSONL file is cut into `FileRange`s: a byte range of about `RANGE_BYTES` that
+  starts at a line's start and ends after a line's end, with the number of its first line. The caller
+  only reads the file in blocks to find the cuts and count line ends (no line objects, nothing parsed);
+  the worker reads its range itself. A cut always falls right after a line feed, so it never splits a
+  line, a CR LF or a UTF-8 character; the first range of a file strips its BOM, as the line reader does.
+- a compressed file (.zst, .gz, by suffix or magic bytes) cannot be entered at a byte offset, and
+  standard input can be read only once, in order: their lines are read here and handed out as bytes
+  (`RawLines`: a source, the number of its first line, the lines).
+- sources that are not JSON lines (parquet, one-document text files) are parsed here and handed out
+  as `Parsed` batches.
+
+The cut between units depends only on the bytes of the input (never on the number of workers), so
+reading the same input again, or a copy of it, gives the same units.
 """
 
 from __future__ import annotations
@@ -14,9 +25,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from glm_cli.core.errors import GlmError
 from glm_cli.core.io.corpus import (
+    COMPRESSED_SUFFIXES,
+    GZIP_MAGIC,
     ONE_DOCUMENT_SUFFIXES,
     STDIN,
+    ZSTD_MAGIC,
     CorruptInput,
     _open_binary,
     _parse_json_line,
@@ -31,6 +46,18 @@ from glm_cli.core.io.records import DEFAULT_COLUMNS, BadRecord, Columns, Documen
 
 UNIT_LINES = 256
 UNIT_BYTES = 4 << 20
+RANGE_BYTES = 1 << 20  # a FileRange: ~200 documents of 5 kB; a line longer than this is one range
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """Bytes `offset` to `offset + length` of a plain JSONL file: whole lines, the first numbered `first`."""
+
+    source: str
+    offset: int
+    length: int
+    first: int
 
 
 @dataclass(slots=True)
@@ -54,9 +81,58 @@ def _is_jsonl(source: str) -> bool:
                                    or is_parquet(source))
 
 
-def _raw_units(source: str) -> Iterator[RawLines | Parsed]:
-    """`_read_jsonl`'s lines, cut into units (its BOM and line-end stripping, its bad records)."""
-    with _open_binary(source) as f:
+def _splittable(source: str) -> bool:
+    """A JSONL file a worker can enter at a byte offset: a file, not compressed by suffix or magic bytes."""
+    if source == STDIN or source.lower().endswith(COMPRESSED_SUFFIXES):
+        return False
+    try:
+        with open(source, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False  # the line reader's open then reports it in one line ("cannot read: ...")
+    return magic != ZSTD_MAGIC and magic[:2] != GZIP_MAGIC
+
+
+def _file_ranges(source: str) -> Iterator[FileRange | Parsed]:
+    """A plain JSONL file as `FileRange`s: read in blocks of `RANGE_BYTES`, each block extended to the end
+    of the line it ends in (only the line ends are counted here, for the next range's first line number)."""
+    with open(source, "rb") as f:
+        offset, first = 0, 1
+        while True:
+            block = f.read(RANGE_BYTES)
+            if not block:
+                break
+            if not block.endswith(b"\n"):
+                block += f.readline()  # to the end of the line (or of the file)
+            yield FileRange(source, offset, len(block), first)
+            offset += len(block)
+            first += block.count(b"\n")
+    if offset == 0:
+        yield Parsed([BadRecord(source, 0, "empty file", "")])
+
+
+def range_lines(unit: FileRange) -> list[bytes]:
+    """The lines of a range as `numbered_lines` gives them: without their line ends (LF or CR LF), a
+    file's BOM stripped from its first line (read in the worker)."""
+    with open(unit.source, "rb") as f:
+        f.seek(unit.offset)
+        data = f.read(unit.length)
+    if len(data) != unit.length:
+        raise GlmError(f"{unit.source}: the file changed while it was read ({len(data)} bytes at offset "
+                       f"{unit.offset}, {unit.length} before)")
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if unit.offset == 0 and lines and lines[0].startswith(BOM):
+        lines[0] = lines[0][len(BOM):]
+    return lines
+
+
+def _raw_units(source: str, path: str | None = None) -> Iterator[RawLines | Parsed]:
+    """`_read_jsonl`'s lines, cut into units (its BOM and line-end stripping, its bad records); read from
+    `path` if given (a copy of stdin), named `source` all the same."""
+    with _open_binary(path or source) as f:
         number, lines, size, first = 0, [], 0, 1
         for number, raw in numbered_lines(f):
             if isinstance(raw, CorruptInput):  # nothing after this point can be read: report it and stop
@@ -75,12 +151,17 @@ def _raw_units(source: str) -> Iterator[RawLines | Parsed]:
             yield Parsed([BadRecord(source, 0, "empty file", "")])
 
 
-def read_units(specs: Iterable[str], shard: tuple[int, int] | None = None,
-               columns: Columns = DEFAULT_COLUMNS) -> Iterator[RawLines | Parsed]:
-    """The inputs of `read_documents(specs, shard=shard)`, in the same order, as units."""
+def read_units(specs: Iterable[str], shard: tuple[int, int] | None = None, columns: Columns = DEFAULT_COLUMNS,
+               stdin_copy: str | None = None) -> Iterator[FileRange | RawLines | Parsed]:
+    """The inputs of `read_documents(specs, shard=shard)`, in the same order, as units. `stdin_copy`: a
+    file holding what standard input gave a first time, read in its place as stdin was (the same
+    units, the same source name in ids and errors)."""
     for source, row_groups in shard_units(expand_inputs(specs), shard):
+        if source == STDIN and stdin_copy is not None:
+            yield from _raw_units(STDIN, stdin_copy)
+            continue
         if _is_jsonl(source):
-            yield from _raw_units(source)
+            yield from _file_ranges(source) if _splittable(source) else _raw_units(source)
             continue
         batch: list = []
         for item in read_source(source, columns, row_groups):
@@ -92,8 +173,9 @@ def read_units(specs: Iterable[str], shard: tuple[int, int] | None = None,
             yield Parsed(batch)
 
 
-def parse_unit(unit: RawLines | Parsed, columns: Columns = DEFAULT_COLUMNS) -> list[Document | BadRecord]:
+def parse_unit(unit: FileRange | RawLines | Parsed, columns: Columns = DEFAULT_COLUMNS) -> list[Document | BadRecord]:
     """The documents and bad records of a unit, as `read_documents` would read them (in a worker)."""
     if isinstance(unit, Parsed):
         return unit.items
-    return [_parse_json_line(unit.source, unit.first + k, raw, columns) for k, raw in enumerate(unit.lines)]
+    lines = range_lines(unit) if isinstance(unit, FileRange) else unit.lines
+    return [_parse_json_line(unit.source, unit.first + k, raw, columns) for k, raw in enumerate(lines)]

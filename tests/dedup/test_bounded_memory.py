@@ -170,3 +170,33 @@ def test_parquet_in_and_out_with_workers(big, tmp_path):
     two = [(d.id, d.text) for d in read_documents([str(tmp_path / "out2.parquet")])]
     code, _, _ = invoke_glm("dedup", "run", write_jsonl(tmp_path / "in.jsonl", rows), "-o", tmp_path / "j.jsonl")
     assert one == two == [(r["id"], r["text"]) for r in read_jsonl(tmp_path / "j.jsonl")]
+
+
+def test_line_keys_are_clustered_a_bounded_number_at_a_time(tmp_path, monkeypatch):
+    """The boilerplate count reads the line keys in pieces of at most the chunk size (8,192 keys at
+    --memory-mb 1), not a chunk's worth of documents (each with ~40 keys here), and finds the same
+    boilerplate as with the whole column in memory."""
+    rng = random.Random(11)
+    shared = [" ".join(words(rng, 8)) for _ in range(30)]  # lines in many documents: boilerplate
+    docs = [Document(f"d{k}", "\n".join(rng.choice(shared) if rng.random() < 0.2 else " ".join(words(rng, 8))
+                                         for _ in range(40))) for k in range(600)]
+    config = DedupConfig().resolved()
+    write_signatures(iter(docs), config, tmp_path / "s.npz")
+    from glm_cli.core.dedup.pipeline import cluster
+
+    sizes = []
+    read = SignatureFile.read
+
+    def spy(self, name, start=0, stop=None):
+        values = read(self, name, start, stop)
+        if name == "line_hashes":
+            sizes.append(values.size)
+        return values
+
+    monkeypatch.setattr(SignatureFile, "read", spy)
+    small, _, _ = cluster([tmp_path / "s.npz"], memory_mb=1, workdir=tmp_path)
+    assert sum(sizes) > 20_000 and max(sizes) <= 8192
+    sizes.clear()
+    whole, _, _ = cluster([tmp_path / "s.npz"], memory_mb=1024, workdir=tmp_path)
+    assert max(sizes) > 20_000 and small.boilerplate.size >= 25
+    assert (small.boilerplate == whole.boilerplate).all()

@@ -369,8 +369,8 @@ def test_band_by_band_cluster_equals_brute_force_and_ignores_the_memory_setting(
     spilled = []
     real_grouped = spill_groups.grouped
 
-    def watch(chunks, records, memory_bytes, workdir, name="part"):
-        for group in real_grouped(chunks, records, memory_bytes, workdir, name):
+    def watch(chunks, records, memory_bytes, workdir, name="part", keys_only=False):
+        for group in real_grouped(chunks, records, memory_bytes, workdir, name, keys_only):
             spilled.append(len(list(tmp_path.glob("**/band*.bin"))))
             yield group
 
@@ -446,3 +446,20 @@ def test_a_shards_filter_reads_only_its_own_drops_from_the_plan(tmp_path):
     (tmp_path / "cut.json").write_text(text[: text.index('"positions": [0, 7')])
     with pytest.raises(GlmError, match="shard 2 of 3 is missing"):
         DropPlan.load(tmp_path / "cut.json")
+
+
+@pytest.mark.parametrize("memory_bytes", [16 * 1024, 1 << 30])
+def test_spill_groups_keys_only_gives_each_partitions_keys_sorted(tmp_path, memory_bytes):
+    """The line-key count's form: the same keys per partition as the full grouping, sorted, no index."""
+    from glm_cli.core.dedup import spill_groups
+
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 300, 6000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    chunks = [(keys[lo:lo + 700], np.zeros(min(700, keys.size - lo), np.int64)) for lo in range(0, keys.size, 700)]
+    full = list(spill_groups.grouped(iter(chunks), keys.size, memory_bytes, tmp_path))
+    only = list(spill_groups.grouped(iter(chunks), keys.size, memory_bytes, tmp_path, keys_only=True))
+    assert len(only) == len(full) == spill_groups.partitions_for(keys.size, memory_bytes)
+    for (k, _), (sorted_keys, index) in zip(full, only, strict=True):
+        assert index is None and sorted_keys.tolist() == k.tolist()
+    assert np.sort(np.concatenate([k for k, _ in only])).tolist() == np.sort(keys).tolist()
+    assert not list(tmp_path.iterdir())
