@@ -4,7 +4,7 @@ Both passes over the input hand the workers units of JSON lines (`core.io.units`
 byte range the worker reads itself, else the raw lines. A worker parses them, and in the first pass
 computes their signatures, in the second applies the plan and encodes the kept documents as output
 lines, so the calling process only finds the cuts, keeps the order, clusters and writes. One pool serves
-both passes (`WorkerPool`).
+both passes (`WorkerPool`), each driven by the shared loop `core.io.runner.run_stages`.
 What ties the passes together is each unit's count of good documents, recorded in the first pass: a
 unit of the second pass (the same lines, cut the same way) knows its documents' positions from it, so
 a worker applies the plan to its unit alone. Bad records reach the error policy in input order (with
@@ -34,6 +34,7 @@ from glm_cli.core.errors import GlmError
 from glm_cli.core.io.corpus import STDIN, ErrorPolicy, RecordWriter, write_records
 from glm_cli.core.io.parallel import WorkerPool
 from glm_cli.core.io.records import BadRecord, Columns, Document, record_json, utf8_size
+from glm_cli.core.io.runner import run_stages
 from glm_cli.core.io.units import RawLines, parse_unit, read_units
 from glm_cli.core.steps import Drop, run_batch
 
@@ -64,16 +65,21 @@ def _signatures(units: Iterator, config: DedupConfig, columns: Columns, policy: 
     fn = partial(_signature_unit, config, saved_keys is not None and config.lines, columns)
     counts: list[int] = []
     eval_ids: dict[int, str] = {}
-    for ids, nbytes, bad, features in pool.map(fn, units, chunk_size=1):
+
+    def take(result: tuple) -> int:
+        ids, nbytes, bad, features = result
         for record in bad:  # in input order, so --on-error fail stops at the first, with its file:line
             policy.handle(record)
         counts.append(len(ids))
-        if not ids:
-            continue
-        if "unit_keys" in features:
-            saved_keys.add(features.pop("unit_keys"), features.pop("unit_counts"))
-        eval_ids.update(_eval_ids_of(config, features["contam"], features.pop("contam_eval"), writer.documents))
-        writer.add(ids, nbytes, features)
+        if ids:
+            if "unit_keys" in features:
+                saved_keys.add(features.pop("unit_keys"), features.pop("unit_counts"))
+            eval_ids.update(_eval_ids_of(config, features["contam"], features.pop("contam_eval"), writer.documents))
+            writer.add(ids, nbytes, features)
+        return len(ids)
+
+    # no policy handed to the runner: the errors file is written once, after the second pass
+    run_stages(pool.map(fn, units, chunk_size=1), take, label="dedup: signatures")
     return counts, eval_ids
 
 
@@ -156,7 +162,9 @@ def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np
     digest = hashlib.sha256()
     totals = Counter()
     tasks = _filter_tasks(units, unit_counts, plan, holders, saved_keys)
-    for ids, counts, out in pool.map(partial(_filter_unit, setup), tasks, chunk_size=1):
+
+    def write(result: tuple) -> int:
+        ids, counts, out = result
         digest.update(ids)
         totals.update(counts)
         if setup.encode:
@@ -164,6 +172,9 @@ def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np
         else:
             for record in out:
                 writer.write(record)
+        return counts["documents"]
+
+    run_stages(pool.map(partial(_filter_unit, setup), tasks, chunk_size=1), write, label="dedup: filter")
     if totals["documents"] != plan.documents[0] or digest.hexdigest() != plan.ids_sha256[0]:
         raise GlmError("the input changed while it was deduplicated (other documents on the second read)")
     return {"documents": totals["documents"], "kept": totals["kept"],
