@@ -403,10 +403,10 @@ class SignatureWriter:
             if not parts:
                 continue
             if name == "bands":  # one file per band: the file stores the bands transposed
-                block = np.concatenate(parts)
-                for b in range(block.shape[1]):
+                for b in range(parts[0].shape[1]):  # a band's column of each part, never all bands at once
                     with open(self._spill_path(f"band{b}"), "ab") as f:
-                        f.write(np.ascontiguousarray(block[:, b]).tobytes())
+                        for part in parts:
+                            f.write(np.ascontiguousarray(part[:, b]).tobytes())
             else:
                 with open(self._spill_path(name), "ab") as f:
                     for part in parts:
@@ -433,13 +433,12 @@ class SignatureWriter:
                 "documents": self.documents, "ids_sha256": self.digest.hexdigest()}
         meta_bytes = json.dumps(meta).encode()
         width = self.config.bands if self.config.near else 0
-        bands = np.concatenate(self.held["bands"]) if self.held["bands"] else np.zeros((0, width), np.uint64)
         members = [("meta", np.dtype(np.uint8), (len(meta_bytes),), iter([meta_bytes])),
                    ("ids", np.dtype(np.uint8), (self.rows["ids"],), self._blocks("ids", self.held["ids"]))]
         for name, dtype, row in self.columns:
             if name == "bands":
                 blocks = (chunk for b in range(width) for chunk in
-                          self._blocks(f"band{b}", [np.ascontiguousarray(bands[:, b])]))
+                          self._blocks(f"band{b}", [part[:, b] for part in self.held["bands"]]))
                 members.append(("bands", dtype, (width, self.rows["bands"]), blocks))
             else:
                 members.append((name, dtype, (self.rows[name], *row), self._blocks(name, self.held[name])))
@@ -454,7 +453,11 @@ class SignatureWriter:
         self.discard()
 
     def discard(self) -> None:
-        """Remove the spill files (after `close`, or when the run fails)."""
+        """Drop what is held and remove the spill files (after `close`, or when the run fails): the
+        clustering that follows has a memory budget of its own, and must not find this one still spent."""
+        for parts in self.held.values():
+            parts.clear()
+        self.held_bytes = 0
         if self.spill is not None:
             self.spill.cleanup()
             self.spill = None
