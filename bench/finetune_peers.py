@@ -16,7 +16,7 @@ template (the peers get those ids, TRL a completion mask: all train on the same 
 
 SFT runs:
 - glm          `glm finetune --peft lora` with its defaults: rows packed to the length chosen from the
-               data, segment attention, micro-batch 8 *rows* (several examples each: fewer, larger steps);
+               data, segment attention, a micro-batch of the packed rows that hold about 8 examples;
 - peft_packed  PEFT + transformers trained on exactly glm's default batches (the examples of each step's
                8 packed rows, right-padded): same examples, steps and order as `glm`;
 - glm_b8       `glm finetune --no-packing -b 8`: 8 examples a step, as the padded peers;
@@ -147,17 +147,20 @@ def hf_lora_model(model_dir: str):
 
 
 def glm_batches(train, val, model_dir: str, packing: bool, seed: int = 0) -> list[list]:
-    """The examples of each optimizer step of `glm finetune` (1 epoch, micro-batch 8 rows), rebuilt with
-    glm's own functions: the row length it chooses, the seeded shuffle, first-fit packing, the row order."""
+    """The examples of each optimizer step of `glm finetune` (1 epoch, its default micro-batch: with
+    packing the rows that hold about 8 examples, else 8), rebuilt with glm's own functions: the row length
+    it chooses, the seeded shuffle, first-fit packing, the rows a step, the row order."""
+    from glm_cli.core.tune.finetune_setup import rows_per_step
     from glm_cli.core.tune.sft_data import Example, RowLoader, default_row_length, pack, shuffled
     from glm_cli.core.tune.tune_setup import steps_for
 
     context = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
     length, _ = default_row_length([len(ex.inputs) for ex in train + val], context)
     rows = pack(shuffled(train, seed), length, packing)
-    loader = RowLoader(rows, BATCH, 0, seed, collate_fn=lambda items: items)
+    per_step = rows_per_step(len(train), len(rows)) if packing else BATCH
+    loader = RowLoader(rows, per_step, 0, seed, collate_fn=lambda items: items)
     batches = []
-    for _ in range(steps_for(len(rows), BATCH, 1, 1, 0)):
+    for _ in range(steps_for(len(rows), per_step, 1, 1, 0)):
         step = []
         for row in loader.next_batch():  # split the row back into its examples (positions restart at 0)
             starts = [i for i, p in enumerate(row.positions) if p == 0] + [len(row.positions)]

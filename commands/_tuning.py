@@ -54,6 +54,9 @@ ValFraction = Annotated[float, typer.Option("--val-fraction", min=0, max=0.5,
                                             help=doc("TuneOptions", "val_fraction"))]
 MaxSteps = Annotated[int, typer.Option("--max-steps", min=0, help=train_doc("max_steps"))]
 MicroBatch = Annotated[int, typer.Option("--micro-batch-size", "-b", min=1, help=train_doc("micro_batch_size"))]
+# finetune packs rows: left out, the rows a step are those that hold about 8 examples (core/tune/finetune_setup)
+PackedMicroBatch = Annotated[int, typer.Option("--micro-batch-size", "-b", min=1, help=train_doc(
+    "micro_batch_size", "Left out with packing: as many packed rows as hold about 8 examples."))]
 GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help=train_doc("grad_accum"))]
 Lr = Annotated[float | None, typer.Option("--lr", help=train_doc("lr", "Default: by --peft, " + ", ".join(
     f"{peft} {lr:.0e}".replace("e-0", "e-") for peft, lr in DEFAULT_LR.items()) + "; align methods use less."))]

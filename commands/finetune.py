@@ -46,7 +46,7 @@ def command(
     seq_len: T.SeqLen = 0,
     packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack short examples into full rows "
                                           "(attention and positions stay within each example).")] = True,
-    micro_batch_size: T.MicroBatch = T.FINETUNE.micro_batch_size,
+    micro_batch_size: T.PackedMicroBatch = T.FINETUNE.micro_batch_size,
     grad_accum: T.GradAccum = T.FINETUNE.grad_accum,
     lr: T.Lr = None,
     warmup_steps: T.Warmup = T.FINETUNE.warmup_steps,

@@ -409,3 +409,34 @@ def test_sft_loss_on_answer_logits_equals_the_masked_full_pass():
     assert metrics["answer_tokens"] == sum(t != IGNORE for ex in exs for t in ex.targets)
     for a, b in zip(got_grads, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_batch_of_packed_rows_holds_about_eight_examples():
+    """Packed rows hold several examples each; left alone, a step takes the rows of ~8 examples (the step
+    count of an unpacked batch of 8), never fewer than one row nor more than 8."""
+    from glm_cli.core.tune.finetune_setup import rows_per_step
+
+    assert rows_per_step(96, 44) == 4  # 2.2 examples a row: the README benchmark's data
+    assert rows_per_step(32, 16) == 4
+    assert rows_per_step(8, 8) == 8  # one example a row: an unpacked batch
+    assert rows_per_step(100, 5) == 1  # 20 examples a row: one row a step
+    assert rows_per_step(0, 0) == 8  # no data (refused later): no division by zero here
+
+
+def test_build_finetune_counts_the_default_batch_in_examples_unless_given(tmp_path):
+    from glm_cli.core.load.tuning_base import load_tuning_base
+    from glm_cli.core.tune.finetune_setup import FinetuneOptions, build_finetune, rows_per_step
+
+    base = load_tuning_base(make_base(tmp_path))
+    data = str(tmp_path / "sft.jsonl")
+    chosen = build_finetune(FinetuneOptions(data=data, output=str(tmp_path / "a"), seq_len=64), base)
+    n_examples = chosen.summary_fields["train_examples"]
+    n_rows = len(chosen.task.train_rows)
+    assert n_rows < n_examples  # the fixture's examples do share rows at 64 tokens
+    assert chosen.config.micro_batch_size == rows_per_step(n_examples, n_rows)
+    given = build_finetune(FinetuneOptions(data=data, output=str(tmp_path / "b"), seq_len=64,
+                                           settings={"micro_batch_size": 8}), load_tuning_base(make_base(tmp_path)))
+    assert given.config.micro_batch_size == 8
+    unpacked = build_finetune(FinetuneOptions(data=data, output=str(tmp_path / "c"), packing=False),
+                              load_tuning_base(make_base(tmp_path)))
+    assert unpacked.config.micro_batch_size == 8
