@@ -104,12 +104,17 @@ def make_corpus(mb: int, seed: int, data: Path | None = None) -> Path:
                                           for ln in rng.choice(runs)))
                 text = "\n\n".join(body)
                 docs = (docs + [text])[-2000:]
-            line = json.dumps({"id": f"doc{k}", "text": text}) + "\n"
-            f.write(line)
-            written += len(line.encode("utf-8"))
+            written += _write_doc(f, k, text)
             k += 1
     tmp.rename(out)
     return out
+
+
+def _write_doc(f, k: int, text: str) -> int:
+    """One document as a JSONL line; returns its size in bytes (the generators stop at a size)."""
+    line = json.dumps({"id": f"doc{k}", "text": text}) + "\n"
+    f.write(line)
+    return len(line.encode("utf-8"))
 
 
 def _substituted(words: list[str], rate: float, rng, vocab: list[str]) -> str:
@@ -164,9 +169,7 @@ def grow_corpus(base: Path, out: Path, mb: int, seed: int) -> Path:
                         if len(recent) > 2000:
                             del recent[0]
                     at += len(doc)
-                    line = json.dumps({"id": f"doc{k}", "text": text}) + "\n"
-                    f.write(line)
-                    written += len(line.encode("utf-8"))
+                    written += _write_doc(f, k, text)
                     k += 1
     tmp.rename(out)
     return out

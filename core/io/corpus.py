@@ -323,7 +323,7 @@ def _parse_json_line(source: str, number: int, raw: bytes, columns: Columns = DE
 def numbered_lines(f) -> Iterator[tuple[int, bytes | CorruptInput]]:
     """(line number, line without its end and the file's BOM) for each line of a binary file; a damaged
     compressed stream ends it with (number, the CorruptInput), since nothing after it can be read. The
-    one line reader of JSONL, in-process (`_read_jsonl`) and cut into worker units (`io/units.py`)."""
+    one line reader of JSONL: in-process (`_read_jsonl`, `read_records`) and cut into worker units (`io/units.py`)."""
     number = 0
     lines = iter(f)
     while True:
@@ -433,16 +433,9 @@ def read_documents(specs: Iterable[str], policy: ErrorPolicy | None = None,
 def read_records(path: str) -> Iterator[dict]:
     """Plain JSONL records (any fields, not necessarily `text`) for task and instruction files."""
     with _open_binary(path) as f:
-        lines = iter(f)
-        number = 0
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                return
-            except CorruptInput as e:
-                raise DataError(path, number + 1, str(e)) from None
-            number += 1
+        for number, raw in numbered_lines(f):
+            if isinstance(raw, CorruptInput):
+                raise DataError(path, number, str(raw)) from None
             if not raw.strip():
                 continue
             try:
