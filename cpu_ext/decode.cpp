@@ -5,8 +5,9 @@
 // is ~5,800 operator calls a token for a 30-layer model, each costing microseconds of dispatch, and the
 // weight-only kernels want bf16 activations (two casts a call). Here a step is one call: the weights
 // stream from memory once, the small work between them (norms, rotary, attention over the cache, SiLU)
-// runs in registers, and activations stay float32 throughout (so results are closer to the
-// dequantized reference than the bf16 kernels are).
+// runs in registers. Activations stay float32 throughout, except that the int4 products round their input
+// rows to int8 steps per 64 columns, as llama.cpp's q4_0 x q8_0 products do (see "int4 weights x int8
+// activations" below for why and for the error bound).
 //
 // Plain C ABI, no torch headers: Python hands over raw pointers (ctypes), so the library compiles in
 // seconds. Threads come from OpenMP; linked against the libgomp that torch has already loaded, it
@@ -14,9 +15,8 @@
 //
 // Batched step (`glm_decode_rows`): M sequences advance one token each in one call, each with its own cache
 // slot, position and length. Every weight row is read from memory once for all M rows, and each decoded
-// chunk of it serves a block of 2-3 rows. Each row's sums are formed in exactly the order of the one-row
-// kernels (the same four accumulators over the same 8-column chunks), so a row's result is bit for bit
-// what the one-row step gives it.
+// chunk of it serves a block of rows (2-3 for int8, up to 4 for int4). Each row's sums are formed in
+// exactly the order of the one-row kernels, so a row's result is bit for bit what the one-row step gives it.
 //
 // Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
 // with a float scale and zero point per group of G columns, w = (q - z) * s, stored by glm as (N, K/2)
@@ -34,7 +34,7 @@
 
 extern "C" {
 
-int glm_cpu_abi_version() { return 3; }
+int glm_cpu_abi_version() { return 5; }
 
 }  // extern "C"
 
@@ -64,43 +64,100 @@ inline float dot_int8(const float* x, const int8_t* w, int64_t K) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-// One int4 row in the lane layout (`glm_int4_lane_layout`), group by group:
-// sum_g s_g * (sum_{k in g} q_k x_k - z_g * sum_{k in g} x_k). K and G multiples of 64.
-// Each 256-bit load holds 64 codes as 8 words; shifting and masking the words gives the codes of 8
-// consecutive columns in 8 int32 lanes, so no byte shuffles are needed (they were the bottleneck).
-inline float dot_int4(const float* x, const float* xsum, const uint32_t* w, const float* s, const float* z,
-                      int64_t K, int64_t G) {
-  const __m256i nibble = _mm256_set1_epi32(0x0F);
-  __m256 total = _mm256_setzero_ps();
-  float offset = 0.0f;
-  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k0 + G; k += 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
-#define GLM_CODES(shift) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), nibble))
-      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(GLM_CODES(4), _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(GLM_CODES(8), _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(GLM_CODES(12), _mm256_loadu_ps(x + k + 24), a3);
-      a0 = _mm256_fmadd_ps(GLM_CODES(16), _mm256_loadu_ps(x + k + 32), a0);
-      a1 = _mm256_fmadd_ps(GLM_CODES(20), _mm256_loadu_ps(x + k + 40), a1);
-      a2 = _mm256_fmadd_ps(GLM_CODES(24), _mm256_loadu_ps(x + k + 48), a2);
-      a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), _mm256_loadu_ps(x + k + 56), a3);
-#undef GLM_CODES
-    }
-    __m256 group = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    total = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), group, total);
-    offset += s[g] * z[g] * xsum[g];
-  }
-  return hsum(total) - offset;
+// ------------------------------------------------------------------ int4 weights x int8 activations
+// An int4 product in float32 is compute-bound: every code costs a shift, a mask, a conversion and a
+// multiply-add, for each activation row. So the int4 products round the activations to int8 first (what
+// llama.cpp's q4_0 x q8_0 dot products do) and multiply bytes: one vpmaddubsw does 32 code x activation
+// products. Per block of 64 columns, a row x becomes d_b = max|x| / 127 and q = round(x / d_b) in
+// [-127, 127], so each activation is off by at most d_b / 2 (the tests check that bound); everything after
+// the rounding is exact integer arithmetic up to the final float sums:
+//   y = sum_g s_g * sum_{b in g} d_b * (sum_k q_k c_k - z_g * sum_k q_k)   (codes c, zero z, scale s)
+// The rounded row is stored in the byte order of the weights' lane layout, so the codes need no shuffle.
+
+// One activation row rounded to int8 for the int4 products: K bytes of codes (per 64 columns: the low
+// half holds columns 16i + l at byte 4l + i, the high half columns 16i + 8 + l), then K/64 floats d_b, then
+// K/64 int32 sums of q over the block.
+struct Q8Row {
+  const int8_t* q;
+  const float* d;
+  const int32_t* qsum;
+};
+
+// Bytes of one rounded row (16-byte aligned starts, so rows can follow one another in a scratch buffer).
+inline int64_t q8_row_bytes(int64_t K) { return (K + 8 * (K / 64) + 15) / 16 * 16; }
+
+inline Q8Row q8_row_at(void* scratch, int64_t row, int64_t K) {
+  char* base = static_cast<char*>(scratch) + row * q8_row_bytes(K);
+  return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + K),
+          reinterpret_cast<int32_t*>(base + K + 4 * (K / 64))};
 }
 
-void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
-  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
-    float acc = 0.0f;
-    for (int64_t k = k0; k < k0 + G; ++k) acc += x[k];
-    xsum[g] = acc;
+// Rounds 8 floats to int32 (nearest, ties to even, as nearbyintf), clamped to [-127, 127].
+inline __m256i round_q8(const float* x, __m256 inv) {
+  const __m256 r = _mm256_mul_ps(_mm256_loadu_ps(x), inv);
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+}
+
+// Four int32 vectors whose lanes hold bytes -> one vector whose 32-bit lane l holds a0[l], a1[l], a2[l],
+// a3[l] as bytes 0..3: exactly the lane layout's byte order (byte 4l + i of column 16i + l).
+inline __m256i pack_lanes(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i byte = _mm256_set1_epi32(0xFF);
+  return _mm256_or_si256(
+      _mm256_or_si256(_mm256_and_si256(a0, byte), _mm256_slli_epi32(_mm256_and_si256(a1, byte), 8)),
+      _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(a2, byte), 16), _mm256_slli_epi32(a3, 24)));
+}
+
+void quantize_row_q8(const float* x, int64_t K, void* scratch, int64_t row) {
+  const Q8Row out = q8_row_at(scratch, row, K);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / 64; ++b) {
+    const float* xb = x + 64 * b;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < 64; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256i lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) lo[i] = round_q8(xb + 16 * i, inv), hi[i] = round_q8(xb + 16 * i + 8, inv);
+    int8_t* q = const_cast<int8_t*>(out.q) + 64 * b;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), pack_lanes(lo[0], lo[1], lo[2], lo[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32), pack_lanes(hi[0], hi[1], hi[2], hi[3]));
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo[i], hi[i]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const_cast<float*>(out.d)[b] = amax / 127.0f;
+    const_cast<int32_t*>(out.qsum)[b] = _mm_cvtsi128_si32(s4);
   }
+}
+
+// y[m * ldy] for MB rounded rows and one int4 weight row w in the lane layout, scales s and zeros z (K/G).
+// One float accumulator a row, blocks in order: a row's result does not depend on MB (the one-row
+// product is MB = 1), so batching never changes a number.
+template <int MB>
+void int4_q8_rows(const Q8Row* rows, const uint32_t* w, const float* s, const float* z, int64_t K, int64_t G,
+                  float* y, int64_t ldy) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[MB];
+  float offset[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
+  for (int64_t b = 0; b < K / 64; ++b) {
+    const int64_t g = 64 * b / G;
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * b));
+    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* q = rows[m].q + 64 * b;
+      const __m256i products = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
+      const float f = s[g] * rows[m].d[b];
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones)), _mm256_set1_ps(f), acc[m]);
+      offset[m] += f * z[g] * float(rows[m].qsum[b]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(acc[m]) - offset[m];
 }
 
 // Rows are split among threads in blocks; a matrix small enough to stream in a few microseconds runs on
@@ -108,10 +165,10 @@ void group_sums(const float* x, int64_t K, int64_t G, float* xsum) {
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
 // ------------------------------------------------------------------------------- products for M rows
-// More than one activation row: each weight chunk is decoded in registers once and used by a block of
-// rows (up to 3 for int8, 2 or 3 for int4), four accumulators a row, so the weights' trip from memory and
+// More than one activation row (int8 weights; int4 is above): each weight chunk is decoded in registers
+// once and used by a block of up to 3 rows, four accumulators a row, so the weights' trip from memory and
 // their decoding are paid once per block instead of once per row (a weight row stays in L1 between the
-// blocks of one step). Each row's sums are those of dot_int8 / dot_int4, in the same order: accumulator j
+// blocks of one step). Each row's sums are those of dot_int8, in the same order: accumulator j
 // takes the 8-column chunks j, j + 4, j + 8, ... and they combine as (a0 + a1) + (a2 + a3), so a row's
 // result is bit for bit the one-row kernel's. (Decoding a weight row into an L1 buffer once for all rows
 // was tried: its stores and reloads made it slower than decoding once per block, up to M = 8.)
@@ -138,48 +195,14 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, float scale, float* y
   for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(sum4(acc[m]));
 }
 
-// The same for one int4 weight row in the lane layout, group by group as dot_int4 forms it; xsum (MB, K/G).
-template <int MB>
-void int4_rows(const float* x, const float* xsum, const uint32_t* w, const float* s, const float* z, int64_t K,
-               int64_t G, float* y, int64_t ldy) {
-  const int64_t n_groups = K / G;
-  const __m256i nibble = _mm256_set1_epi32(0x0F);
-  __m256 total[MB];
-  float offset[MB];
-  for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps(), offset[m] = 0.0f;
-  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += G) {
-    __m256 acc[MB][4];
-    zero(acc);
-    for (int64_t k = k0; k < k0 + G; k += 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 8));
-      for (int j = 0; j < 8; ++j) {
-        const __m256 codes =
-            _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble));
-        for (int m = 0; m < MB; ++m)
-          acc[m][j % 4] = _mm256_fmadd_ps(codes, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j % 4]);
-      }
-    }
-    for (int m = 0; m < MB; ++m) {
-      total[m] = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), sum4(acc[m]), total[m]);
-      offset[m] += s[g] * z[g] * xsum[m * n_groups + g];
-    }
-  }
-  for (int m = 0; m < MB; ++m) y[m * ldy] = hsum(total[m]) - offset[m];
-}
-
-// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of at most kMax rows (3 or 2), never
-// leaving a block of one row behind another block (a lone row pays a whole decode for itself).
-template <int kMax, typename F>
+// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of at most 3 rows, never leaving a
+// block of one row behind another block (a lone row pays a whole decode for itself).
+template <typename F>
 inline void for_row_blocks(int64_t M, F&& block) {
-  static_assert(kMax == 2 || kMax == 3, "blocks of 2 or 3 rows");
   int64_t m = 0;
   if (M == 1) return block(std::integral_constant<int, 1>(), m);
-  if constexpr (kMax == 3) {
-    for (; M - m > 4; m += 3) block(std::integral_constant<int, 3>(), m);
-    if (M - m == 3) return block(std::integral_constant<int, 3>(), m);
-  } else {
-    if (M % 2) block(std::integral_constant<int, 3>(), m), m += 3;  // an odd count: one block of 3
-  }
+  for (; M - m > 4; m += 3) block(std::integral_constant<int, 3>(), m);
+  if (M - m == 3) return block(std::integral_constant<int, 3>(), m);
   for (; m < M; m += 2) block(std::integral_constant<int, 2>(), m);
 }
 
@@ -198,7 +221,7 @@ void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, cons
   }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n)
-    for_row_blocks<3>(M, [&](auto mb, int64_t m) {
+    for_row_blocks(M, [&](auto mb, int64_t m) {
       int8_rows<decltype(mb)::value>(x + m * K, K, w + n * K, scales[n], y + m * N + n, N);
     });
 }
@@ -223,26 +246,69 @@ void glm_int4_lane_layout(const uint8_t* packed, int64_t N, int64_t K, uint32_t*
 }
 
 // y (M, N) = x (M, K) @ dequant(w).T for int4 w in the lane layout (N, K/8 words), scales and zeros
-// (N, K/G). K % 64 == 0, G % 64 == 0. scratch: M * (K / G) floats.
+// (N, K/G), with x rounded to int8 per 64 columns (see int4_q8_rows). K % 64 == 0, G % 64 == 0.
+// scratch: M * q8_row_bytes(K) bytes (M * K floats always suffice).
 void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, const float* scales,
                      const float* zeros, int64_t G, int64_t N, float* y, float* scratch) {
   const int64_t n_groups = K / G;
-  for (int64_t m = 0; m < M; ++m) group_sums(x + m * K, K, G, scratch + m * n_groups);
+  for (int64_t m = 0; m < M; ++m) quantize_row_q8(x + m * K, K, scratch, m);
   const bool parallel = N * K / 2 >= kParallelMinBytes;
-  if (M == 1) {
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t n = 0; n < N; ++n)
-      y[n] = dot_int4(x, scratch, w + n * (K / 8), scales + n * n_groups, zeros + n * n_groups, K, G);
-    return;
-  }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t* row = w + n * (K / 8);
     const float* s = scales + n * n_groups;
     const float* z = zeros + n * n_groups;
-    for_row_blocks<2>(M, [&](auto mb, int64_t m) {
-      int4_rows<decltype(mb)::value>(x + m * K, scratch + m * n_groups, row, s, z, K, G, y + m * N + n, N);
-    });
+    for (int64_t m = 0; m < M; m += 4) {
+      Q8Row rows[4];
+      const int64_t mb = std::min<int64_t>(4, M - m);
+      for (int64_t i = 0; i < mb; ++i) rows[i] = q8_row_at(scratch, m + i, K);
+      float* out = y + m * N + n;
+      switch (mb) {
+        case 1: int4_q8_rows<1>(rows, row, s, z, K, G, out, N); break;
+        case 2: int4_q8_rows<2>(rows, row, s, z, K, G, out, N); break;
+        case 3: int4_q8_rows<3>(rows, row, s, z, K, G, out, N); break;
+        default: int4_q8_rows<4>(rows, row, s, z, K, G, out, N); break;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- dequantized copies
+// For many rows at once (a prompt's prefill, evaluation) an ordinary float32 matrix product beats any
+// product on the codes: its kernels are tiled for registers and caches, ours re-decode a weight row for
+// every block of 2-3 rows. So those calls dequantize the weight into a float32 buffer the caller reuses
+// (no fresh pages to fault in per call) and hand it to PyTorch. The values are those of
+// core/quant/weight_only.py's dequantize, bit for bit: one float multiply, q * s (int8), or
+// (q - z) * s (int4; q - z is exact in float32).
+
+// out (N, K) = q * scales[n] for int8 w (N, K). K % 8 == 0.
+void glm_dequantize_int8(const int8_t* w, const float* scales, int64_t N, int64_t K, float* out) {
+#pragma omp parallel for schedule(static) if (N * K >= kParallelMinBytes)
+  for (int64_t n = 0; n < N; ++n) {
+    const __m256 s = _mm256_set1_ps(scales[n]);
+    for (int64_t k = 0; k < K; k += 8)
+      _mm256_storeu_ps(out + n * K + k, _mm256_mul_ps(load_i8_as_f32(w + n * K + k), s));
+  }
+}
+
+// out (N, K) = (q - z) * s per group of G columns, for int4 w in the lane layout (N, K/8 words), scales and
+// zeros (N, K/G). K % 64 == 0, G % 64 == 0. Word l of each 64-column block holds column 8j + l in bits
+// 4j..4j+3, so shift j of the block's 8 words gives columns 8j..8j+7 in order.
+void glm_dequantize_int4(const uint32_t* w, const float* scales, const float* zeros, int64_t N, int64_t K,
+                         int64_t G, float* out) {
+  const int64_t n_groups = K / G;
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+#pragma omp parallel for schedule(static) if (N * K / 2 >= kParallelMinBytes)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; k += 64) {
+      const int64_t g = n * n_groups + k / G;
+      const __m256 s = _mm256_set1_ps(scales[g]), z = _mm256_set1_ps(zeros[g]);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * (K / 8) + k / 8));
+      for (int j = 0; j < 8; ++j) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * j)), nibble));
+        _mm256_storeu_ps(out + n * K + k + 8 * j, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+      }
+    }
   }
 }
 

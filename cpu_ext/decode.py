@@ -35,6 +35,20 @@ def int4_lane_layout(lib, packed: torch.Tensor, out_features: int, in_features: 
     return out
 
 
+def dequantize_into(lib, w: QuantizedLinear, out: torch.Tensor) -> torch.Tensor:
+    """The dequantized weight of `w` written into `out` (at least N * K float32, contiguous): the view
+    (N, K) of its start. Bit for bit `core.quant.weight_only.dequantize` of the stored tensors."""
+    n, k = w.out_features, w.in_features
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n * k:
+        raise ValueError(f"dequantize_into: need {n * k} contiguous float32, got {out.numel()} {out.dtype}")
+    if w.bits == 8:
+        lib.glm_dequantize_int8(w.weight.data_ptr(), w.scales.data_ptr(), n, k, out.data_ptr())
+    else:
+        lib.glm_dequantize_int4(w.weight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), n, k, w.group_size,
+                                out.data_ptr())
+    return out[:n * k].view(n, k)
+
+
 def linear(lib, x2: torch.Tensor, w: QuantizedLinear) -> torch.Tensor:
     """x2 (M, K) float32 @ the dequantized weight of `w`, transposed: (M, N) float32."""
     x2 = x2.contiguous()
@@ -44,7 +58,7 @@ def linear(lib, x2: torch.Tensor, w: QuantizedLinear) -> torch.Tensor:
         lib.glm_linear_int8(x2.data_ptr(), rows, w.in_features, w.weight.data_ptr(), w.scales.data_ptr(),
                             w.out_features, y.data_ptr())
     else:
-        scratch = torch.empty(rows * (w.in_features // w.group_size), dtype=torch.float32)
+        scratch = torch.empty(rows * w.in_features, dtype=torch.float32)  # the rows rounded to int8
         lib.glm_linear_int4(x2.data_ptr(), rows, w.in_features, w.weight.data_ptr(), w.scales.data_ptr(),
                             w.zeros.data_ptr(), w.group_size, w.out_features, y.data_ptr(), scratch.data_ptr())
     return y

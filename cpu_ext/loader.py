@@ -16,7 +16,7 @@ import ctypes
 import os
 import platform
 
-DECODE_ABI = 3
+DECODE_ABI = 5
 DATA_ABI = 1
 CPU_REQUIREMENT = "x86-64 Linux with AVX2 and FMA"
 _cached: dict[str, object] = {}
@@ -54,6 +54,10 @@ def _declare_decode(lib: ctypes.CDLL) -> int:
     lib.glm_linear_int4.restype = None
     lib.glm_int4_lane_layout.argtypes = [p, i64, i64, p]
     lib.glm_int4_lane_layout.restype = None
+    lib.glm_dequantize_int8.argtypes = [p, p, i64, i64, p]
+    lib.glm_dequantize_int8.restype = None
+    lib.glm_dequantize_int4.argtypes = [p, p, p, i64, i64, i64, p]
+    lib.glm_dequantize_int4.restype = None
     lib.glm_decode_scratch_floats.argtypes = [p, i64]
     lib.glm_decode_scratch_floats.restype = i64
     lib.glm_decode_step.argtypes = [p, p, p, p, i64, i64, p, p, p]

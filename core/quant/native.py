@@ -8,14 +8,19 @@ Two uses, both for decode-sized work on x86-64 CPUs with AVX2:
   M sequences) in one call, which `prepare_for_inference` installs as the model's `fast_decode` and
   `glm serve` calls on its slot pool (`decode_rows`).
 
-Either way the numbers are the dequantized weights' product in float32, up to summation order: the
-tests compare both against `F.linear` on `dequantize()` and against the Python forward. Where the
+Either way the numbers are the dequantized weights' product in float32, up to summation order, except
+that int4 products first round each input row to int8 steps per 64 columns (llama.cpp's q4_0 x q8_0
+arithmetic: multiplying bytes is what makes an int4 product cheaper than an int8 one; each input moves by
+at most half a step, 1/254 of its block's largest value). The tests compare both against float64 products
+of `dequantize()` (of the rounded inputs for int4, written independently) and against the Python forward. Where the
 library is not available (`cpu_ext/loader.py` says why) nothing here is used. The calls themselves go
 through `cpu_ext/decode.py`, the kernels' typed face: this module decides when they may run and never
 handles a pointer.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -50,6 +55,19 @@ class NativeWeights:
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) float32 -> (M, N) float32."""
         return kernels.linear(self.lib, x2, self)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (N, K), in this thread's scratch buffer: valid until the thread's next call
+        (use it at once, e.g. in F.linear, and never keep it; autograd would keep it, so not with grad).
+        One buffer a thread, grown to the largest layer, so a prefill faults in no fresh pages per layer."""
+        n = self.out_features * self.in_features
+        scratch = getattr(_scratch, "buffer", None)
+        if scratch is None or scratch.numel() < n:
+            scratch = _scratch.buffer = torch.empty(n, dtype=torch.float32)
+        return kernels.dequantize_into(self.lib, self, scratch)
+
+
+_scratch = threading.local()
 
 
 def _block_weights(block) -> list[NativeWeights] | None:

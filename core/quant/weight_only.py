@@ -221,7 +221,8 @@ class QuantLinear(nn.Module):
     weights directly but are fast only with bfloat16 activations, so the input is cast to bf16 for that
     matmul and the result cast back. Larger inputs (prefill, evaluation) dequantize the weight once per
     call and use an ordinary fp32 matmul, which on CPU is faster there and exact with respect to the
-    stored weights.
+    stored weights; without gradients the native kernels make that float32 copy into a reused buffer
+    (bit for bit `dequantize()`, 8x faster for int4 and no fresh memory per call).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128):
@@ -340,6 +341,9 @@ class QuantLinear(nn.Module):
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             except (RuntimeError, AttributeError, NotImplementedError):
                 self._kernel_ok = False  # this torch build or shape is not supported: dequantize instead
+        if (x.dtype == torch.float32 and self.kernel_max_rows and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and (native := self.native_weights()) is not None):
+            return F.linear(x, native.dequantized())  # the same weights, made natively into a reused buffer
         return F.linear(x, self.dequantize().to(x.dtype))
 
 

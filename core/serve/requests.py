@@ -3,7 +3,9 @@
 A choice owns what makes its tokens: a slot of the pool, the sampling pipeline of `glm generate`
 (`LogitsPipeline`, one row), its own random generator, and a `TextTracker` that turns tokens into text
 incrementally (a multi-byte character is never split, and text that may still become a stop string is
-held back while streaming). The engine reports progress through `Request.emit` with `Event`s; the HTTP
+held back while streaming). The tensors of a choice's sampling state are made by `Choice.start`, which the
+engine calls on its own thread when it admits the request: the HTTP side runs no tensor operation (see
+`core.serve.engine` for why that matters to speed). The engine reports progress through `Request.emit` with `Event`s; the HTTP
 side turns them into responses. Nothing here touches the model.
 """
 
@@ -56,16 +58,23 @@ class Choice:
         s = request.settings
         self.request, self.index = request, index
         self.slot: int | None = None
-        self.pipeline = LogitsPipeline(s.sampling, vocab_size, "cpu")
-        self.pipeline.start(torch.tensor([request.prompt]), torch.ones(1, len(request.prompt), dtype=torch.bool))
-        seed = s.seed + index if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab_size = vocab_size
+        self.seed = s.seed + index if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.pipeline: LogitsPipeline | None = None
+        self.generator: torch.Generator | None = None
         self.tracker = TextTracker(decode, s.stop)
         self.tokens: list[int] = []
         self.pending: int | None = None
         """The token sampled last, to be fed at the next decode step."""
         self.finish_reason: str | None = None
         self.last_token_time: float | None = None
+
+    def start(self) -> None:
+        """Build the sampling state (the engine thread, at admission)."""
+        prompt = self.request.prompt
+        self.pipeline = LogitsPipeline(self.request.settings.sampling, self.vocab_size, "cpu")
+        self.pipeline.start(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool))
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """Sample the next token from logits (1, V) with this choice's settings; its log-probability
@@ -87,6 +96,7 @@ class Choice:
 class Request:
     def __init__(self, prompt: list[int], settings: RequestSettings, emit: Callable[[Event], None],
                  decode: Callable[[list[int]], str], vocab_size: int, eos_ids: list[int]):
+        settings.sampling.validate()  # here, so a bad setting fails its request and never the engine
         self.prompt, self.settings, self.emit = prompt, settings, emit
         self.eos_ids = set(eos_ids)
         self.choices = [Choice(self, i, decode, vocab_size) for i in range(settings.n)]

@@ -2,7 +2,9 @@
 the engine, and run the HTTP app with uvicorn.
 
 The HTTP side starts first and answers GET /health with 503 while the model loads in a thread, so an
-orchestrator can wait for readiness; a load that fails stops the server and is reported as one line.
+orchestrator can wait for readiness; a load that fails stops the server and is reported as one line. The
+thread that loads the model then runs the engine: one thread does all the model's work (why, in
+`core.serve.engine`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def is_loopback(host: str) -> bool:
 
 
 def load_engine(config: ServeConfig, state: ServerState):
-    """Load the model and tokenizer, allocate the slot pool and start the engine; fills `state`."""
+    """Load the model and tokenizer, allocate the slot pool and make the engine (not started: the caller
+    runs it, on this same thread); fills `state`."""
     import torch
 
     from glm_cli.core.infer.generation import eos_ids_for
@@ -85,7 +88,6 @@ def load_engine(config: ServeConfig, state: ServerState):
     state.tokenizer, state.chat_encoder, state.eos_ids = tokenizer, encoder, eos
     state.vocab_size, state.bos_id = model.config.vocab_size, model.config.bos_token_id
     state.context, state.n_slots = context, config.slots
-    engine.start()
     state.engine = engine
     return engine
 
@@ -119,13 +121,15 @@ class Server:
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port,
                                                      log_level="warning", access_log=False, lifespan="off",
                                                      timeout_graceful_shutdown=2))
-        self._loader = threading.Thread(target=self._load, name="glm-serve-load", daemon=True)
+        self._engine_thread = threading.Thread(target=self._load_and_run, name="glm-serve-engine", daemon=True)
+        self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def _load(self) -> None:
+    def _load_and_run(self) -> None:
+        """Load the model, then run the engine on this same thread until the server stops."""
         try:
-            load_engine(self.config, self.state)
+            engine = load_engine(self.config, self.state)
             import time
 
             deadline = time.monotonic() + 30
@@ -136,9 +140,14 @@ class Server:
             self.error = e
             self.state.load_error = str(e)
             self.uvicorn.should_exit = True
+            return
+        # shutdown_engine sets _closing before it reads state.engine, and load_engine set state.engine
+        # before this check: either the check sees _closing, or shutdown_engine sees the engine and stops it
+        if not self._closing.is_set():
+            engine.run()
 
     def run(self) -> None:
-        self._loader.start()
+        self._engine_thread.start()
         try:
             self.uvicorn.run()
         finally:
@@ -194,7 +203,10 @@ class Server:
         self.shutdown_engine()
 
     def shutdown_engine(self) -> None:
-        if self._loader.is_alive():
-            self._loader.join(timeout=120)
+        self._closing.set()
         if self.state.engine is not None:
+            self.state.engine.stop()
+        if self._engine_thread.is_alive():
+            self._engine_thread.join(timeout=120)
+        if self.state.engine is not None:  # loaded while we waited
             self.state.engine.stop()
