@@ -35,7 +35,7 @@ from glm_cli.core.io.corpus import STDIN, ErrorPolicy, RecordWriter, write_recor
 from glm_cli.core.io.parallel import WorkerPool
 from glm_cli.core.io.records import BadRecord, Columns, Document, record_json, utf8_size
 from glm_cli.core.io.runner import run_stages
-from glm_cli.core.io.units import RawLines, parse_unit, read_units
+from glm_cli.core.io.units import Cuts, RawLines, parse_unit, read_units
 from glm_cli.core.steps import Drop, run_batch
 
 # ------------------------------------------------------------------------------------- first pass
@@ -232,8 +232,9 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
         writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp)
         spool_path = os.path.join(tmp, "spool.jsonl") if stdin else None
         spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
+        cuts = Cuts()  # the plain files' ranges, found in the first pass, handed out again in the second
         try:
-            unit_counts, eval_ids = _signatures(_spooled(read_units(inputs, shard, columns), spool), config, columns,
+            unit_counts, eval_ids = _signatures(_spooled(read_units(inputs, shard, columns, cuts=cuts), spool), config, columns,
                                                 policy, pool, writer, saved_keys)
             writer.close(policy.count, eval_ids)
         finally:
@@ -248,7 +249,7 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
         if config.lines and plan.boilerplate.size:
             boilerplate_path = os.path.join(tmp, "boilerplate.npy")
             np.save(boilerplate_path, plan.boilerplate)
-        second = read_units(inputs, shard, columns, stdin_copy=spool_path)
+        second = read_units(inputs, shard, columns, stdin_copy=spool_path, cuts=cuts)
         with RecordWriter(output, columns, row_group_size) as out:
             setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, signatures, config.line_unit,
                                  config.line_min_chars, saved_keys.path if saved_keys is not None else None)
