@@ -216,8 +216,9 @@ def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: C
     number, or a `WorkerPool` already started (that the caller closes).
 
     Memory: at most about `memory_mb` of signatures (spilled to the temporary directory past it), the
-    clustering's 5 bytes a document plus `memory_mb`, 9 bytes a dropped document for the plan, and the units in flight; the saved line keys and
-    their offsets stay on disk."""
+    clustering's 5 bytes a document plus `memory_mb`, 9 bytes a dropped document for the plan, 24 bytes a
+    MB of input for the range cuts, and the units in flight; the saved line keys and their offsets stay
+    on disk."""
     if isinstance(workers, WorkerPool):
         return _dedup_run(inputs, output, config, columns, policy, shard, workers, memory_mb, row_group_size, clusters)
     with WorkerPool(workers, (__name__,)) as pool:  # one pool for both passes
@@ -234,8 +235,8 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
         spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
         cuts = Cuts()  # the plain files' ranges, found in the first pass, handed out again in the second
         try:
-            unit_counts, eval_ids = _signatures(_spooled(read_units(inputs, shard, columns, cuts=cuts), spool), config, columns,
-                                                policy, pool, writer, saved_keys)
+            first = _spooled(read_units(inputs, shard, columns, cuts=cuts), spool)
+            unit_counts, eval_ids = _signatures(first, config, columns, policy, pool, writer, saved_keys)
             writer.close(policy.count, eval_ids)
         finally:
             writer.discard()

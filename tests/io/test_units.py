@@ -111,7 +111,8 @@ def test_a_second_pass_hands_out_the_first_passes_cuts_and_refuses_a_changed_fil
     monkeypatch.setattr(units, "_file_ranges", None)  # a second cut of the plain file would fail here
     second = list(units.read_units([str(plain), str(packed)], cuts=cuts))
     assert second == first and _items(second) == _items(first)
-    assert [u for u in second if isinstance(u, units.FileRange)] == [u for u in first if isinstance(u, units.FileRange)]
+    ranges = [u for u in first if isinstance(u, units.FileRange)]
+    assert len(ranges) > 5 and [u for u in second if isinstance(u, units.FileRange)] == ranges
     plain.write_bytes(NASTY + b'{"text": "one more"}\n')
     with pytest.raises(Exception, match="changed while it was read"):
         list(units.read_units([str(plain)], cuts=cuts))
