@@ -192,19 +192,34 @@ def is_member(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     Filters test millions of line keys against a few thousand boilerplate keys. A table indexed by the
     low bits of each key (16 or more, so the keys fill under 1/16 of it) rules out nearly every value
     with one lookup; only the rest are binary-searched. Hashes are uniform, so the low bits are as good
-    as any."""
+    as any. The table of the last `keys` asked about is kept (`keys` must not change in place): the
+    filter asks about the same boilerplate keys for every unit of ~200 documents, and building a table
+    of up to 16 MB each time cost more than the lookups (~3 s a GB of input)."""
     out = np.zeros(values.size, dtype=bool)
     if keys.size == 0 or values.size == 0:
         return out
-    bits = min(max(16, int(keys.size * 16).bit_length()), 24)
-    mask = np.uint64((1 << bits) - 1)
-    table = np.zeros(1 << bits, dtype=bool)
-    table[(keys & mask).astype(np.intp)] = True
+    mask, table = _table_of(keys)
     maybe = np.flatnonzero(np.take(table, (values & mask).astype(np.intp)))
     candidates = values[maybe]
     at = np.minimum(np.searchsorted(keys, candidates), keys.size - 1)
     out[maybe] = keys[at] == candidates
     return out
+
+
+_last_table: tuple | None = None  # (keys, mask, table) of the last `is_member` call
+
+
+def _table_of(keys: np.ndarray) -> tuple[np.uint64, np.ndarray]:
+    global _last_table
+    last = _last_table
+    if last is not None and last[0] is keys:
+        return last[1], last[2]
+    bits = min(max(16, int(keys.size * 16).bit_length()), 24)
+    mask = np.uint64((1 << bits) - 1)
+    table = np.zeros(1 << bits, dtype=bool)
+    table[(keys & mask).astype(np.intp)] = True
+    _last_table = (keys, mask, table)
+    return mask, table
 
 
 def remove_units_batch(texts: list[str], boilerplate: np.ndarray, unit: str, min_chars: int,

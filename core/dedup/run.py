@@ -35,7 +35,7 @@ from glm_cli.core.io.corpus import STDIN, ErrorPolicy, RecordWriter, write_recor
 from glm_cli.core.io.parallel import WorkerPool
 from glm_cli.core.io.records import BadRecord, Columns, Document, record_json, utf8_size
 from glm_cli.core.io.runner import run_stages
-from glm_cli.core.io.units import RawLines, parse_unit, read_units
+from glm_cli.core.io.units import Cuts, RawLines, parse_unit, read_units
 from glm_cli.core.steps import Drop, run_batch
 
 # ------------------------------------------------------------------------------------- first pass
@@ -93,6 +93,7 @@ class _FilterSetup:
     columns: Columns
     encode: bool  # output lines as bytes (JSONL sinks); else records (parquet)
     boilerplate_path: str | None
+    signatures_path: str  # each unit's line keys, for which of its documents hold a boilerplate key
     line_unit: str
     min_chars: int
     saved_keys_path: str | None
@@ -104,13 +105,32 @@ class _FilterTask:
     count: int  # good documents in the unit, from the first pass
     positions: np.ndarray  # dropped positions within the unit
     reasons: tuple[str, ...]
-    holders: np.ndarray  # bool a document: holds a boilerplate key
+    line_counts: np.ndarray | None  # the documents' counts of line keys in the signature file (if boilerplate)
+    first_line_key: int  # where the unit's line keys start in it
     offsets: np.ndarray | None  # the unit's slice of the saved unit keys' offsets (count + 1)
 
 
 @functools.lru_cache(maxsize=2)
 def _boilerplate(path: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _signature_file(path: str) -> SignatureFile:
+    return SignatureFile(path)
+
+
+def _holders(setup: _FilterSetup, task: _FilterTask) -> np.ndarray:
+    """Which documents of the unit hold a boilerplate key (a bool each), from their line keys in the
+    signature file: only those have their lines split again. Found here, in the worker, one unit at a
+    time, not for the whole input in the calling process before the filter starts (at 1 GB that took
+    2 s, when no worker had anything to do)."""
+    keys = _signature_file(setup.signatures_path).read(
+        "line_hashes", task.first_line_key, task.first_line_key + int(task.line_counts.sum()))
+    found = np.flatnonzero(line_dedup.is_member(keys, _boilerplate(setup.boilerplate_path)))
+    held = np.zeros(task.count, dtype=bool)
+    held[np.searchsorted(np.cumsum(task.line_counts), found, side="right")] = True
+    return held
 
 
 def _filter_unit(setup: _FilterSetup, task: _FilterTask) -> tuple:
@@ -124,7 +144,7 @@ def _filter_unit(setup: _FilterSetup, task: _FilterTask) -> tuple:
         saved = (line_dedup.SavedUnitKeys.reader(setup.saved_keys_path, task.offsets)
                  if setup.saved_keys_path is not None else None)
         steps.append(RemoveBoilerplate(_boilerplate(setup.boilerplate_path), setup.line_unit, setup.min_chars,
-                                       task.holders, saved))
+                                       _holders(setup, task), saved))
     counts = Counter()
     kept: list = []
     for outcome in run_batch(steps, [Placed(k, d) for k, d in enumerate(docs)], counts):
@@ -141,10 +161,10 @@ def _filter_unit(setup: _FilterSetup, task: _FilterTask) -> tuple:
     return ids, counts, "".join(kept).encode("utf-8") if setup.encode else kept
 
 
-def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np.ndarray,
+def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, signatures: SignatureFile | None,
                   saved_keys: line_dedup.SavedUnitKeys | None) -> Iterator[_FilterTask]:
     positions, reasons = plan.dropped[0]
-    start = 0
+    start = first_line_key = 0
     for k, unit in enumerate(units):
         if k >= len(unit_counts):
             raise GlmError("the input changed while it was deduplicated (more of it on the second read)")
@@ -152,16 +172,19 @@ def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, holde
         lo, hi = np.searchsorted(positions, [start, start + n])
         names = tuple(REASONS[r] for r in reasons[lo:hi].tolist())
         offsets = saved_keys.offsets_range(start, start + n + 1) if saved_keys is not None else None
-        yield _FilterTask(unit, n, positions[lo:hi] - start, names, holders[start:start + n], offsets)
+        line_counts = signatures.read("line_counts", start, start + n) if signatures is not None else None
+        yield _FilterTask(unit, n, positions[lo:hi] - start, names, line_counts, first_line_key, offsets)
         start += n
+        first_line_key += int(line_counts.sum()) if line_counts is not None else 0
 
 
-def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, holders: np.ndarray, setup: _FilterSetup,
-            saved_keys, writer: RecordWriter, pool: WorkerPool) -> dict:
+def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, setup: _FilterSetup, saved_keys,
+            writer: RecordWriter, pool: WorkerPool) -> dict:
     """Step 3 over the units: write what the plan keeps; returns the counts `apply_plan` returns."""
     digest = hashlib.sha256()
     totals = Counter()
-    tasks = _filter_tasks(units, unit_counts, plan, holders, saved_keys)
+    signatures = SignatureFile(setup.signatures_path) if setup.boilerplate_path is not None else None
+    tasks = _filter_tasks(units, unit_counts, plan, signatures, saved_keys)
 
     def write(result: tuple) -> int:
         ids, counts, out = result
@@ -193,9 +216,9 @@ def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: C
     number, or a `WorkerPool` already started (that the caller closes).
 
     Memory: at most about `memory_mb` of signatures (spilled to the temporary directory past it), the
-    clustering's 5 bytes a document plus `memory_mb`, a bool a document for the filter's boilerplate
-    holders, 9 bytes a dropped document for the plan, and the units in flight; the saved line keys and
-    their offsets stay on disk."""
+    clustering's 5 bytes a document plus `memory_mb`, 9 bytes a dropped document for the plan, 24 bytes a
+    MB of input for the range cuts, and the units in flight; the saved line keys and their offsets stay
+    on disk."""
     if isinstance(workers, WorkerPool):
         return _dedup_run(inputs, output, config, columns, policy, shard, workers, memory_mb, row_group_size, clusters)
     with WorkerPool(workers, (__name__,)) as pool:  # one pool for both passes
@@ -210,9 +233,10 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
         writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp)
         spool_path = os.path.join(tmp, "spool.jsonl") if stdin else None
         spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
+        cuts = Cuts()  # the plain files' ranges, found in the first pass, handed out again in the second
         try:
-            unit_counts, eval_ids = _signatures(_spooled(read_units(inputs, shard, columns), spool), config, columns,
-                                                policy, pool, writer, saved_keys)
+            first = _spooled(read_units(inputs, shard, columns, cuts=cuts), spool)
+            unit_counts, eval_ids = _signatures(first, config, columns, policy, pool, writer, saved_keys)
             writer.close(policy.count, eval_ids)
         finally:
             writer.discard()
@@ -222,18 +246,15 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
                 spool.close()
         # the same file and clustering as `glm dedup signatures` + `glm dedup cluster`
         plan, cluster_records, contamination_records = cluster([signatures], memory_mb, tmp)
-        # the line keys computed for the signatures say which documents hold boilerplate: only those have
-        # their lines split (and their saved keys read back)
-        holders = SignatureFile(signatures).holders_of(plan.boilerplate)
         boilerplate_path = None
         if config.lines and plan.boilerplate.size:
             boilerplate_path = os.path.join(tmp, "boilerplate.npy")
             np.save(boilerplate_path, plan.boilerplate)
-        second = read_units(inputs, shard, columns, stdin_copy=spool_path)
+        second = read_units(inputs, shard, columns, stdin_copy=spool_path, cuts=cuts)
         with RecordWriter(output, columns, row_group_size) as out:
-            setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, config.line_unit,
+            setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, signatures, config.line_unit,
                                  config.line_min_chars, saved_keys.path if saved_keys is not None else None)
-            counts = _filter(second, unit_counts, plan, holders, setup, saved_keys, out, pool)
+            counts = _filter(second, unit_counts, plan, setup, saved_keys, out, pool)
         if clusters:
             write_records(clusters, cluster_records)
     return plan, counts, contamination_records

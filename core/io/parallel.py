@@ -5,15 +5,21 @@ of workers, so a command's output is byte-identical with 1 or 16 workers.
 
 - `workers == 1` runs inline (no pool, no pickling, plain tracebacks): the default and the reference.
 - `workers > 1` uses a `multiprocessing` pool of `workers - 1` processes from the *spawn* context (safe
-  with threads, torch and macOS; no forked locks), and the calling process computes chunks too whenever
-  the next result in order is not ready yet, instead of waiting: `workers` processes in all, and none
-  idle while the caller's own share of the work (reading, writing) is lighter than theirs. `fn` must
-  therefore be a picklable top-level function (or a `functools.partial` of one), and the calling script
-  must be import-safe (`if __name__ == "__main__"`).
+  with threads, torch and macOS; no forked locks), and the calling process computes chunks too: `workers`
+  processes in all. `fn` must therefore be a picklable top-level function (or a `functools.partial` of
+  one), and the calling script must be import-safe (`if __name__ == "__main__"`).
+- Who computes which chunk is decided as the work goes, by claiming it (work stealing): every chunk is
+  queued to the pool ahead of time, numbered; a pool worker claims a chunk before computing it, and the
+  calling process, whenever the next result in order is not ready (it would only wait), claims the oldest
+  chunk no worker has started and computes it itself. So the pool never waits for the caller to hand it
+  work, the caller never computes a chunk ahead of one the pool has not begun (it would hold up the
+  results in order), and the caller takes only the share its own work (reading, writing) leaves it time
+  for: while the pool is still starting, all of it; at the end of the input, the chunks left in the
+  pool's queue. The claims are one shared array of sequence numbers under one lock.
 - `WorkerPool` keeps one pool for several maps in a row (a command with two passes over its input).
 - Memory stays bounded for inputs of any length: items are consumed lazily in chunks of `chunk_size`,
-  and at most `2 * workers` chunks are in flight at once; results are yielded as soon as the next one in
-  order is ready.
+  and at most `4 * workers` chunks are queued or held at once; results are yielded as soon as the next
+  one in order is ready.
 - An exception raised by `fn` in a worker is re-raised in the caller, the same type with the worker's
   traceback as a note; an exception that cannot cross processes (its `__init__` takes other arguments
   than its `args`, as `DataError` does) arrives as a `GlmError` with the same message and exit code, or
@@ -29,9 +35,10 @@ import pickle
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from multiprocessing.pool import AsyncResult
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from glm_cli.core.allocator import retain_freed_memory
 
@@ -67,12 +74,61 @@ def _apply_chunk(fn: Callable[[T], R], chunk: list[T], portable: bool = True) ->
         return False, _portable(error) if portable else error
 
 
-def _start_worker(preload: tuple[str, ...]) -> None:
-    """A pool worker's start: keep freed memory for reuse, import what its tasks will need (so the
-    imports run while the caller does its own start-up work, not when the first task arrives)."""
+CLAIM_SLOTS = 4096  # the claims array: a chunk's slot is its sequence number modulo this
+_claims = None  # in a pool worker: the claims array it shares with the calling process
+
+
+def _claim(claims, seq: int) -> bool:
+    """Claim chunk `seq` for this process: False if another process claimed it first. A slot holds the
+    highest sequence number claimed in it plus one; sequence numbers only grow, so a stale chunk (one the
+    caller took, its slot since reused by a later chunk) is refused too."""
+    slot, mark = seq % len(claims), seq + 1
+    with claims.get_lock():
+        if claims[slot] >= mark:
+            return False
+        claims[slot] = mark
+        return True
+
+
+def _pool_chunk(seq: int, fn: Callable[[T], R], chunk: list[T]) -> tuple[bool, list[R] | BaseException] | None:
+    """A pool worker's task: chunk `seq`, unless the calling process claimed it first (then None, unread)."""
+    if not _claim(_claims, seq):
+        return None
+    return _apply_chunk(fn, chunk)
+
+
+def _start_worker(preload: tuple[str, ...], claims) -> None:
+    """A pool worker's start: keep freed memory for reuse, keep the claims array, import what its tasks
+    will need (so the imports run while the caller does its own start-up work, not when the first task
+    arrives)."""
+    global _claims
     retain_freed_memory()
+    _claims = claims
     for module in preload:
         importlib.import_module(module)
+
+
+F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
+PIPE_BYTES = 1 << 20
+
+
+def _widen_pipes(pool) -> None:
+    """Give the pool's task and result pipes 1 MB each instead of 64 KB (Linux; elsewhere nothing).
+
+    A worker sends its result down a pipe and cannot take its next chunk until the calling process has
+    read it. The caller reads on a helper thread that needs the GIL for each 64 KB, and the caller's
+    main thread holds the GIL while it computes its own chunk, handing it over only every few
+    milliseconds: a 1 MB result (a unit of `glm dedup`'s output lines) kept the worker waiting ~10 ms a
+    unit, a third of a unit's work. With room for the whole result in the pipe, the worker goes on at
+    once. Private attributes of `multiprocessing.pool.Pool`, hence the guard: without them the pool
+    works as before, only slower."""
+    try:
+        import fcntl
+
+        for queue in (pool._inqueue, pool._outqueue):
+            fcntl.fcntl(queue._reader.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 class WorkerPool:
@@ -89,10 +145,14 @@ class WorkerPool:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
         self._pool = None
+        self._claims = None
+        self._seq = 0  # the next chunk's sequence number, unique over all maps of this pool
         if workers > 1:
             # spawn, not fork: safe with threads, torch and macOS (no forked locks)
-            self._pool = multiprocessing.get_context("spawn").Pool(workers - 1, initializer=_start_worker,
-                                                                   initargs=(tuple(preload),))
+            context = multiprocessing.get_context("spawn")
+            self._claims = context.Array("q", CLAIM_SLOTS)
+            self._pool = context.Pool(workers - 1, initializer=_start_worker, initargs=(tuple(preload), self._claims))
+            _widen_pipes(self._pool)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], chunk_size: int = 64) -> Iterator[R]:
         """Yield `fn(item)` for each item, in input order (see the module docstring). A map left before
@@ -108,11 +168,47 @@ class WorkerPool:
             raise RuntimeError("the worker pool is closed")
         finished = False
         try:
-            yield from _ordered(self._pool, fn, iter(items), 2 * self.workers, chunk_size)
+            yield from self._ordered(fn, iter(items), 4 * self.workers, chunk_size)
             finished = True
         finally:
             if not finished:
                 self.terminate()
+
+    def _ordered(self, fn: Callable[[T], R], iterator: Iterator[T], depth: int, chunk_size: int) -> Iterator[R]:
+        """`fn` over `iterator` in chunks, at most `depth` of them queued or held, results in input order;
+        the caller claims and computes the oldest chunk no worker has started whenever the next result
+        is not ready (see the module docstring)."""
+        pending: deque[_Chunk] = deque()  # in input order
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < depth:
+                items = list(islice(iterator, chunk_size))
+                if not items:
+                    exhausted = True
+                    break
+                seq, self._seq = self._seq, self._seq + 1
+                pending.append(_Chunk(seq, items, self._pool.apply_async(_pool_chunk, (seq, fn, items))))
+            if not pending:
+                break
+            head = pending[0]
+            if head.result is None and not head.queued.ready():
+                mine = next((c for c in pending if c.result is None and not c.theirs and self._take(c)), None)
+                if mine is not None:
+                    mine.result = _apply_chunk(fn, mine.items, portable=False)
+                    mine.items = None
+                    continue
+            pending.popleft()
+            ok, value = head.result if head.result is not None else head.queued.get()
+            if not ok:
+                raise value
+            yield from value
+
+    def _take(self, chunk: _Chunk) -> bool:
+        """Claim `chunk` for the calling process; False (and remembered) if a worker started it."""
+        if chunk.queued.ready() or not _claim(self._claims, chunk.seq):
+            chunk.theirs = True
+            return False
+        return True
 
     def close(self) -> None:
         """Let the workers finish and exit (waited for)."""
@@ -136,33 +232,15 @@ class WorkerPool:
             self.terminate()
 
 
-def _ordered(pool, fn: Callable[[T], R], iterator: Iterator[T], max_in_flight: int, chunk_size: int) -> Iterator[R]:
-    """`fn` over `iterator` in chunks, at most `max_in_flight` chunks pending, results in input order;
-    the caller computes a chunk itself whenever the next result is not ready yet (it would only wait),
-    so no core idles while the caller's own work (reading, writing) is light."""
-    pending: deque = deque()  # in input order: pool results, or (ok, value) computed here
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < max_in_flight:
-            chunk = list(islice(iterator, chunk_size))
-            if not chunk:
-                exhausted = True
-                break
-            pending.append(pool.apply_async(_apply_chunk, (fn, chunk)))
-        if not pending:
-            break
-        head = pending[0]
-        if isinstance(head, AsyncResult) and not head.ready() and not exhausted:
-            chunk = list(islice(iterator, chunk_size))
-            if chunk:
-                pending.append(_apply_chunk(fn, chunk, portable=False))
-                continue
-            exhausted = True
-        pending.popleft()
-        ok, value = head.get() if isinstance(head, AsyncResult) else head
-        if not ok:
-            raise value
-        yield from value
+@dataclass(eq=False, slots=True)
+class _Chunk:
+    """A chunk queued to the pool: its result from there (`queued`), or computed here (`result`)."""
+
+    seq: int
+    items: list | None
+    queued: AsyncResult
+    result: tuple[bool, Any] | None = None
+    theirs: bool = False  # a worker claimed it
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 64) -> Iterator[R]:

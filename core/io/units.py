@@ -17,13 +17,17 @@ the same bad records with their file:line):
   as `Parsed` batches.
 
 The cut between units depends only on the bytes of the input (never on the number of workers), so
-reading the same input again, or a copy of it, gives the same units.
+reading the same input again, or a copy of it, gives the same units. A command that reads its input
+twice (`glm dedup run`) keeps the first pass's cuts (`Cuts`) and hands them out again in the second,
+instead of reading every plain file a second time in the calling process only to find them.
 """
 
 from __future__ import annotations
 
+import os
+from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glm_cli.core.errors import GlmError
 from glm_cli.core.io.corpus import (
@@ -74,6 +78,38 @@ class Parsed:
     """Documents and bad records already read (of a source that is not JSON lines)."""
 
     items: list[Document | BadRecord]
+
+
+@dataclass
+class Cuts:
+    """The `FileRange`s of each plain file as `read_units` cut them: recorded in a first pass, handed out
+    again in the next one. Three integers a range (offset, length, first line), ~24 bytes a MB of input."""
+
+    ranges: dict[str, array] = field(default_factory=dict)
+
+    def replay(self, source: str) -> Iterator[FileRange] | None:
+        """The recorded ranges of `source`, if recorded and the file still has the size it had; None if
+        not recorded; an error if the file changed size (its documents would not be the same)."""
+        cut = self.ranges.get(source)
+        if cut is None:
+            return None
+        size = cut[-3] + cut[-2]
+        try:
+            now = os.path.getsize(source)
+        except OSError as e:
+            raise GlmError(f"{source}: cannot read: {e.strerror or e}") from None
+        if now != size:
+            raise GlmError(f"{source}: the file changed while it was read ({now} bytes, {size} before)")
+        return (FileRange(source, cut[k], cut[k + 1], cut[k + 2]) for k in range(0, len(cut), 3))
+
+    def record(self, source: str, units: Iterator[FileRange | Parsed]) -> Iterator[FileRange | Parsed]:
+        cut = array("q")
+        for unit in units:
+            if isinstance(unit, FileRange):
+                cut.extend((unit.offset, unit.length, unit.first))
+            yield unit
+        if cut:
+            self.ranges[source] = cut
 
 
 def _is_jsonl(source: str) -> bool:
@@ -152,16 +188,23 @@ def _raw_units(source: str, path: str | None = None) -> Iterator[RawLines | Pars
 
 
 def read_units(specs: Iterable[str], shard: tuple[int, int] | None = None, columns: Columns = DEFAULT_COLUMNS,
-               stdin_copy: str | None = None) -> Iterator[FileRange | RawLines | Parsed]:
+               stdin_copy: str | None = None, cuts: Cuts | None = None) -> Iterator[FileRange | RawLines | Parsed]:
     """The inputs of `read_documents(specs, shard=shard)`, in the same order, as units. `stdin_copy`: a
     file holding what standard input gave a first time, read in its place as stdin was (the same
-    units, the same source name in ids and errors)."""
+    units, the same source name in ids and errors). `cuts`: the plain files' ranges, recorded there
+    the first time a file is cut and handed out from there the next times."""
     for source, row_groups in shard_units(expand_inputs(specs), shard):
         if source == STDIN and stdin_copy is not None:
             yield from _raw_units(STDIN, stdin_copy)
             continue
         if _is_jsonl(source):
-            yield from _file_ranges(source) if _splittable(source) else _raw_units(source)
+            if not _splittable(source):
+                yield from _raw_units(source)
+            elif cuts is None:
+                yield from _file_ranges(source)
+            else:
+                again = cuts.replay(source)
+                yield from again if again is not None else cuts.record(source, _file_ranges(source))
             continue
         batch: list = []
         for item in read_source(source, columns, row_groups):

@@ -139,3 +139,14 @@ def test_is_member_equals_isin(n_keys):
     got = line_dedup.is_member(values, keys)
     assert got.tolist() == np.isin(values, keys).tolist()
     assert got.sum() == min(n_keys, 5000)
+
+
+def test_is_member_keeps_one_table_and_never_answers_for_other_keys():
+    # the table of the last keys is reused: asking about other keys in between (an array with the same
+    # size, an equal copy) must answer for those keys, not from the kept table
+    rng = np.random.default_rng(3)
+    first = np.unique(rng.integers(0, 2**64, 3000, dtype=np.uint64))
+    second = np.unique(rng.integers(0, 2**64, 3000, dtype=np.uint64))[:first.size]
+    values = np.concatenate([first[:100], second[:100], rng.integers(0, 2**64, 1000, dtype=np.uint64)])
+    for keys in (first, second, first, first.copy(), second, second):
+        assert line_dedup.is_member(values, keys).tolist() == np.isin(values, keys).tolist()

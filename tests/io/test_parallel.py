@@ -1,11 +1,14 @@
-"""`map_ordered` with workers: input order kept, the calling process computing beside the pool."""
+"""`map_ordered` and `WorkerPool` with workers: input order kept, each chunk computed exactly once by
+whichever process claims it first (the calling process included), errors and early stops handled."""
 
+import multiprocessing
 import os
+from functools import partial
 
 import pytest
-from pool_probe import fail_on_seven, pid_after_sleep
+from pool_probe import fail_at, fail_on_seven, logged, pid_after_sleep
 
-from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.io.parallel import CLAIM_SLOTS, WorkerPool, _claim, map_ordered
 
 
 def test_the_caller_computes_while_it_would_wait_and_order_is_kept():
@@ -16,9 +19,56 @@ def test_the_caller_computes_while_it_would_wait_and_order_is_kept():
     assert len(pids) == 2  # one pool worker (workers - 1) did the rest, and no other process
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_every_item_is_computed_once_whoever_claims_it(tmp_path, workers):
+    # every chunk is queued to the pool and may also be taken by the caller: a claim that let both
+    # compute it would still give the right results, so count who computed what
+    out = list(map_ordered(partial(logged, str(tmp_path)), range(300), workers=workers, chunk_size=3))
+    assert out == list(range(300))
+    logs = {p.name: [int(x) for x in p.read_text().split()] for p in tmp_path.glob("*.log")}
+    done = sorted(x for xs in logs.values() for x in xs)
+    assert done == list(range(300))  # each item once: no chunk lost, none computed twice
+    assert f"{os.getpid()}.log" in logs and len(logs) >= 2  # the caller and the pool both worked
+
+
+def test_results_are_the_same_for_any_worker_count():
+    expected = [(x * 7919) % 1009 for x in range(500)]
+    for workers in (1, 2, 4):
+        got = list(map_ordered(partial(pow, exp=1, mod=1009), [x * 7919 for x in range(500)], workers, chunk_size=7))
+        assert got == expected
+
+
+def test_a_claim_is_taken_once_and_a_stale_chunk_is_refused():
+    claims = multiprocessing.get_context("spawn").Array("q", CLAIM_SLOTS)
+    assert _claim(claims, 5)
+    assert not _claim(claims, 5)  # the other process gets False
+    assert _claim(claims, 5 + CLAIM_SLOTS)  # the slot reused by a later chunk
+    assert not _claim(claims, 5)  # the old chunk, arriving late, is not computed again
+
+
 def test_an_error_arrives_in_its_turn_from_either_process():
     got = []
     with pytest.raises(KeyError):
         for x in map_ordered(fail_on_seven, range(20), workers=2, chunk_size=1):
             got.append(x)
     assert got == list(range(7))
+
+
+def test_an_error_computed_in_a_worker_reaches_the_caller(tmp_path):
+    # 300 items in chunks of 1 with the failing one late: by then the pool is up and takes its share,
+    # and whichever process computed item 250 the same error arrives after exactly 250 results
+    got = []
+    with pytest.raises(KeyError):
+        for x in map_ordered(partial(fail_at, 250), range(300), workers=2, chunk_size=1):
+            got.append(x)
+    assert got == list(range(250))
+
+
+def test_a_consumer_that_stops_early_shuts_the_pool_down():
+    with WorkerPool(2) as pool:
+        results = pool.map(pid_after_sleep, range(1000), chunk_size=1)
+        assert [x for _, x in (next(results) for _ in range(5))] == list(range(5))
+        results.close()  # the consumer stops: the pool's queued chunks must not run on
+        assert pool._pool is None
+        with pytest.raises(RuntimeError, match="closed"):
+            list(pool.map(abs, [1]))

@@ -98,3 +98,21 @@ def test_the_documents_equal_read_documents_over_several_files(tmp_path, monkeyp
         paths.append(str(path))
     got = [(d.id, d.text) for u in units.read_units([str(tmp_path)]) for d in units.parse_unit(u)]
     assert got == [(d.id, d.text) for d in read_documents(paths)] and len(got) == 120
+
+
+def test_a_second_pass_hands_out_the_first_passes_cuts_and_refuses_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(units, "RANGE_BYTES", 16)
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    plain.write_bytes(NASTY)
+    packed.write_bytes(gzip.compress(NASTY))
+    cuts = units.Cuts()
+    first = list(units.read_units([str(plain), str(packed)], cuts=cuts))
+    assert list(cuts.ranges) == [str(plain)]  # only the plain file has ranges to keep
+    monkeypatch.setattr(units, "_file_ranges", None)  # a second cut of the plain file would fail here
+    second = list(units.read_units([str(plain), str(packed)], cuts=cuts))
+    assert second == first and _items(second) == _items(first)
+    ranges = [u for u in first if isinstance(u, units.FileRange)]
+    assert len(ranges) > 5 and [u for u in second if isinstance(u, units.FileRange)] == ranges
+    plain.write_bytes(NASTY + b'{"text": "one more"}\n')
+    with pytest.raises(Exception, match="changed while it was read"):
+        list(units.read_units([str(plain)], cuts=cuts))
