@@ -196,20 +196,30 @@ def eos_ban(work: Path) -> dict:
     return {str(i): -100 for i in ids}
 
 
-def bench_server(name: str, served: Served, model: str, texts, levels, max_tokens, ban) -> list[dict]:
-    rows = []
+def bench_server(name: str, served: Served, model: str, texts, levels, max_tokens, ban, repeats: int = 1) -> list[dict]:
+    """Every level `repeats` times (levels in turn, then again), each run with prompts no other run sent;
+    a level's row is its median run by tokens/s, with every run's tokens/s beside it."""
+    runs: dict[int, list[dict]] = {clients: [] for clients in levels}
     try:
-        # Every level sends prompts no earlier level sent: both servers keep finished prompts in their slots,
-        # and a repeated prompt would skip its prefill and flatter every level after the first.
-        per_level = len(texts) // (len(levels) + 1)
+        # Every run sends prompts no earlier run sent: both servers keep finished prompts in their slots,
+        # and a repeated prompt would skip its prefill and flatter every run after the first.
+        per_run = len(texts) // (len(levels) * repeats + 1)
         run_level(served.url, model, texts[-2:], 2, 4, ban)  # warm-up: first-call costs off the clock
-        for k, clients in enumerate(levels):
-            row = run_level(served.url, model, texts[k * per_level:(k + 1) * per_level], clients, max_tokens, ban)
-            row["server"] = name
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for r in range(repeats):
+            for k, clients in enumerate(levels):
+                i = r * len(levels) + k
+                row = run_level(served.url, model, texts[i * per_run:(i + 1) * per_run], clients, max_tokens, ban)
+                row["server"] = name
+                runs[clients].append(row)
+                print(json.dumps(row), flush=True)
     finally:
         served.stop()
+    rows = []
+    for clients in levels:
+        ordered = sorted(runs[clients], key=lambda row: row["tokens_per_s"])
+        row = dict(ordered[len(ordered) // 2])
+        row["tokens_per_s_runs"] = [run["tokens_per_s"] for run in runs[clients]]
+        rows.append(row)
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_one_at_a_time"] = round(row["tokens_per_s"] / base, 2)
@@ -278,6 +288,7 @@ def main() -> None:
     p.add_argument("--variants", default="fp32,int8,int4")
     p.add_argument("--clients", default="1,2,4,8", help="concurrency levels; the first is the baseline")
     p.add_argument("--requests", type=int, default=8, help="requests per level")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every level (the row is the median run)")
     p.add_argument("--prompt-chars", type=int, default=240, help="prompt length in characters (~60 tokens)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--slots", type=int, default=8)
@@ -294,7 +305,7 @@ def main() -> None:
     work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     prepare(args, work)
-    texts = prompts(args.requests * (len(args.clients.split(",")) + 1), args.prompt_chars)
+    texts = prompts(args.requests * (len(args.clients.split(",")) * args.repeats + 1), args.prompt_chars)
     levels = [int(c) for c in args.clients.split(",")]
     ban = eos_ban(work)
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_average": os.getloadavg()},
@@ -308,7 +319,7 @@ def main() -> None:
         if served is not None:
             results["rows"] += [{**r, "variant": variant}
                                 for r in bench_server(f"glm serve ({variant})", served, "m", texts, levels,
-                                                      args.max_tokens, ban)]
+                                                      args.max_tokens, ban, args.repeats)]
         if args.peer_server and "peer" in args.servers:
             port = free_port()
             served = Served([args.peer_server, "-m", str(work / f"model-{gguf_kind}.gguf"),
@@ -318,7 +329,7 @@ def main() -> None:
                             work / f"llama-server-{gguf_kind}.log")
             results["rows"] += [{**r, "variant": variant}
                                 for r in bench_server(f"llama.cpp server ({gguf_kind})", served, "m", texts, levels,
-                                                      args.max_tokens, ban)]
+                                                      args.max_tokens, ban, args.repeats)]
         if args.peer_python and "peer" in args.servers:
             port = free_port()
             served = Served([args.peer_python, "-m", "llama_cpp.server", "--model", str(work / f"model-{gguf_kind}.gguf"),
@@ -327,9 +338,9 @@ def main() -> None:
                             work / f"llama-{gguf_kind}.log")
             results["rows"] += [{**r, "variant": variant}
                                 for r in bench_server(f"llama-cpp-python ({gguf_kind})", served, "m", texts, levels,
-                                                      args.max_tokens, ban)]
+                                                      args.max_tokens, ban, args.repeats)]
     results["machine"]["load_average_after"] = os.getloadavg()
-    table = markdown(results["rows"], ["server", "clients", "tokens_per_s", "vs_one_at_a_time", "ttft_p50_ms",
+    table = markdown(results["rows"], ["server", "clients", "tokens_per_s", "tokens_per_s_runs", "vs_one_at_a_time", "ttft_p50_ms",
                                        "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms"])
     print("\n" + table)
     if not args.no_profile:

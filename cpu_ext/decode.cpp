@@ -5,9 +5,9 @@
 // is ~5,800 operator calls a token for a 30-layer model, each costing microseconds of dispatch, and the
 // weight-only kernels want bf16 activations (two casts a call). Here a step is one call: the weights
 // stream from memory once, the small work between them (norms, rotary, attention over the cache, SiLU)
-// runs in registers. Activations stay float32 throughout, except that the int4 products round their input
-// rows to int8 steps per 64 columns, as llama.cpp's q4_0 x q8_0 products do (see "int4 weights x int8
-// activations" below for why and for the error bound).
+// runs in registers in float32. The products round their input rows to int8 steps (per 32 columns for
+// int8 weights, per 64 for int4), as llama.cpp's q8_0 / q4_0 x q8_0 products do, and multiply bytes (see
+// "int4 weights x int8 activations" below for why and for the error bound).
 //
 // Plain C ABI, no torch headers: Python hands over raw pointers (ctypes), so the library compiles in
 // seconds. Threads come from OpenMP; linked against the libgomp that torch has already loaded, it
@@ -15,7 +15,7 @@
 //
 // Batched step (`glm_decode_rows`): M sequences advance one token each in one call, each with its own cache
 // slot, position and length. Every weight row is read from memory once for all M rows, and each decoded
-// chunk of it serves a block of rows (2-3 for int8, up to 4 for int4). Each row's sums are formed in
+// chunk of it serves a block of up to 4 rows. Each row's sums are formed in
 // exactly the order of the one-row kernels, so a row's result is bit for bit what the one-row step gives it.
 //
 // Formats (see core/quant/weight_only.py): int8 weights (N, K) with one float scale per row; int4 codes
@@ -34,7 +34,7 @@
 
 extern "C" {
 
-int glm_cpu_abi_version() { return 5; }
+int glm_cpu_abi_version() { return 6; }
 
 }  // extern "C"
 
@@ -50,18 +50,6 @@ inline float hsum(__m256 v) {
 
 inline __m256 load_i8_as_f32(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// sum_k w[k] * x[k] for one int8 row; K a multiple of 32.
-inline float dot_int8(const float* x, const int8_t* w, int64_t K) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    a0 = _mm256_fmadd_ps(load_i8_as_f32(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(load_i8_as_f32(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(load_i8_as_f32(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(load_i8_as_f32(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 // ------------------------------------------------------------------ int4 weights x int8 activations
@@ -164,66 +152,91 @@ void int4_q8_rows(const Q8Row* rows, const uint32_t* w, const float* s, const fl
 // the calling thread alone (a parallel region costs about that much).
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
-// ------------------------------------------------------------------------------- products for M rows
-// More than one activation row (int8 weights; int4 is above): each weight chunk is decoded in registers
-// once and used by a block of up to 3 rows, four accumulators a row, so the weights' trip from memory and
-// their decoding are paid once per block instead of once per row (a weight row stays in L1 between the
-// blocks of one step). Each row's sums are those of dot_int8, in the same order: accumulator j
-// takes the 8-column chunks j, j + 4, j + 8, ... and they combine as (a0 + a1) + (a2 + a3), so a row's
-// result is bit for bit the one-row kernel's. (Decoding a weight row into an L1 buffer once for all rows
-// was tried: its stores and reloads made it slower than decoding once per block, up to M = 8.)
+// ------------------------------------------------------------------ int8 weights x int8 activations
+// The same for int8 weights, with the input rounded per 32 columns in their natural order (int8 rows
+// need only be whole 32-column blocks): d_b = max|x| / 127, q = round(x / d_b). vpmaddubsw multiplies
+// unsigned by signed bytes, so each product is formed as |w| * (q with the sign of w) (llama.cpp's way;
+// the codes are in [-127, 127], so |w| fits a byte and two products fit an int16).
+//   y = s * sum_b d_b * sum_k q_k w_k
 
-template <int MB>
-inline void zero(__m256 (&acc)[MB][4]) {
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+// Bytes of one rounded row: K codes, then K/32 floats d_b (16-byte aligned starts).
+inline int64_t q8_plain_row_bytes(int64_t K) { return (K + 4 * (K / 32) + 15) / 16 * 16; }
+
+struct Q8PlainRow {
+  const int8_t* q;
+  const float* d;
+};
+
+inline Q8PlainRow q8_plain_row_at(void* scratch, int64_t row, int64_t K) {
+  char* base = static_cast<char*>(scratch) + row * q8_plain_row_bytes(K);
+  return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + K)};
 }
 
-inline __m256 sum4(const __m256 (&a)[4]) { return _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])); }
+void quantize_row_q8_plain(const float* x, int64_t K, void* scratch, int64_t row) {
+  const Q8PlainRow out = q8_plain_row_at(scratch, row, K);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + 32 * b;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < 32; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    // 4 x 8 int32 -> 32 int8 in column order: the packs interleave the 128-bit lanes, the permute undoes it
+    const __m256i q01 = _mm256_packs_epi32(round_q8(xb, inv), round_q8(xb + 8, inv));
+    const __m256i q23 = _mm256_packs_epi32(round_q8(xb + 16, inv), round_q8(xb + 24, inv));
+    const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(const_cast<int8_t*>(out.q) + 32 * b), q);
+    const_cast<float*>(out.d)[b] = amax / 127.0f;
+  }
+}
 
-// y[m * ldy] = scale * (w . x_m) for MB rows x (MB, K) and one int8 weight row w. 13 registers at MB = 3.
+// y[m * ldy] for MB rounded rows and one int8 weight row w with scale `scale`. One float accumulator a
+// row, blocks in order: a row's result does not depend on MB.
 template <int MB>
-void int8_rows(const float* x, int64_t K, const int8_t* w, float scale, float* y, int64_t ldy) {
-  __m256 acc[MB][4];
-  zero(acc);
-  for (int64_t k = 0; k < K; k += 32)
-    for (int j = 0; j < 4; ++j) {
-      const __m256 wv = load_i8_as_f32(w + k + 8 * j);
-      for (int m = 0; m < MB; ++m)
-        acc[m][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j]);
+void int8_q8_rows(const Q8PlainRow* rows, const int8_t* w, float scale, int64_t K, float* y, int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+    const __m256i magnitude = _mm256_sign_epi8(wv, wv);
+    for (int m = 0; m < MB; ++m) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[m].q + 32 * b));
+      const __m256i products = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q, wv));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones)), _mm256_set1_ps(rows[m].d[b]),
+                               acc[m]);
     }
-  for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(sum4(acc[m]));
-}
-
-// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of at most 3 rows, never leaving a
-// block of one row behind another block (a lone row pays a whole decode for itself).
-template <typename F>
-inline void for_row_blocks(int64_t M, F&& block) {
-  int64_t m = 0;
-  if (M == 1) return block(std::integral_constant<int, 1>(), m);
-  for (; M - m > 4; m += 3) block(std::integral_constant<int, 3>(), m);
-  if (M - m == 3) return block(std::integral_constant<int, 3>(), m);
-  for (; m < M; m += 2) block(std::integral_constant<int, 2>(), m);
+  }
+  for (int m = 0; m < MB; ++m) y[m * ldy] = scale * hsum(acc[m]);
 }
 
 }  // namespace
 
 extern "C" {
 
-// y (M, N) = x (M, K) @ dequant(w).T for int8 w (N, K), scales (N). K % 32 == 0.
+// y (M, N) = x (M, K) @ dequant(w).T for int8 w (N, K), scales (N), with x rounded to int8 per 32
+// columns (see int8_q8_rows). K % 32 == 0. scratch: M * q8_plain_row_bytes(K) bytes (M * K floats suffice).
 void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scales, int64_t N,
-                     float* y) {
+                     float* y, float* scratch) {
+  for (int64_t m = 0; m < M; ++m) quantize_row_q8_plain(x + m * K, K, scratch, m);
   const bool parallel = N * K >= kParallelMinBytes;
-  if (M == 1) {
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t n = 0; n < N; ++n) y[n] = scales[n] * dot_int8(x, w + n * K, K);
-    return;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t m = 0; m < M; m += 4) {
+      Q8PlainRow rows[4];
+      const int64_t mb = std::min<int64_t>(4, M - m);
+      for (int64_t i = 0; i < mb; ++i) rows[i] = q8_plain_row_at(scratch, m + i, K);
+      float* out = y + m * N + n;
+      switch (mb) {
+        case 1: int8_q8_rows<1>(rows, w + n * K, scales[n], K, out, N); break;
+        case 2: int8_q8_rows<2>(rows, w + n * K, scales[n], K, out, N); break;
+        case 3: int8_q8_rows<3>(rows, w + n * K, scales[n], K, out, N); break;
+        default: int8_q8_rows<4>(rows, w + n * K, scales[n], K, out, N); break;
+      }
+    }
   }
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n)
-    for_row_blocks(M, [&](auto mb, int64_t m) {
-      int8_rows<decltype(mb)::value>(x + m * K, K, w + n * K, scales[n], y + m * N + n, N);
-    });
 }
 
 // glm's stored int4 rows (N, K/2 bytes, column 2j in the low nibble of byte j) -> the lane layout of
@@ -342,7 +355,8 @@ namespace {
 // y (M, N) = x (M, K) through one projection.
 void linear(const GlmLinear& l, const float* x, int64_t M, float* y, float* scratch) {
   if (l.bits == 8)
-    glm_linear_int8(x, M, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y);
+    glm_linear_int8(x, M, l.in_features, static_cast<const int8_t*>(l.weight), l.scales, l.out_features, y,
+                    scratch);
   else
     glm_linear_int4(x, M, l.in_features, static_cast<const uint32_t*>(l.weight), l.scales, l.zeros,
                     l.group_size, l.out_features, y, scratch);

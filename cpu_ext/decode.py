@@ -2,8 +2,8 @@
 pointer. `core/quant/native.py` decides when these may run (shapes, dtypes, devices) and calls them.
 
 Every function takes the loaded library as `lib` (`loader.load_cpu_kernels()`, or the one a test opened)
-and the tensors the C ABI reads: float32 activations, the stored int8/int4 codes, float32 scales and zero
-points, all contiguous on CPU. Outputs are allocated here. `DecodeStep` mirrors the structs of the whole
+and the tensors the C ABI reads: float32 activations (the kernels round them to int8 steps), the stored
+int8/int4 codes, float32 scales and zero points, all contiguous on CPU. Outputs are allocated here. `DecodeStep` mirrors the structs of the whole
 decode step field for field and keeps every tensor they point to alive.
 """
 
@@ -54,11 +54,11 @@ def linear(lib, x2: torch.Tensor, w: QuantizedLinear) -> torch.Tensor:
     x2 = x2.contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, w.out_features, dtype=torch.float32)
+    scratch = torch.empty(rows * w.in_features, dtype=torch.float32)  # the rows rounded to int8
     if w.bits == 8:
         lib.glm_linear_int8(x2.data_ptr(), rows, w.in_features, w.weight.data_ptr(), w.scales.data_ptr(),
-                            w.out_features, y.data_ptr())
+                            w.out_features, y.data_ptr(), scratch.data_ptr())
     else:
-        scratch = torch.empty(rows * w.in_features, dtype=torch.float32)  # the rows rounded to int8
         lib.glm_linear_int4(x2.data_ptr(), rows, w.in_features, w.weight.data_ptr(), w.scales.data_ptr(),
                             w.zeros.data_ptr(), w.group_size, w.out_features, y.data_ptr(), scratch.data_ptr())
     return y

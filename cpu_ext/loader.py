@@ -16,7 +16,7 @@ import ctypes
 import os
 import platform
 
-DECODE_ABI = 5
+DECODE_ABI = 6
 DATA_ABI = 1
 CPU_REQUIREMENT = "x86-64 Linux with AVX2 and FMA"
 _cached: dict[str, object] = {}
@@ -48,7 +48,7 @@ def cpu_supported() -> bool:
 
 def _declare_decode(lib: ctypes.CDLL) -> int:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.glm_linear_int8.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.glm_linear_int8.argtypes = [p, i64, i64, p, p, i64, p, p]
     lib.glm_linear_int8.restype = None
     lib.glm_linear_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p]
     lib.glm_linear_int4.restype = None

@@ -2,17 +2,18 @@
 
 Two uses, both for decode-sized work on x86-64 CPUs with AVX2:
 
-- `NativeWeights.matmul`: a QuantLinear's product for a few rows, float32 activations against the
-  stored int8/int4 weights (no bf16 casts, no dequantized copy);
+- `NativeWeights.matmul`: a QuantLinear's product for a few rows against the stored int8/int4 weights
+  (no bf16 casts, no dequantized copy);
 - `NativeDecoder`: a whole decode step of a quantized model (every block for one new token of each of
   M sequences) in one call, which `prepare_for_inference` installs as the model's `fast_decode` and
   `glm serve` calls on its slot pool (`decode_rows`).
 
-Either way the numbers are the dequantized weights' product in float32, up to summation order, except
-that int4 products first round each input row to int8 steps per 64 columns (llama.cpp's q4_0 x q8_0
-arithmetic: multiplying bytes is what makes an int4 product cheaper than an int8 one; each input moves by
-at most half a step, 1/254 of its block's largest value). The tests compare both against float64 products
-of `dequantize()` (of the rounded inputs for int4, written independently) and against the Python forward. Where the
+Either way the numbers are the dequantized weights' product with each input row first rounded to int8
+steps per block of columns (32 for int8 weights, 64 for int4; llama.cpp's q8_0 / q4_0 x q8_0
+arithmetic: multiplying bytes is what lets several rows share a pass over the weights cheaply; each input
+moves by at most half a step, 1/254 of its block's largest value). The tests compare both against
+float64 products of `dequantize()` and of the inputs rounded by an independent implementation, and against
+the Python forward. Where the
 library is not available (`cpu_ext/loader.py` says why) nothing here is used. The calls themselves go
 through `cpu_ext/decode.py`, the kernels' typed face: this module decides when they may run and never
 handles a pointer.

@@ -216,7 +216,7 @@ class QuantLinear(nn.Module):
     """A bias-free Linear whose weight is stored int8 or packed int4 (see the module docstring).
 
     forward, for a few float32 rows on CPU (<= NATIVE_MAX_ROWS), runs glm's native products
-    (`core.quant.native`: float32 activations against the stored codes). Up to 16 rows it calls PyTorch's
+    (`core.quant.native`: the stored codes times the input rounded to int8 steps). Up to 16 rows it calls PyTorch's
     weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read the int8/int4
     weights directly but are fast only with bfloat16 activations, so the input is cast to bf16 for that
     matmul and the result cast back. Larger inputs (prefill, evaluation) dequantize the weight once per
