@@ -7,9 +7,9 @@ compiler: there `loader.py` returns None and the PyTorch path runs, tested in te
 a library that fails to build fails this module (`conftest.native_library`).
 """
 
+import native_reference
 import pytest
 import torch
-import native_reference
 from conftest import native_library, torch_threads
 
 from glm_cli.core.infer.generation import GenerationConfig, generate

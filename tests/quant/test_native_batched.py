@@ -11,9 +11,9 @@ Every test runs with two threads (a fixture, restored afterwards), so the parall
 parallel attention over (row, head) pairs run, not only the serial ones.
 """
 
+import native_reference
 import pytest
 import torch
-import native_reference
 from conftest import native_library
 
 from glm_cli.core.infer.generation import GenerationConfig, generate

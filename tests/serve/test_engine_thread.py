@@ -6,7 +6,6 @@ the cause: which thread runs tensor operations."""
 import threading
 
 import pytest
-import torch
 from serve_fixtures import client_for, running_server, serve_root, tiny_ckpt  # noqa: F401
 from torch.utils._python_dispatch import TorchDispatchMode
 
