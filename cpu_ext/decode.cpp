@@ -66,9 +66,9 @@ inline __m256 load_i8_as_f32(const int8_t* p) {
 // half holds columns 16i + l at byte 4l + i, the high half columns 16i + 8 + l), then K/64 floats d_b, then
 // K/64 int32 sums of q over the block.
 struct Q8Row {
-  const int8_t* q;
-  const float* d;
-  const int32_t* qsum;
+  int8_t* q;
+  float* d;
+  int32_t* qsum;
 };
 
 // Bytes of one rounded row (16-byte aligned starts, so rows can follow one another in a scratch buffer).
@@ -78,6 +78,16 @@ inline Q8Row q8_row_at(void* scratch, int64_t row, int64_t K) {
   char* base = static_cast<char*>(scratch) + row * q8_row_bytes(K);
   return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + K),
           reinterpret_cast<int32_t*>(base + K + 4 * (K / 64))};
+}
+
+// max |x[i]| over n floats, n a multiple of 8: a rounding block's scale.
+inline float abs_max(const float* x, int n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 
 // Rounds 8 floats to int32 (nearest, ties to even, as nearbyintf), clamped to [-127, 127].
@@ -97,18 +107,13 @@ inline __m256i pack_lanes(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
 
 void quantize_row_q8(const float* x, int64_t K, void* scratch, int64_t row) {
   const Q8Row out = q8_row_at(scratch, row, K);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 64; ++b) {
     const float* xb = x + 64 * b;
-    __m256 vmax = _mm256_setzero_ps();
-    for (int i = 0; i < 64; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float amax = abs_max(xb, 64);
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     __m256i lo[4], hi[4];
     for (int i = 0; i < 4; ++i) lo[i] = round_q8(xb + 16 * i, inv), hi[i] = round_q8(xb + 16 * i + 8, inv);
-    int8_t* q = const_cast<int8_t*>(out.q) + 64 * b;
+    int8_t* q = out.q + 64 * b;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), pack_lanes(lo[0], lo[1], lo[2], lo[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32), pack_lanes(hi[0], hi[1], hi[2], hi[3]));
     __m256i sum = _mm256_setzero_si256();
@@ -116,8 +121,8 @@ void quantize_row_q8(const float* x, int64_t K, void* scratch, int64_t row) {
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    const_cast<float*>(out.d)[b] = amax / 127.0f;
-    const_cast<int32_t*>(out.qsum)[b] = _mm_cvtsi128_si32(s4);
+    out.d[b] = amax / 127.0f;
+    out.qsum[b] = _mm_cvtsi128_si32(s4);
   }
 }
 
@@ -152,6 +157,21 @@ void int4_q8_rows(const Q8Row* rows, const uint32_t* w, const float* s, const fl
 // the calling thread alone (a parallel region costs about that much).
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
+// Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of 4 rows and one smaller last block:
+// a row of the byte products costs the same in a block of any size, and one block's rows share each
+// decoded weight chunk.
+template <typename F>
+inline void for_blocks_of_4(int64_t M, F&& block) {
+  int64_t m = 0;
+  for (; M - m >= 4; m += 4) block(std::integral_constant<int, 4>(), m);
+  switch (M - m) {
+    case 3: return block(std::integral_constant<int, 3>(), m);
+    case 2: return block(std::integral_constant<int, 2>(), m);
+    case 1: return block(std::integral_constant<int, 1>(), m);
+    default: return;
+  }
+}
+
 // ------------------------------------------------------------------ int8 weights x int8 activations
 // The same for int8 weights, with the input rounded per 32 columns in their natural order (int8 rows
 // need only be whole 32-column blocks): d_b = max|x| / 127, q = round(x / d_b). vpmaddubsw multiplies
@@ -163,8 +183,8 @@ constexpr int64_t kParallelMinBytes = 64 * 1024;
 inline int64_t q8_plain_row_bytes(int64_t K) { return (K + 4 * (K / 32) + 15) / 16 * 16; }
 
 struct Q8PlainRow {
-  const int8_t* q;
-  const float* d;
+  int8_t* q;
+  float* d;
 };
 
 inline Q8PlainRow q8_plain_row_at(void* scratch, int64_t row, int64_t K) {
@@ -174,21 +194,16 @@ inline Q8PlainRow q8_plain_row_at(void* scratch, int64_t row, int64_t K) {
 
 void quantize_row_q8_plain(const float* x, int64_t K, void* scratch, int64_t row) {
   const Q8PlainRow out = q8_plain_row_at(scratch, row, K);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* xb = x + 32 * b;
-    __m256 vmax = _mm256_setzero_ps();
-    for (int i = 0; i < 32; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float amax = abs_max(xb, 32);
     const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     // 4 x 8 int32 -> 32 int8 in column order: the packs interleave the 128-bit lanes, the permute undoes it
     const __m256i q01 = _mm256_packs_epi32(round_q8(xb, inv), round_q8(xb + 8, inv));
     const __m256i q23 = _mm256_packs_epi32(round_q8(xb + 16, inv), round_q8(xb + 24, inv));
     const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(const_cast<int8_t*>(out.q) + 32 * b), q);
-    const_cast<float*>(out.d)[b] = amax / 127.0f;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + 32 * b), q);
+    out.d[b] = amax / 127.0f;
   }
 }
 
@@ -224,18 +239,11 @@ void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, cons
   const bool parallel = N * K >= kParallelMinBytes;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t m = 0; m < M; m += 4) {
+    for_blocks_of_4(M, [&](auto mb, int64_t m) {
       Q8PlainRow rows[4];
-      const int64_t mb = std::min<int64_t>(4, M - m);
-      for (int64_t i = 0; i < mb; ++i) rows[i] = q8_plain_row_at(scratch, m + i, K);
-      float* out = y + m * N + n;
-      switch (mb) {
-        case 1: int8_q8_rows<1>(rows, w + n * K, scales[n], K, out, N); break;
-        case 2: int8_q8_rows<2>(rows, w + n * K, scales[n], K, out, N); break;
-        case 3: int8_q8_rows<3>(rows, w + n * K, scales[n], K, out, N); break;
-        default: int8_q8_rows<4>(rows, w + n * K, scales[n], K, out, N); break;
-      }
-    }
+      for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_plain_row_at(scratch, m + i, K);
+      int8_q8_rows<decltype(mb)::value>(rows, w + n * K, scales[n], K, y + m * N + n, N);
+    });
   }
 }
 
@@ -271,18 +279,11 @@ void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, co
     const uint32_t* row = w + n * (K / 8);
     const float* s = scales + n * n_groups;
     const float* z = zeros + n * n_groups;
-    for (int64_t m = 0; m < M; m += 4) {
+    for_blocks_of_4(M, [&](auto mb, int64_t m) {
       Q8Row rows[4];
-      const int64_t mb = std::min<int64_t>(4, M - m);
-      for (int64_t i = 0; i < mb; ++i) rows[i] = q8_row_at(scratch, m + i, K);
-      float* out = y + m * N + n;
-      switch (mb) {
-        case 1: int4_q8_rows<1>(rows, row, s, z, K, G, out, N); break;
-        case 2: int4_q8_rows<2>(rows, row, s, z, K, G, out, N); break;
-        case 3: int4_q8_rows<3>(rows, row, s, z, K, G, out, N); break;
-        default: int4_q8_rows<4>(rows, row, s, z, K, G, out, N); break;
-      }
-    }
+      for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_row_at(scratch, m + i, K);
+      int4_q8_rows<decltype(mb)::value>(rows, row, s, z, K, G, y + m * N + n, N);
+    });
   }
 }
 
