@@ -59,7 +59,7 @@ def command(
     eval_tokens: EvalTokens = 32768,
     format: Format = "safetensors",
     gguf_type: GgufType = "q8_0",
-    keep_embeddings: KeepEmbeddings = True,
+    keep_embeddings: KeepEmbeddings = False,
     head_bits: HeadBits = None,
     seed: Seed = 0,
     json_summary: JsonSummary = False,

@@ -157,6 +157,12 @@ void int4_q8_rows(const Q8Row* rows, const uint32_t* w, const float* s, const fl
 // the calling thread alone (a parallel region costs about that much).
 constexpr int64_t kParallelMinBytes = 64 * 1024;
 
+// Many rows (a prompt, an evaluation window) are rounded on every thread, then multiplied kRowChunk at a
+// time: each thread walks its weight rows once a chunk, and a chunk's rounded rows (64 x K bytes) stay in
+// its core's L2 cache while it does.
+constexpr int64_t kParallelMinRows = 16;
+constexpr int64_t kRowChunk = 64;
+
 // Calls block(MB as a type's value, m0) over rows 0..M-1 in blocks of 4 rows and one smaller last block:
 // a row of the byte products costs the same in a block of any size, and one block's rows share each
 // decoded weight chunk.
@@ -235,15 +241,19 @@ extern "C" {
 // columns (see int8_q8_rows). K % 32 == 0. scratch: M * q8_plain_row_bytes(K) bytes (M * K floats suffice).
 void glm_linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scales, int64_t N,
                      float* y, float* scratch) {
+#pragma omp parallel for schedule(static) if (M >= kParallelMinRows)
   for (int64_t m = 0; m < M; ++m) quantize_row_q8_plain(x + m * K, K, scratch, m);
   const bool parallel = N * K >= kParallelMinBytes;
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+    const int64_t rows_here = std::min(kRowChunk, M - m0);
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n) {
-    for_blocks_of_4(M, [&](auto mb, int64_t m) {
-      Q8PlainRow rows[4];
-      for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_plain_row_at(scratch, m + i, K);
-      int8_q8_rows<decltype(mb)::value>(rows, w + n * K, scales[n], K, y + m * N + n, N);
-    });
+    for (int64_t n = 0; n < N; ++n) {
+      for_blocks_of_4(rows_here, [&](auto mb, int64_t m) {
+        Q8PlainRow rows[4];
+        for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_plain_row_at(scratch, m0 + m + i, K);
+        int8_q8_rows<decltype(mb)::value>(rows, w + n * K, scales[n], K, y + (m0 + m) * N + n, N);
+      });
+    }
   }
 }
 
@@ -272,27 +282,29 @@ void glm_int4_lane_layout(const uint8_t* packed, int64_t N, int64_t K, uint32_t*
 void glm_linear_int4(const float* x, int64_t M, int64_t K, const uint32_t* w, const float* scales,
                      const float* zeros, int64_t G, int64_t N, float* y, float* scratch) {
   const int64_t n_groups = K / G;
+#pragma omp parallel for schedule(static) if (M >= kParallelMinRows)
   for (int64_t m = 0; m < M; ++m) quantize_row_q8(x + m * K, K, scratch, m);
   const bool parallel = N * K / 2 >= kParallelMinBytes;
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+    const int64_t rows_here = std::min(kRowChunk, M - m0);
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint32_t* row = w + n * (K / 8);
-    const float* s = scales + n * n_groups;
-    const float* z = zeros + n * n_groups;
-    for_blocks_of_4(M, [&](auto mb, int64_t m) {
-      Q8Row rows[4];
-      for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_row_at(scratch, m + i, K);
-      int4_q8_rows<decltype(mb)::value>(rows, row, s, z, K, G, y + m * N + n, N);
-    });
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t* row = w + n * (K / 8);
+      const float* s = scales + n * n_groups;
+      const float* z = zeros + n * n_groups;
+      for_blocks_of_4(rows_here, [&](auto mb, int64_t m) {
+        Q8Row rows[4];
+        for (int i = 0; i < decltype(mb)::value; ++i) rows[i] = q8_row_at(scratch, m0 + m + i, K);
+        int4_q8_rows<decltype(mb)::value>(rows, row, s, z, K, G, y + (m0 + m) * N + n, N);
+      });
+    }
   }
 }
 
 // ------------------------------------------------------------------------------- dequantized copies
-// For many rows at once (a prompt's prefill, evaluation) an ordinary float32 matrix product beats any
-// product on the codes: its kernels are tiled for registers and caches, ours re-decode a weight row for
-// every block of 2-3 rows. So those calls dequantize the weight into a float32 buffer the caller reuses
-// (no fresh pages to fault in per call) and hand it to PyTorch. The values are those of
-// core/quant/weight_only.py's dequantize, bit for bit: one float multiply, q * s (int8), or
+// Training through a quantized base needs the float32 weight itself (autograd differentiates the product
+// on it), made for every forward: unpacking int4 in PyTorch takes 8x longer than this. The values are
+// those of core/quant/weight_only.py's dequantize, bit for bit: one float multiply, q * s (int8), or
 // (q - z) * s (int4; q - z is exact in float32).
 
 // out (N, K) = q * scales[n] for int8 w (N, K). K % 8 == 0.

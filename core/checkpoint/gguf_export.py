@@ -99,8 +99,11 @@ def _adds_bos(tok: dict) -> bool:
 
 
 def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8_0",
-                keep_embeddings: bool = True) -> dict:
-    """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary."""
+                keep_embeddings: bool = False) -> dict:
+    """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary. The embedding and
+    output head of a q8_0 or q4_0 file are Q8_0 (what llama.cpp's own quantizer picks for them at rows of
+    a width that is not a multiple of 256, else Q6_K, which the gguf package cannot write), or F16 with
+    `keep_embeddings`."""
     gguf = require("gguf", "GGUF files")
 
     from glm_cli.core.checkpoint.directory import check_checkpoint_dir, is_quantized
@@ -168,8 +171,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
             qtype = main_type
             if tensor.dim() == 1:
                 qtype = gguf.GGMLQuantizationType.F32
-            elif is_embedding and keep_embeddings and gguf_type in ("q8_0", "q4_0"):
-                qtype = gguf.GGMLQuantizationType.F16
+            elif is_embedding and gguf_type in ("q8_0", "q4_0"):
+                qtype = gguf.GGMLQuantizationType.F16 if keep_embeddings else gguf.GGMLQuantizationType.Q8_0
             if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0) and tensor.shape[-1] % 32:
                 warn(f"{name}: row length {tensor.shape[-1]} is not a multiple of 32; stored as F16")
                 qtype = gguf.GGMLQuantizationType.F16

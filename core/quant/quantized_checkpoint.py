@@ -55,6 +55,9 @@ def scheme_of(quant_config: dict, source: str | Path) -> QuantScheme:
               if k in quant_config}
     if fields.get("head_bits") not in (None, 4, 8):
         raise CheckpointError(f"{source}: quantization_config.head_bits must be 4 or 8, not {fields['head_bits']}")
+    fields.setdefault("keep_embeddings", True)  # the default when glm began writing this format
+    if not fields["keep_embeddings"]:
+        fields.setdefault("head_bits", bits)  # written before head_bits existed: the head took `bits`
     return QuantScheme(**fields, group_size=max(8, int(quant_config.get("group_size", 128)))
                        if bits == 4 else 128)
 

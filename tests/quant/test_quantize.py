@@ -23,6 +23,7 @@ from glm_cli.core.quant.weight_only import (
     quantize_int8,
     quantize_model_rtn,
     quantized_state_dict,
+    targets_for,
     unpack_int4,
 )
 
@@ -130,7 +131,7 @@ def test_gptq_beats_rtn_on_layer_output_error():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantlinear_kernel_matches_dequantized(bits, monkeypatch):
-    monkeypatch.setattr("glm_cli.core.quant.weight_only.NATIVE_MAX_ROWS", 0)  # PyTorch's kernel, not glm's
+    monkeypatch.setattr(QuantLinear, "native_weights", lambda self: None)  # PyTorch's kernel, not glm's
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 192, bias=False)
     q = QuantLinear.from_linear(linear, bits, 64)
@@ -200,15 +201,16 @@ def test_int4_blocks_with_an_int8_head_save_and_load_exactly(tiny_ckpt, tmp_path
 def test_head_bits_is_refused_where_it_cannot_apply(tiny_ckpt, tmp_path):
     from glm_cli.core.errors import CheckpointError, UsageError
 
-    with pytest.raises(UsageError, match="--no-keep-embeddings"):
-        QuantScheme(bits=4, head_bits=8)
+    with pytest.raises(UsageError, match="--keep-embeddings keeps it in full precision"):
+        QuantScheme(bits=4, head_bits=8, keep_embeddings=True)
     with pytest.raises(UsageError, match="--head-bits must be 8 or 4"):
         QuantScheme(bits=4, head_bits=2, keep_embeddings=False)
     # a checkpoint whose config says head_bits 8 over an int4 head is refused, naming the module
     root, ckpt = tiny_ckpt
-    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=4, group_size=32, keep_embeddings=False))
+    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=4, group_size=32, head_bits=4))
     out = save_quantized(tmp_path / "q", model, tokenizer_dir=ckpt)
     config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["head_bits"] == 4
     config["quantization_config"]["head_bits"] = 8
     (out / "config.json").write_text(json.dumps(config))
     from glm_cli.core.checkpoint.directory import write_manifest
@@ -216,6 +218,40 @@ def test_head_bits_is_refused_where_it_cannot_apply(tiny_ckpt, tmp_path):
     write_manifest(out)  # a consistent but wrong checkpoint, not a corrupted one
     with pytest.raises(CheckpointError, match="model.embed_tokens has int4 zero points"):
         load_model(out)
+
+
+def test_the_default_scheme_quantizes_the_head_to_int8_and_says_so(tiny_ckpt, tmp_path):
+    """Without flags the blocks take `bits` and the head (with the tied embedding) int8, as llama.cpp's
+    own Q8_0 and Q4_0 files hold them; config.json states head_bits, so no reader has to know the default."""
+    root, ckpt = tiny_ckpt
+    for bits in (8, 4):
+        model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=bits, group_size=32))
+        assert model.lm_head.bits == 8 and model.model.embed_tokens.table.bits == 8
+        assert {m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".layers." in n} == {bits}
+        out = save_quantized(tmp_path / f"q{bits}", model, tokenizer_dir=ckpt)
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert config["head_bits"] == 8 and config["keep_embeddings"] is False
+    kept = QuantScheme(bits=4, keep_embeddings=True)
+    assert "head_bits" not in kept.as_config() and "lm_head" not in targets_for(load_model(ckpt), kept)
+
+
+def test_a_checkpoint_from_before_head_bits_loads_its_head_at_bits(tiny_ckpt, tmp_path):
+    """Checkpoints written before the int8-head default said nothing of head_bits, and their quantized
+    head had `bits`: they must load exactly as before, not be read with the new default."""
+    from glm_cli.core.checkpoint.directory import write_manifest
+
+    root, ckpt = tiny_ckpt
+    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=4, group_size=32, head_bits=4))
+    out = save_quantized(tmp_path / "old", model, tokenizer_dir=ckpt)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]["head_bits"]
+    (out / "config.json").write_text(json.dumps(config))
+    write_manifest(out)
+    loaded = load_model(out)
+    assert loaded.lm_head.bits == 4
+    idx = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
 
 
 def test_quantized_model_close_to_fp32(tiny_ckpt):
@@ -269,7 +305,13 @@ def test_gguf_reads_back(tiny_ckpt, tmp_path, gguf_type):
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == want
     assert tensors["blk.1.ffn_down.weight"].tensor_type.name == want
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
-    assert tensors["token_embd.weight"].tensor_type.name == "F16"  # kept (--keep-embeddings): F16
+    # the tied embedding and head: Q8_0 beside q8_0 and q4_0 blocks (llama.cpp's own choice at this width)
+    assert tensors["token_embd.weight"].tensor_type.name == ("F16" if gguf_type == "f16" else "Q8_0")
+    if gguf_type == "q4_0":  # --keep-embeddings: F16
+        export_gguf(ckpt, tmp_path / "kept.gguf", gguf_type, keep_embeddings=True)
+        kept = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "kept.gguf")).tensors}
+        assert kept["token_embd.weight"].tensor_type.name == "F16"
+        assert kept["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
     # GGUF lists shapes fastest dimension first: (in, out)
     assert list(tensors["blk.0.attn_k.weight"].shape) == [64, 32]
     assert list(tensors["blk.0.ffn_gate.weight"].shape) == [64, config.ffn_dim]
