@@ -11,9 +11,9 @@ Data: --data, a token-shard directory (calibration windows from its train split,
 split, which calibration never sees), default $DEMO/shards; without data, random tokens.
 
 Size: bytes of model.safetensors as `glm quantize` writes it. Perplexity: non-overlapping windows of the
-model's context, fp32 dequantize-then-matmul path (what `glm eval` measures); the column "ppl kernels"
-evaluates again with the packed decode kernels forced on for every input (bf16 activations in the
-matmul). Decode: greedy `core.infer.generation.generate`, batch 1, 16 prompt tokens, --new-tokens new tokens,
+model's context, as `glm eval` measures it (glm's native byte products where they run: inputs rounded to
+int8 steps); the column "dppl% exact" evaluates again with every kernel off (GLM_QUANT_KERNEL=off: an fp32
+matmul on the dequantized weights), so the two columns apart show what the input rounding costs. Decode: greedy `core.infer.generation.generate`, batch 1, 16 prompt tokens, --new-tokens new tokens,
 tokens/s best of --repeats (prefill included), each variant prepared as `glm generate` prepares it
 (`prepare_for_inference`: fused projections; fp32 layers of a big model packed for oneDNN), variants
 interleaved so machine load hits all alike, one torch thread by default (--threads).
@@ -145,8 +145,8 @@ def main() -> None:
         row = {"variant": name, "bytes": (out / WEIGHTS).stat().st_size, "perplexity": ppl,
                "quantize_seconds": round(seconds, 1)}
         if scheme is not None:
-            set_kernel_rows(model, 1 << 30)
-            row["perplexity_kernels"] = perplexity(model, held_out, window)["perplexity"]
+            set_kernel_rows(model, 0)
+            row["perplexity_exact"] = perplexity(model, held_out, window)["perplexity"]
             set_kernel_rows(model, 16)
         models[name] = model
         rows.append(row)
@@ -155,8 +155,8 @@ def main() -> None:
     for row in rows:
         row["size_ratio"] = ref["bytes"] / row["bytes"]
         row["ppl_change_pct"] = 100 * (row["perplexity"] / ref["perplexity"] - 1)
-        if "perplexity_kernels" in row:
-            row["ppl_kernels_change_pct"] = 100 * (row["perplexity_kernels"] / ref["perplexity"] - 1)
+        if "perplexity_exact" in row:
+            row["ppl_exact_change_pct"] = 100 * (row["perplexity_exact"] / ref["perplexity"] - 1)
         row["decode_tok_s"] = speeds[row["variant"]]
         row["decode_speedup"] = speeds[row["variant"]] / speeds["fp32"]
 
@@ -183,10 +183,10 @@ def main() -> None:
         return
     print(f"model {ckpt} ({result['params'] / 1e6:.2f}M params), held-out tokens {result['eval_tokens']}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'variant':10s} {'MB':>7s} {'ratio':>6s} {'ppl':>9s} {'dppl%':>7s} {'dppl% kern':>10s} "
+    print(f"{'variant':10s} {'MB':>7s} {'ratio':>6s} {'ppl':>9s} {'dppl%':>7s} {'dppl% exact':>11s} "
           f"{'tok/s':>7s} {'speedup':>7s} {'quant s':>7s}")
     for r in rows:
-        kern = f"{r['ppl_kernels_change_pct']:+10.2f}" if "ppl_kernels_change_pct" in r else f"{'':>10s}"
+        kern = f"{r['ppl_exact_change_pct']:+11.2f}" if "ppl_exact_change_pct" in r else f"{'':>11s}"
         print(f"{r['variant']:10s} {r['bytes'] / 1e6:7.2f} {r['size_ratio']:6.2f} {r['perplexity']:9.3f} "
               f"{r['ppl_change_pct']:+7.2f} {kern} {r['decode_tok_s']:7.1f} {r['decode_speedup']:6.2f}x "
               f"{r['quantize_seconds']:7.1f}")

@@ -342,8 +342,9 @@ def section_quant(args, work: Path) -> dict:
             "int4-gptq": ["--bits", "4", "--method", "gptq", "--seq-len", str(args.window),
                           "--calibration-samples", str(args.calibration_samples),
                           *[x for f in calibration_files(3) for x in ("--calibration", f)]]}
-    # llama.cpp's Q4_0 keeps the output head in 8 bits (here Q8_0): int4 GPTQ with an int8 head is its like
-    made["int4-gptq-h8"] = [*made["int4-gptq"], "--no-keep-embeddings", "--head-bits", "8"]
+    # glm's default quantizes the output head to int8, as llama.cpp's Q4_0 does (here Q8_0); the head kept
+    # in fp32 (--keep-embeddings, the default until 2026-12-07) for comparison
+    made["int4-gptq-h32"] = [*made["int4-gptq"], "--keep-embeddings"]
     for name, flags in made.items():
         _, quantize_s[name] = glm_cli("quantize", str(ckpt), "-o", str(work / name), *flags, "--quiet")
     for kind in ("f32", "q8_0", "q4_0"):
@@ -380,7 +381,7 @@ def section_quant(args, work: Path) -> dict:
            "llama_f32_vs_glm_fp32_rel": ll_ref / glm_ref - 1,
            "target_int8_under_1pct": by["glm int8"]["change_pct"] < 1.0,
            "target_gptq_better_than_llama_q4_0": gptq["change_pct"] < ll_q4["change_pct"],
-           "gptq_head_int8_better_than_llama_q4_0": by["glm int4-gptq-h8"]["change_pct"] < ll_q4["change_pct"]}
+           "gptq_head_fp32_better_than_llama_q4_0": by["glm int4-gptq-h32"]["change_pct"] < ll_q4["change_pct"]}
     out["table"] = markdown(
         f"quantization: perplexity on {HELD_OUT.name}[:{args.quant_bytes}] ({out['eval_tokens']} tokens in "
         f"windows of {args.window}); glm rows vs glm fp32, llama.cpp rows vs llama.cpp F32",
@@ -418,17 +419,17 @@ def section_qdecode(args, work: Path) -> dict:
     prompt = prompt_rows(work / "fp32", 1, args.prompt_len)[0].tolist()
     config = GenerationConfig(max_new_tokens=args.new_tokens)
     n_ctx = args.prompt_len + args.new_tokens + 8
-    # llama.cpp's Q8_0 and Q4_0 store the (tied) embedding and output head in 8 bits too; glm keeps them
-    # in fp32 by default (--keep-embeddings), so "head int8 too" is the like-for-like row.
+    # llama.cpp's Q8_0 and Q4_0 store the (tied) embedding and output head in 8 bits, as glm's default
+    # does; the "head fp32" rows keep it in fp32 (--keep-embeddings, glm's default until 2026-12-07).
     pairs = [("int8", "glm int8", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
-             ("int8-head", "glm int8, head int8 too", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
+             ("int8-h32", "glm int8, head fp32", "llamacpp-q8_0.gguf", "llama.cpp Q8_0"),
              ("int4-gptq", "glm int4 (GPTQ)", "llamacpp-q4_0.gguf", "llama.cpp Q4_0"),
-             ("int4-gptq-h8", "glm int4 (GPTQ), head int8", "llamacpp-q4_0.gguf", "llama.cpp Q4_0")]
-    if not (work / "int8-head" / "config.json").exists():
-        glm_cli("quantize", str(work / "fp32"), "-o", str(work / "int8-head"), "--bits", "8",
-                "--no-keep-embeddings", "--quiet")
-    if not (work / "int4-gptq-h8" / "config.json").exists():
-        sys.exit(f"no {work / 'int4-gptq-h8'}: run the quant section first")
+             ("int4-gptq-h32", "glm int4 (GPTQ), head fp32", "llamacpp-q4_0.gguf", "llama.cpp Q4_0")]
+    if not (work / "int8-h32" / "config.json").exists():
+        glm_cli("quantize", str(work / "fp32"), "-o", str(work / "int8-h32"), "--bits", "8",
+                "--keep-embeddings", "--quiet")
+    if not (work / "int4-gptq-h32" / "config.json").exists():
+        sys.exit(f"no {work / 'int4-gptq-h32'}: run the quant section first")
     fns, first, llms, native = {}, {}, {}, {}
     for glm_dir, glm_label, gguf_file, ll_label in pairs:
         model = load_model(work / glm_dir)
@@ -479,9 +480,9 @@ def section_qdecode(args, work: Path) -> dict:
                      [[r["glm"], r["glm_tok_s"], r["pytorch_kernels_tok_s"] or "", r["llama_cpp"],
                        r["llama_cpp_tok_s"], f"{r['ratio']:.2f}x", f"{r['same_greedy_prefix']}/{args.new_tokens}"]
                       for r in rows])
-    # like for like: llama.cpp's Q8_0 and Q4_0 keep the output head in 8 bits, as the "head int8" rows do
-    # (the other rows read an fp32 head of 113 MB a token, more than all of Q8_0's weights)
-    alike = [r for r in rows if "head int8" in r["glm"]]
+    # like for like: llama.cpp's Q8_0 and Q4_0 keep the output head in 8 bits, as glm's default does (the
+    # "head fp32" rows read an fp32 head of 113 MB a token, more than all of Q8_0's weights)
+    alike = [r for r in rows if "head fp32" not in r["glm"]]
     return {"rows": rows, "target_0.8x_head_int8": all(r["ratio"] >= 0.8 for r in alike), "table": table}
 
 

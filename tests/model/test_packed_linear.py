@@ -97,10 +97,11 @@ def test_lora_wrappers_stay_and_their_base_is_packed():
     assert wrappers and all(isinstance(w.base, PackedLinear) for w in wrappers)
 
 
-def test_quantized_layers_are_left_alone():
-    model = quantize_model_rtn(tiny(), QuantScheme(bits=8))
+@pytest.mark.parametrize("keep_head", [True, False])
+def test_quantized_layers_are_left_alone(keep_head):
+    model = quantize_model_rtn(tiny(), QuantScheme(bits=8, keep_embeddings=keep_head))
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
-    assert pack_for_cpu_inference(model, min_bytes=0) == 1  # only the fp32 output head
+    assert pack_for_cpu_inference(model, min_bytes=0) == int(keep_head)  # only an fp32 output head
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == quantized
 
 

@@ -25,6 +25,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; where threads
 
 @pytest.mark.parametrize("bits,k,n,group", [(8, 64, 40, 0), (8, 576, 193, 0), (4, 256, 96, 64),
                                             (4, 576, 130, 64), (4, 1536, 70, 128), (4, 128, 33, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 70])  # 70: rounded on every thread, multiplied 64 rows at a time
+def test_products_equal_dequantized_weights(bits, k, n, group, rows):
+    gen = torch.Generator().manual_seed(k + n + rows)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)  # rows of different scales
+    layer = QuantLinear.from_tensors(quantize_weight(w, bits, group or 128), bits)
+    assert layer.group_size == (group or k)
+    x = torch.randn(rows, k, generator=gen)
+    got = NativeWeights(lib, layer).matmul(x)
+    torch.testing.assert_close(got.double(), native_reference.product(x, layer), rtol=0,
+                               atol=native_reference.tolerance(x, layer))
+    # the rounding's own bound, against the exact product: each input off by at most d / 2
+    exact = x.double() @ layer.dequantize().double().T
+    step = native_reference.rounded_activations(x, bits)[1].double()
+    bound = (step / 2) @ layer.dequantize().abs().double().T + native_reference.tolerance(x, layer)
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert not torch.equal(got.double(), exact)  # it does round
+
+
+@pytest.mark.parametrize("bits,k,n,group", [(8, 64, 40, 0), (8, 576, 193, 0), (4, 256, 96, 64),
+                                            (4, 576, 130, 64), (4, 1536, 70, 128), (4, 128, 33, 64)])
 def test_native_dequantized_weights_are_dequantize_bit_for_bit(bits, k, n, group):
     gen = torch.Generator().manual_seed(k + n)
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
