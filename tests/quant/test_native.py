@@ -69,12 +69,14 @@ def test_with_gradients_the_product_is_on_the_dequantized_weights(monkeypatch):
     assert calls == [8, 4]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 9, 70, 200])
-def test_quantlinear_runs_the_byte_products_for_any_rows_and_a_row_never_depends_on_the_others(rows, monkeypatch):
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 9, 70, 200])  # from 16 rows on a thread takes two weight rows at a time
+def test_quantlinear_runs_the_byte_products_for_any_rows_and_a_row_never_depends_on_the_others(bits, rows,
+                                                                                                monkeypatch):
     """A decode step, a prompt and an evaluation window compute alike: each row's result is the one-row
     product bit for bit, whatever the rows around it (so a prompt prefilled in chunks, or after a reused
     prefix, gets the numbers of one whole prefill). Other dtypes and gradients take PyTorch's paths."""
-    layer = QuantLinear.from_linear(torch.nn.Linear(128, 96, bias=False), 4, 64)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 97, bias=False), bits, 64)  # odd: a last lone row
     calls = []
     original = NativeWeights.matmul
     monkeypatch.setattr(NativeWeights, "matmul", lambda self, x: calls.append(len(x)) or original(self, x))
