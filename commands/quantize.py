@@ -38,7 +38,7 @@ Format = Annotated[str, typer.Option("--format", help="safetensors: a glm checkp
 GgufType = Annotated[str, typer.Option("--gguf-type", help="GGUF tensor type: q8_0, q4_0, f16 or f32 "
                                        "(done by the gguf package; --bits/--method do not apply).")]
 HeadBits = Annotated[int | None, typer.Option("--head-bits", help=_scheme_doc("head_bits"))]
-KeepEmbeddings = Annotated[bool, typer.Option("--keep-embeddings/--no-keep-embeddings",
+KeepEmbeddings = Annotated[bool | None, typer.Option("--keep-embeddings/--no-keep-embeddings",
                                               help=_scheme_doc("keep_embeddings", "(F16 in GGUF.)"))]
 
 def command(
@@ -59,7 +59,7 @@ def command(
     eval_tokens: EvalTokens = 32768,
     format: Format = "safetensors",
     gguf_type: GgufType = "q8_0",
-    keep_embeddings: KeepEmbeddings = False,
+    keep_embeddings: KeepEmbeddings = None,
     head_bits: HeadBits = None,
     seed: Seed = 0,
     json_summary: JsonSummary = False,

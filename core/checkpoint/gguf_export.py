@@ -99,11 +99,11 @@ def _adds_bos(tok: dict) -> bool:
 
 
 def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8_0",
-                keep_embeddings: bool = False) -> dict:
+                keep_embeddings: bool | None = None) -> dict:
     """Write `output` (.gguf) from a full-precision glm checkpoint; returns a summary. The embedding and
-    output head of a q8_0 or q4_0 file are Q8_0 (what llama.cpp's own quantizer picks for them at rows of
-    a width that is not a multiple of 256, else Q6_K, which the gguf package cannot write), or F16 with
-    `keep_embeddings`."""
+    output head follow `glm quantize`'s rule (unset: kept beside 8-bit tensors, quantized beside 4-bit
+    ones): F16 when kept, Q8_0 when not (what llama.cpp's own quantizer picks for them at rows of a width
+    that is not a multiple of 256, else Q6_K, which the gguf package cannot write)."""
     gguf = require("gguf", "GGUF files")
 
     from glm_cli.core.checkpoint.directory import check_checkpoint_dir, is_quantized
@@ -122,6 +122,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, gguf_type: str = "q8
     file_types = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
                   "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}
     main_type = qtypes[gguf_type]
+    if keep_embeddings is None:
+        keep_embeddings = gguf_type != "q4_0"
     tok = tokenizer_metadata(checkpoint, config.vocab_size) if (checkpoint / "tokenizer.json").exists() else None
     if tok is None:
         warn(f"{checkpoint}: no tokenizer.json; the GGUF file has no tokenizer and llama.cpp cannot run it")

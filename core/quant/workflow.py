@@ -101,7 +101,7 @@ def quantize_to_safetensors(checkpoint: str, output: str, scheme: QuantScheme, *
     return summary
 
 
-def quantize_to_gguf(checkpoint: str, output: str, gguf_type: str, *, keep_embeddings: bool = False,
+def quantize_to_gguf(checkpoint: str, output: str, gguf_type: str, *, keep_embeddings: bool | None = None,
                      calibration: list[str] | None = None, seq_len: int = 0,
                      eval_data: list[str] | None = None, eval_tokens: int = 32768) -> dict:
     """Write one GGUF file (tensors quantized by the gguf package); the perplexity check reads the file

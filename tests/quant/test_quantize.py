@@ -220,19 +220,24 @@ def test_head_bits_is_refused_where_it_cannot_apply(tiny_ckpt, tmp_path):
         load_model(out)
 
 
-def test_the_default_scheme_quantizes_the_head_to_int8_and_says_so(tiny_ckpt, tmp_path):
-    """Without flags the blocks take `bits` and the head (with the tied embedding) int8, as llama.cpp's
-    own Q8_0 and Q4_0 files hold them; config.json states head_bits, so no reader has to know the default."""
+def test_the_default_head_is_int8_beside_int4_blocks_and_kept_beside_int8_ones(tiny_ckpt, tmp_path):
+    """Without flags int4 blocks get an int8 head (and tied embedding), as llama.cpp's own Q4_0 files hold
+    them, and int8 blocks keep theirs in fp32; config.json states what was done, so no reader has to know
+    the default. A --head-bits given asks for a quantized head whatever the blocks."""
     root, ckpt = tiny_ckpt
-    for bits in (8, 4):
-        model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=bits, group_size=32))
-        assert model.lm_head.bits == 8 and model.model.embed_tokens.table.bits == 8
-        assert {m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".layers." in n} == {bits}
-        out = save_quantized(tmp_path / f"q{bits}", model, tokenizer_dir=ckpt)
-        config = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert config["head_bits"] == 8 and config["keep_embeddings"] is False
-    kept = QuantScheme(bits=4, keep_embeddings=True)
-    assert "head_bits" not in kept.as_config() and "lm_head" not in targets_for(load_model(ckpt), kept)
+    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=4, group_size=32))
+    assert model.lm_head.bits == 8 and model.model.embed_tokens.table.bits == 8
+    assert {m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".layers." in n} == {4}
+    config = json.loads((save_quantized(tmp_path / "q4", model, tokenizer_dir=ckpt) / "config.json")
+                        .read_text())["quantization_config"]
+    assert config["head_bits"] == 8 and config["keep_embeddings"] is False
+    model = quantize_model_rtn(load_model(ckpt), QuantScheme(bits=8))
+    assert not isinstance(model.lm_head, QuantLinear) and "lm_head" not in targets_for(model, QuantScheme(bits=8))
+    config = json.loads((save_quantized(tmp_path / "q8", model, tokenizer_dir=ckpt) / "config.json")
+                        .read_text())["quantization_config"]
+    assert "head_bits" not in config and config["keep_embeddings"] is True
+    assert QuantScheme(bits=8, head_bits=8).keep_embeddings is False
+    assert QuantScheme(bits=4, keep_embeddings=True).as_config().get("head_bits") is None
 
 
 def test_a_checkpoint_from_before_head_bits_loads_its_head_at_bits(tiny_ckpt, tmp_path):
@@ -305,13 +310,15 @@ def test_gguf_reads_back(tiny_ckpt, tmp_path, gguf_type):
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == want
     assert tensors["blk.1.ffn_down.weight"].tensor_type.name == want
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
-    # the tied embedding and head: Q8_0 beside q8_0 and q4_0 blocks (llama.cpp's own choice at this width)
-    assert tensors["token_embd.weight"].tensor_type.name == ("F16" if gguf_type == "f16" else "Q8_0")
-    if gguf_type == "q4_0":  # --keep-embeddings: F16
-        export_gguf(ckpt, tmp_path / "kept.gguf", gguf_type, keep_embeddings=True)
-        kept = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "kept.gguf")).tensors}
-        assert kept["token_embd.weight"].tensor_type.name == "F16"
-        assert kept["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
+    # the tied embedding and head: Q8_0 beside q4_0 blocks (llama.cpp's own choice at this width), kept
+    # in F16 beside 8-bit ones, as `glm quantize` keeps them beside int8 blocks
+    assert tensors["token_embd.weight"].tensor_type.name == ("Q8_0" if gguf_type == "q4_0" else "F16")
+    flipped = {"q4_0": True, "q8_0": False}.get(gguf_type)
+    if flipped is not None:  # either way by flag
+        export_gguf(ckpt, tmp_path / "flipped.gguf", gguf_type, keep_embeddings=flipped)
+        other = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "flipped.gguf")).tensors}
+        assert other["token_embd.weight"].tensor_type.name == ("F16" if flipped else "Q8_0")
+        assert other["blk.0.attn_q.weight"].tensor_type.name == want
     # GGUF lists shapes fastest dimension first: (in, out)
     assert list(tensors["blk.0.attn_k.weight"].shape) == [64, 32]
     assert list(tensors["blk.0.ffn_gate.weight"].shape) == [64, config.ffn_dim]
