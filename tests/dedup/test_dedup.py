@@ -492,3 +492,32 @@ def test_frequent_keys_are_the_values_counted_at_least_that_often(block, times):
     assert frequent_keys(keys, times, block).tolist() == expected.tolist()
     assert frequent_keys(keys[:times - 1], times, block).size == 0
     assert frequent_keys(np.full(times, 7, np.uint64), times, block).tolist() == [7]
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 40])
+def test_sketch_jaccard_equals_the_bottom_k_estimate_from_sets(k):
+    """The estimate of each pair: of the k smallest values of the union of both sketches, the share in
+    both (padding ignored), checked against sets, one pair at a time."""
+    rng = np.random.default_rng(k)
+    pool = rng.choice(1 << 20, size=(300, 3 * k + 2), replace=True).astype(np.uint32)
+
+    def sketch(values):
+        row = np.unique(values)[:k]
+        return np.concatenate([row, np.full(k - row.size, minhash.SKETCH_PAD, np.uint32)])
+
+    pairs = []
+    for r in range(300):
+        share = rng.integers(0, k + 1)
+        left = pool[r, :k - rng.integers(0, k // 2 + 1) if k else 0]
+        right = np.concatenate([left[:share], pool[r, 2 * k:2 * k + rng.integers(0, k + 2)]])
+        pairs.append((sketch(left), sketch(right)))
+    left = np.array([a for a, _ in pairs], np.uint32).reshape(300, k)
+    right = np.array([b for _, b in pairs], np.uint32).reshape(300, k)
+    expected = []
+    for a, b in pairs:
+        a, b = set(a[a != minhash.SKETCH_PAD].tolist()), set(b[b != minhash.SKETCH_PAD].tolist())
+        union = sorted(a | b)[:k]
+        expected.append(sum(x in a and x in b for x in union) / len(union) if union else 0.0)
+    got = minhash.sketch_jaccard(left, right)
+    assert got.tolist() == pytest.approx(expected) and (k == 0 or 0 < np.mean(got) < 1)
+    assert minhash.sketch_jaccard(left[:0], right[:0]).shape == (0,)
