@@ -153,10 +153,11 @@ def _widen_pipes(pool) -> None:
 
 
 class WorkerPool:
-    """`workers` processes for several `map` calls in a row: a pool of `workers - 1` spawned processes,
-    started once (a command with two passes over its input pays their start-up once, and the second
-    pass does not begin with a pool still importing), plus the calling process. `preload`: modules
-    each pool worker imports as it starts. `workers == 1` starts nothing and maps inline.
+    """`workers` processes for several `map` calls in a row: a pool of `workers - 1` processes (forked or
+    spawned, `start_method`), started once (a command with two passes over its input pays their start-up
+    once, and the second pass does not begin with a pool still importing), plus the calling process.
+    `preload`: modules each pool worker imports as it starts. `workers == 1` starts nothing and maps
+    inline.
 
     Use it as a context manager: leaving it waits for the workers to exit (so their CPU time is
     counted as the caller's children's), or terminates them when leaving on an error."""
