@@ -352,16 +352,19 @@ def bottom_k_sketch(hashes: np.ndarray, counts: np.ndarray, k: int) -> np.ndarra
 def sketch_jaccard(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Jaccard estimates of row pairs of two (m, k) bottom-k sketches (exact when both sets fit in k)."""
     m, k = left.shape
-    if m == 0:
-        return np.zeros(0, dtype=np.float64)
-    both = np.sort(np.concatenate([left, right], axis=1), axis=1)  # (m, 2k)
+    if m == 0 or k == 0:
+        return np.zeros(m, dtype=np.float64)
+    both = np.concatenate([left, right], axis=1)  # (m, 2k)
+    both.sort(axis=1)
     valid = both != SKETCH_PAD
     repeat = np.zeros_like(valid)
-    repeat[:, 1:] = both[:, 1:] == both[:, :-1]
+    np.equal(both[:, 1:], both[:, :-1], out=repeat[:, 1:])
     new = valid & ~repeat
-    rank = np.cumsum(new, axis=1)  # rank of each distinct value in the union (a repeat shares its first's)
-    union = np.minimum(new.sum(axis=1), k)
-    inter = (repeat & valid & (rank <= k)).sum(axis=1)
+    # rank of each distinct value in the union (a repeat shares its first's), in 16 bits where 2k fits:
+    # the int64 ranks were most of the time of the clustering's pair checks (0.6 s at 1 GB of input)
+    rank = np.cumsum(new, axis=1, dtype=np.int16 if 2 * k < 1 << 15 else np.int64)
+    union = np.minimum(rank[:, -1].astype(np.int64), k)
+    inter = np.count_nonzero(repeat & valid & (rank <= k), axis=1)
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 

@@ -230,7 +230,7 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
         stdin = STDIN in inputs
         saved_keys = line_dedup.SavedUnitKeys(os.path.join(tmp, "unit_keys.u64")) if config.lines else None
         signatures = os.path.join(tmp, "signatures.npz")
-        writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp)
+        writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp, durable=False)
         spool_path = os.path.join(tmp, "spool.jsonl") if stdin else None
         spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
         cuts = Cuts()  # the plain files' ranges, found in the first pass, handed out again in the second

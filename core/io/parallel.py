@@ -4,10 +4,16 @@
 of workers, so a command's output is byte-identical with 1 or 16 workers.
 
 - `workers == 1` runs inline (no pool, no pickling, plain tracebacks): the default and the reference.
-- `workers > 1` uses a `multiprocessing` pool of `workers - 1` processes from the *spawn* context (safe
-  with threads, torch and macOS; no forked locks), and the calling process computes chunks too: `workers`
-  processes in all. `fn` must therefore be a picklable top-level function (or a `functools.partial` of
-  one), and the calling script must be import-safe (`if __name__ == "__main__"`).
+- `workers > 1` uses a `multiprocessing` pool of `workers - 1` processes, and the calling process computes
+  chunks too: `workers` processes in all. `fn` must be a picklable top-level function (or a
+  `functools.partial` of one), and the calling script must be import-safe (`if __name__ == "__main__"`).
+- The pool's processes are forked where that is safe, else spawned (`start_method`). A forked worker
+  starts with what the caller has imported and is ready in milliseconds; a spawned one starts a new
+  interpreter and, as `multiprocessing` does, runs the caller's main script again (for `glm`, the whole
+  command-line app) before its own imports: on `glm dedup run` that kept the worker from its first chunk
+  for ~0.5 s of a 3.3 s run, and cost as much CPU on a 2-core machine. Forking is unsafe only when
+  another thread may hold a lock at the fork (macOS system libraries, torch, numpy's BLAS threads), so it
+  is used on Linux in a process that has a single thread; anywhere else the pool is spawned.
 - Who computes which chunk is decided as the work goes, by claiming it (work stealing): every chunk is
   queued to the pool ahead of time, numbered; a pool worker claims a chunk before computing it, and the
   calling process, whenever the next result in order is not ready (it would only wait), claims the oldest
@@ -31,7 +37,9 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import os
 import pickle
+import sys
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -108,6 +116,19 @@ def _start_worker(preload: tuple[str, ...], claims) -> None:
         importlib.import_module(module)
 
 
+def start_method() -> str:
+    """"fork" on Linux in a process with one thread (no other thread can hold a lock the child would
+    inherit locked), else "spawn". `glm` commands create their pool before importing numpy, whose BLAS
+    starts threads, so that they fork."""
+    if not sys.platform.startswith("linux"):
+        return "spawn"
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        return "spawn"
+    return "fork" if threads == 1 else "spawn"
+
+
 F_SETPIPE_SZ = 1031  # Linux fcntl: set a pipe's capacity
 PIPE_BYTES = 1 << 20
 
@@ -132,10 +153,11 @@ def _widen_pipes(pool) -> None:
 
 
 class WorkerPool:
-    """`workers` processes for several `map` calls in a row: a pool of `workers - 1` spawned processes,
-    started once (a command with two passes over its input pays their start-up once, and the second
-    pass does not begin with a pool still importing), plus the calling process. `preload`: modules
-    each pool worker imports as it starts. `workers == 1` starts nothing and maps inline.
+    """`workers` processes for several `map` calls in a row: a pool of `workers - 1` processes (forked or
+    spawned, `start_method`), started once (a command with two passes over its input pays their start-up
+    once, and the second pass does not begin with a pool still importing), plus the calling process.
+    `preload`: modules each pool worker imports as it starts. `workers == 1` starts nothing and maps
+    inline.
 
     Use it as a context manager: leaving it waits for the workers to exit (so their CPU time is
     counted as the caller's children's), or terminates them when leaving on an error."""
@@ -148,8 +170,7 @@ class WorkerPool:
         self._claims = None
         self._seq = 0  # the next chunk's sequence number, unique over all maps of this pool
         if workers > 1:
-            # spawn, not fork: safe with threads, torch and macOS (no forked locks)
-            context = multiprocessing.get_context("spawn")
+            context = multiprocessing.get_context(start_method())
             self._claims = context.Array("q", CLAIM_SLOTS)
             self._pool = context.Pool(workers - 1, initializer=_start_worker, initargs=(tuple(preload), self._claims))
             _widen_pipes(self._pool)

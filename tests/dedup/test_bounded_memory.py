@@ -52,6 +52,36 @@ def test_streamed_and_spilled_signature_file_equals_the_in_memory_one(tmp_path):
     assert f.documents == 800 and f.read_band(3, 10, 12).shape == (2,)
 
 
+
+def test_a_signature_file_for_the_run_itself_is_the_same_bytes_without_fsync(tmp_path, monkeypatch):
+    """`glm dedup run`'s own signature file (in its temporary directory, removed after) is written in
+    place, not fsynced: the same bytes as the durable file `glm dedup signatures` writes."""
+    import os
+
+    from glm_cli.core.dedup.signatures import SignatureWriter, batch_features
+
+    config = DedupConfig().resolved()
+    docs = [Document(r["id"], r["text"]) for r in _records(300)]
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    for name, durable, memory in (("durable.npz", True, 1 << 30), ("own.npz", False, 1 << 30),
+                                  ("own-spilled.npz", False, 1 << 18)):
+        synced.clear()
+        writer = SignatureWriter(tmp_path / name, config, None, memory_bytes=memory, workdir=tmp_path, durable=durable)
+        for lo in range(0, len(docs), 64):
+            batch = docs[lo:lo + 64]
+            features = batch_features(config, [d.text for d in batch])
+            features.pop("contam_eval")
+            writer.add([d.id for d in batch], [len(d.text.encode()) for d in batch], features)
+        writer.close()
+        assert bool(synced) == durable and (writer.work["spills"] > 0) == (memory < 1 << 20)
+    data = (tmp_path / "durable.npz").read_bytes()
+    assert (tmp_path / "own.npz").read_bytes() == data == (tmp_path / "own-spilled.npz").read_bytes()
+    compute_signatures(iter(docs), config).save(tmp_path / "memory.npz")
+    assert (tmp_path / "memory.npz").read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.npz", "memory.npz", "own-spilled.npz", "own.npz"]
+
 def test_run_output_is_the_same_for_any_memory_setting_and_worker_count(big, tmp_path):
     outputs = {}
     for memory, workers in (("1024", "1"), ("1", "1"), ("1", "2")):

@@ -450,16 +450,74 @@ def test_a_shards_filter_reads_only_its_own_drops_from_the_plan(tmp_path):
 
 @pytest.mark.parametrize("memory_bytes", [16 * 1024, 1 << 30])
 def test_spill_groups_keys_only_gives_each_partitions_keys_sorted(tmp_path, memory_bytes):
-    """The line-key count's form: the same keys per partition as the full grouping, sorted, no index."""
+    """The line-key count's form: each key's whole run in one partition, sorted, no index (none read)."""
     from glm_cli.core.dedup import spill_groups
 
     rng = np.random.default_rng(2)
     keys = rng.integers(0, 300, 6000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    chunks = [(keys[lo:lo + 700], np.zeros(min(700, keys.size - lo), np.int64)) for lo in range(0, keys.size, 700)]
-    full = list(spill_groups.grouped(iter(chunks), keys.size, memory_bytes, tmp_path))
+    chunks = [(keys[lo:lo + 700], None) for lo in range(0, keys.size, 700)]
     only = list(spill_groups.grouped(iter(chunks), keys.size, memory_bytes, tmp_path, keys_only=True))
-    assert len(only) == len(full) == spill_groups.partitions_for(keys.size, memory_bytes)
-    for (k, _), (sorted_keys, index) in zip(full, only, strict=True):
-        assert index is None and sorted_keys.tolist() == k.tolist()
+    parts = spill_groups.partitions_for(keys.size, memory_bytes, keys_only=True)
+    assert len(only) == parts and (parts > 1) == (memory_bytes < 1 << 20)
+    # keys alone take 16 bytes a key, not a record's 96: fewer partitions for the same budget
+    assert parts < spill_groups.partitions_for(keys.size, memory_bytes) or parts == 1
+    seen: set = set()
+    for sorted_keys, index in only:
+        assert index is None and (np.diff(sorted_keys.astype(np.float64)) >= 0).all()
+        assert not seen & set(sorted_keys.tolist())  # a run never straddles two partitions
+        seen |= set(sorted_keys.tolist())
     assert np.sort(np.concatenate([k for k, _ in only])).tolist() == np.sort(keys).tolist()
     assert not list(tmp_path.iterdir())
+
+
+def test_spill_groups_keys_only_takes_more_keys_than_announced(tmp_path):
+    from glm_cli.core.dedup import spill_groups
+
+    keys = np.arange(5000, dtype=np.uint64)[::-1].copy()
+    chunks = [(keys[lo:lo + 700], None) for lo in range(0, keys.size, 700)]
+    (got, index), = spill_groups.grouped(iter(chunks), 1000, 1 << 30, tmp_path, keys_only=True)
+    assert index is None and got.tolist() == list(range(5000))
+
+
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+@pytest.mark.parametrize("times", [1, 2, 5])
+def test_frequent_keys_are_the_values_counted_at_least_that_often(block, times):
+    from glm_cli.core.dedup.pipeline import frequent_keys
+
+    rng = np.random.default_rng(times)
+    keys = np.sort(rng.integers(0, 400, 700).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    values, counts = np.unique(keys, return_counts=True)
+    expected = values[counts >= times]
+    assert 0 < expected.size < values.size or times == 1
+    assert frequent_keys(keys, times, block).tolist() == expected.tolist()
+    assert frequent_keys(keys[:times - 1], times, block).size == 0
+    assert frequent_keys(np.full(times, 7, np.uint64), times, block).tolist() == [7]
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 40])
+def test_sketch_jaccard_equals_the_bottom_k_estimate_from_sets(k):
+    """The estimate of each pair: of the k smallest values of the union of both sketches, the share in
+    both (padding ignored), checked against sets, one pair at a time."""
+    rng = np.random.default_rng(k)
+    pool = rng.choice(1 << 20, size=(300, 3 * k + 2), replace=True).astype(np.uint32)
+
+    def sketch(values):
+        row = np.unique(values)[:k]
+        return np.concatenate([row, np.full(k - row.size, minhash.SKETCH_PAD, np.uint32)])
+
+    pairs = []
+    for r in range(300):
+        share = rng.integers(0, k + 1)
+        left = pool[r, :k - rng.integers(0, k // 2 + 1) if k else 0]
+        right = np.concatenate([left[:share], pool[r, 2 * k:2 * k + rng.integers(0, k + 2)]])
+        pairs.append((sketch(left), sketch(right)))
+    left = np.array([a for a, _ in pairs], np.uint32).reshape(300, k)
+    right = np.array([b for _, b in pairs], np.uint32).reshape(300, k)
+    expected = []
+    for a, b in pairs:
+        a, b = set(a[a != minhash.SKETCH_PAD].tolist()), set(b[b != minhash.SKETCH_PAD].tolist())
+        union = sorted(a | b)[:k]
+        expected.append(sum(x in a and x in b for x in union) / len(union) if union else 0.0)
+    got = minhash.sketch_jaccard(left, right)
+    assert got.tolist() == pytest.approx(expected) and (k == 0 or 0 < np.mean(got) < 1)
+    assert minhash.sketch_jaccard(left[:0], right[:0]).shape == (0,)

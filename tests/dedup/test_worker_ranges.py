@@ -3,9 +3,10 @@ same output, errors file and file:line messages for any worker count and range s
 
 import json
 import random
+from pathlib import Path
 
 import pytest
-from conftest import invoke_glm, read_jsonl
+from conftest import invoke_glm, read_jsonl, run_glm
 from corpus_fixtures import edit, words
 
 from glm_cli.core.io import units
@@ -65,6 +66,24 @@ def test_any_worker_count_and_range_size_give_the_same_bytes_and_errors(corpus, 
             line = int(r["id"].split(":")[1])
             assert json.loads(corpus.read_bytes().split(b"\n")[line - 1])["text"].startswith(r["text"][:20])
 
+
+
+def test_the_command_forks_its_workers_and_writes_the_same_bytes(corpus, tmp_path):
+    """`glm` itself (a fresh process, single-threaded when its pool starts) forks its workers where this
+    test process would spawn them: the same output and errors as one worker, with --shard too."""
+    other = _corpus(tmp_path / "other.jsonl", n=150, seed=5)
+    got = {}
+    for workers in ("1", "2", "3"):
+        for shard in ((), ("--shard", "1/2")):
+            out = tmp_path / f"out-{workers}-{len(shard)}.jsonl"
+            proc = run_glm("dedup", "run", corpus, other, "-o", out, "--workers", workers, "--on-error", "skip",
+                           *shard)
+            assert proc.returncode == 0, proc.stderr.decode()
+            got[(workers, shard)] = (out.read_bytes(), Path(f"{out}.errors.jsonl").read_bytes())
+    for shard in ((), ("--shard", "1/2")):
+        assert len({got[(w, shard)] for w in ("1", "2", "3")}) == 1
+    whole, part = got[("1", ())][0], got[("1", ("--shard", "1/2"))][0]
+    assert part and len(part) < len(whole)
 
 def test_fail_names_the_first_bad_line_from_any_range(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(units, "RANGE_BYTES", 2048)

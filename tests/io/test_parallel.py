@@ -72,3 +72,36 @@ def test_a_consumer_that_stops_early_shuts_the_pool_down():
         assert pool._pool is None
         with pytest.raises(RuntimeError, match="closed"):
             list(pool.map(abs, [1]))
+
+
+
+def test_the_pool_forks_only_a_process_with_one_thread():
+    """A fresh process (as `glm` is when its command creates the pool) forks; one with a second thread,
+    which could hold a lock at the fork, spawns. Run apart: this test process has threads of its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading
+        from glm_cli.core.io.parallel import start_method
+        print(start_method())
+        threading.Thread(target=threading.Event().wait, args=(10,), daemon=True).start()
+        print(start_method())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["fork", "spawn"] if sys.platform.startswith("linux") else ["spawn", "spawn"])
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_forked_and_spawned_pools_give_the_same_results(monkeypatch, method):
+    from glm_cli.core.io import parallel
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} here")
+    monkeypatch.setattr(parallel, "start_method", lambda: method)
+    with WorkerPool(2) as pool:
+        assert pool._pool._ctx.get_start_method() == method
+        first = list(pool.map(pid_after_sleep, range(40), chunk_size=1))
+        second = list(pool.map(partial(pow, exp=1, mod=1009), range(0, 5000, 7), chunk_size=5))
+    assert [x for _, x in first] == list(range(40)) and len({pid for pid, _ in first}) == 2
+    assert second == [x % 1009 for x in range(0, 5000, 7)]
