@@ -23,6 +23,39 @@ def test_every_command_is_registered():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_command_built_alone_parses_as_in_the_whole_app(name):
+    """`glm NAME ...` builds NAME alone (glm_cli.app.main): it must take the same parameters, with the same
+    flags, defaults and help, as in the app with every command."""
+    import typer.main
+
+    from glm_cli.app import build_app
+
+    def params(command):
+        if hasattr(command, "commands"):
+            return {sub: params(c) for sub, c in sorted(command.commands.items())}
+        return [(p.name, tuple(p.opts), tuple(p.secondary_opts), repr(p.default), p.help) for p in command.params]
+
+    alone = typer.main.get_command(build_app(only=name))
+    assert sorted(alone.commands) == [name]
+    assert params(alone.commands[name]) == params(typer.main.get_command(app).commands[name])
+
+
+def test_the_command_line_names_the_one_command_to_build():
+    code = ("import sys; sys.argv = ['glm', 'convert', '--help']\n"
+            "from glm_cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('glm_cli.commands.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['_common', 'convert']"  # no other command's module
+    from glm_cli.app import _named_command
+
+    assert _named_command(["dedup", "run", "x"]) == "dedup"
+    assert _named_command(["--version"]) is None and _named_command([]) is None
+    assert _named_command(["dedupe"]) is None  # a misspelt name: the whole app, whose error suggests "dedup"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_help_has_an_example_and_defaults(name):
     proc = run_glm(name, "--help", env={"COLUMNS": "200", "TERM": "dumb"})
     assert proc.returncode == 0, proc.stderr.decode()
