@@ -49,11 +49,10 @@ class QuantScheme:
     """rtn: round to nearest. gptq: second-order error compensation on calibration data."""
     keep_embeddings: bool | None = None
     """Keep the token embedding and the output head in full precision. Unset: kept beside int8 blocks,
-    quantized (to `head_bits`) beside int4 ones. An int4 model is chosen for size and speed, and there an
-    fp32 head is half the file and more than half of a decode step's reads (SmolLM2-135M: 113 MB a token)
-    for 0.1-0.3 points of perplexity on top of int4's own ~25; an int8 model is chosen to lose almost
-    nothing, and its per-channel int8 head would add about a quarter to its loss (SmolLM2: +0.88% instead
-    of +0.64%)."""
+    quantized (to `head_bits`) beside int4 ones. Beside int4 an fp32 head is half the file and more than
+    half of a decode step's reads (SmolLM2-135M: 113 MB a token) for 0.1-0.4 points of perplexity on top
+    of int4's own ~25; an int8 model is chosen to lose almost nothing, and an int8 head adds about a third
+    to its loss (SmolLM2: +0.88% instead of +0.64%)."""
     head_bits: int | None = None
     """Bits of the output head (and the tied embedding) when they are quantized; unset: 8, whatever
     `bits`. The head is the largest single matrix of a small model and the most sensitive one, so int4
