@@ -90,6 +90,18 @@ inline float abs_max(const float* x, int n) {
   return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 
+// One block's int8 step: d = max|x| / 127, and the multiplier 1/d that rounding uses (0 for an all-zero
+// block, whose codes are then all 0).
+struct BlockStep {
+  float d;
+  __m256 inv;
+};
+
+inline BlockStep block_step(const float* x, int n) {
+  const float amax = abs_max(x, n);
+  return {amax / 127.0f, _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f)};
+}
+
 // Rounds 8 floats to int32 (nearest, ties to even, as nearbyintf), clamped to [-127, 127].
 inline __m256i round_q8(const float* x, __m256 inv) {
   const __m256 r = _mm256_mul_ps(_mm256_loadu_ps(x), inv);
@@ -109,10 +121,9 @@ void quantize_row_q8(const float* x, int64_t K, void* scratch, int64_t row) {
   const Q8Row out = q8_row_at(scratch, row, K);
   for (int64_t b = 0; b < K / 64; ++b) {
     const float* xb = x + 64 * b;
-    const float amax = abs_max(xb, 64);
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const BlockStep step = block_step(xb, 64);
     __m256i lo[4], hi[4];
-    for (int i = 0; i < 4; ++i) lo[i] = round_q8(xb + 16 * i, inv), hi[i] = round_q8(xb + 16 * i + 8, inv);
+    for (int i = 0; i < 4; ++i) lo[i] = round_q8(xb + 16 * i, step.inv), hi[i] = round_q8(xb + 16 * i + 8, step.inv);
     int8_t* q = out.q + 64 * b;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), pack_lanes(lo[0], lo[1], lo[2], lo[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32), pack_lanes(hi[0], hi[1], hi[2], hi[3]));
@@ -121,7 +132,7 @@ void quantize_row_q8(const float* x, int64_t K, void* scratch, int64_t row) {
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    out.d[b] = amax / 127.0f;
+    out.d[b] = step.d;
     out.qsum[b] = _mm_cvtsi128_si32(s4);
   }
 }
@@ -203,14 +214,13 @@ void quantize_row_q8_plain(const float* x, int64_t K, void* scratch, int64_t row
   const Q8PlainRow out = q8_plain_row_at(scratch, row, K);
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* xb = x + 32 * b;
-    const float amax = abs_max(xb, 32);
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const BlockStep step = block_step(xb, 32);
     // 4 x 8 int32 -> 32 int8 in column order: the packs interleave the 128-bit lanes, the permute undoes it
-    const __m256i q01 = _mm256_packs_epi32(round_q8(xb, inv), round_q8(xb + 8, inv));
-    const __m256i q23 = _mm256_packs_epi32(round_q8(xb + 16, inv), round_q8(xb + 24, inv));
+    const __m256i q01 = _mm256_packs_epi32(round_q8(xb, step.inv), round_q8(xb + 8, step.inv));
+    const __m256i q23 = _mm256_packs_epi32(round_q8(xb + 16, step.inv), round_q8(xb + 24, step.inv));
     const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + 32 * b), q);
-    out.d[b] = amax / 127.0f;
+    out.d[b] = step.d;
   }
 }
 
