@@ -429,7 +429,8 @@ def bucket_pairs(keys: np.ndarray, index: np.ndarray, small_bucket: int = 8) -> 
     members = members[members - 1 != head[members]]
     found.append(np.stack([members - 1, members], axis=1))
     pick = (sizes >= 2) & (sizes <= small_bucket)
-    for size in np.unique(sizes[pick]).tolist():  # all pairs of small buckets, one size at a time
+    # all pairs of small buckets, one size at a time (the sizes by bincount: `np.unique` imports numpy.ma)
+    for size in np.flatnonzero(np.bincount(sizes[pick])).tolist():
         ii, jj = np.triu_indices(size, 1)
         s = starts[pick & (sizes == size)][:, None]
         found.append(np.stack([(s + ii).ravel(), (s + jj).ravel()], axis=1))
