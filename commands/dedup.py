@@ -181,20 +181,21 @@ def run(
     """
 
     from glm_cli.core.errors import UsageError
-    from glm_cli.core.io.parallel import WorkerPool
+    from glm_cli.core.io.parallel import WorkerPool, single_threaded_blas
 
     if memory_mb < 1:
         raise UsageError(f"--memory-mb {memory_mb}: need at least 1")
-    # the pool's workers start first: they import the dedup code while this process does the same and
-    # checks the disk, instead of after it; the same pool then serves both passes over the input. Started
-    # before anything imports numpy (whose BLAS starts threads), this process has one thread, so the
-    # workers are forked (ready in ~0.2 s) rather than spawned (~0.5 s: a new interpreter and the app)
-    with WorkerPool(workers, preload=("glm_cli.core.dedup.run",)) as pool:
-        from glm_cli.core.console import log, set_quiet
-        from glm_cli.core.dedup import disk
-        from glm_cli.core.dedup.run import dedup_run
-        from glm_cli.core.io.corpus import parse_shard
+    # numpy's BLAS (unused here) kept from starting threads, so that this process still has one thread
+    # after the imports and the pool's workers are forked with everything imported: ready in a few ms,
+    # where before they were forked ahead of the imports and each imported the dedup code again, on a
+    # machine whose every core this process's own start-up was using. The same pool serves both passes.
+    single_threaded_blas()
+    from glm_cli.core.console import log, set_quiet
+    from glm_cli.core.dedup import disk
+    from glm_cli.core.dedup.run import dedup_run
+    from glm_cli.core.io.corpus import parse_shard
 
+    with WorkerPool(workers, preload=("glm_cli.core.dedup.run",)) as pool:
         set_quiet(quiet)
         config = _config(exact=exact, near=near, threshold=threshold, num_perm=num_perm, ngram=ngram,
                          unit=shingle, bands=bands, rows=rows, seed=seed, lines=lines, line_unit=line_unit,

@@ -29,3 +29,12 @@ def fail_at(bad: int, x: int) -> int:
     if x == bad:
         raise KeyError(x)
     return x
+
+
+def busy_then_big(x: int) -> bytes:
+    """~10 ms of pure-Python work (the GIL held throughout), then a 512 kB result: what a unit of
+    `glm dedup run` looks like to the pool."""
+    deadline = time.perf_counter() + 0.01
+    while time.perf_counter() < deadline:
+        pass
+    return bytes([x % 256]) * (512 << 10)
