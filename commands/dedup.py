@@ -260,6 +260,9 @@ def signatures(
 
         glm dedup signatures data/clean/ --shard 0/4 -o sigs/0.npz
     """
+    from glm_cli.core.io.parallel import single_threaded_blas
+
+    single_threaded_blas()  # before numpy, so that the pool `--workers` starts is forked (see `run`)
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.dedup.pipeline import write_signatures
     from glm_cli.core.errors import UsageError

@@ -161,3 +161,42 @@ def test_glm_dedup_run_forks_its_pool_after_importing_numpy(tmp_path):
                          env={**env, "OPENBLAS_NUM_THREADS": "2"}).stdout
     assert out.split()[-1] == "2"
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 50
+
+
+def test_glm_dedup_signatures_forks_its_pool_too(tmp_path):
+    """`glm dedup signatures` (the many-machine recipe's step 1) keeps numpy's BLAS to one thread as `glm
+    dedup run` does, so the pool `--workers 2` starts is forked as well; and the three steps still give
+    `run`'s output."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(k), "text": f"document number {k % 40} " * 20}) + "\n"
+                              for k in range(60)))
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def glm(*args: str) -> list[str]:
+        code = textwrap.dedent(f"""
+            import sys
+            from glm_cli.core.io import parallel
+            init = parallel.WorkerPool.__init__
+            def reporting(self, workers, preload=()):
+                print("POOL", parallel.start_method(), workers)
+                init(self, workers, preload)
+            parallel.WorkerPool.__init__ = reporting
+            sys.argv = ["glm", "dedup", *{list(args)!r}]
+            from glm_cli.app import main
+            main()
+        """)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout.split()
+
+    fork = "fork" if sys.platform.startswith("linux") else "spawn"
+    sigs, plan, out = tmp_path / "sigs.npz", tmp_path / "plan.json", tmp_path / "out.jsonl"
+    assert glm("signatures", str(corpus), "-o", str(sigs), "--workers", "2", "-q") == ["POOL", fork, "2"]
+    glm("cluster", str(sigs), "-o", str(plan), "-q")
+    assert glm("filter", str(corpus), "--plan", str(plan), "-o", str(out), "-q") == []
+    glm("run", str(corpus), "-o", str(tmp_path / "run.jsonl"), "-q")
+    assert out.read_bytes() == (tmp_path / "run.jsonl").read_bytes() and len(out.read_text().splitlines()) == 40
