@@ -204,6 +204,11 @@ def command(
     Every dropped document is counted by the rule that dropped it (--rejected keeps them); the report goes
     to stderr, and with --json as JSON. Output order is the input order whatever --workers is.
     """
+    from glm_cli.core.io.parallel import single_threaded_blas
+
+    # cleaning multiplies no matrices: numpy's BLAS kept from starting threads leaves this process with one
+    # thread when the pool for --workers starts, so its workers are forked, not spawned (~0.5 s each)
+    single_threaded_blas()
     from glm_cli.core.clean.run import clean_corpus
     from glm_cli.core.console import set_quiet
     from glm_cli.core.errors import UsageError

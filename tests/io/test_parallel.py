@@ -200,3 +200,37 @@ def test_glm_dedup_signatures_forks_its_pool_too(tmp_path):
     assert glm("filter", str(corpus), "--plan", str(plan), "-o", str(out), "-q") == []
     glm("run", str(corpus), "-o", str(tmp_path / "run.jsonl"), "-q")
     assert out.read_bytes() == (tmp_path / "run.jsonl").read_bytes() and len(out.read_text().splitlines()) == 40
+
+
+def test_glm_clean_forks_its_pool(tmp_path):
+    """`glm clean --workers 2` keeps numpy's BLAS to one thread too (cleaning multiplies no matrices), so
+    its pool is forked rather than spawned, with the output of one worker."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from corpus_fixtures import prose
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(k), "text": prose(12, seed=k)}) + "\n" for k in range(40)))
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = textwrap.dedent(f"""
+        import sys
+        from glm_cli.core.io import parallel
+        init = parallel.WorkerPool.__init__
+        def reporting(self, workers, preload=()):
+            print("POOL", parallel.start_method(), workers)
+            init(self, workers, preload)
+        parallel.WorkerPool.__init__ = reporting
+        sys.argv = ["glm", "clean", {str(corpus)!r}, "-o", sys.argv[1], "--workers", sys.argv[2], "-q"]
+        from glm_cli.app import main
+        main()
+    """)
+    fork = "fork" if sys.platform.startswith("linux") else "spawn"
+    outs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl"]
+    for out, workers in zip(outs, ("1", "2"), strict=True):
+        printed = subprocess.run([sys.executable, "-c", code, str(out), workers], capture_output=True, text=True,
+                                 check=True, env=env).stdout.split()
+        assert printed == ["POOL", fork, workers]
+    assert outs[0].read_bytes() == outs[1].read_bytes() and len(outs[0].read_text().splitlines()) == 40
