@@ -140,6 +140,9 @@ def encode(
 
         glm dedup clean.jsonl -o - | glm tokenize encode - -t tok -o shards
     """
+    from glm_cli.core.io.parallel import single_threaded_blas
+
+    single_threaded_blas()  # before numpy: the pool for --workers is then forked (`encode_corpus`)
     from glm_cli.core.console import log, set_quiet
     from glm_cli.core.errors import UsageError
     from glm_cli.core.io.corpus import parse_shard

@@ -28,7 +28,7 @@ from glm_cli.core.console import log
 from glm_cli.core.errors import GlmError, UsageError
 from glm_cli.core.io.atomic import atomic_dir, write_text_atomic
 from glm_cli.core.io.corpus import DEFAULT_COLUMNS, Columns, Document, ErrorPolicy, read_documents
-from glm_cli.core.io.parallel import map_ordered
+from glm_cli.core.io.parallel import WorkerPool
 from glm_cli.core.io.runner import run_stages
 from glm_cli.core.io.shards import (
     INDEX,
@@ -131,7 +131,7 @@ def encode_batch(tokenizer_file: str, dtype: str, texts: list[str],
     """Tokens of a batch of texts, flat, and the token count of each (runs in worker processes).
 
     Special-token strings in the texts are plain text with either engine (see `tokenizer.encode_texts`).
-    tiktoken runs one thread here: parallelism is `map_ordered`'s workers, so 1 worker means one core."""
+    tiktoken runs one thread here: parallelism is the pool's workers, so 1 worker means one core."""
     if engine == "tiktoken":
         enc = _cached_tiktoken(tokenizer_file)
         # straight into numpy from tiktoken's buffer, no Python int per token; special-token strings are
@@ -204,6 +204,17 @@ def _batches(docs: Iterable[Document], size: int, side: deque) -> Iterator[list[
         yield [d.text for d in batch]
 
 
+def _resolve_engine(engine: str, tok_file: str) -> str:
+    """'auto' -> the engine `choose_engine` picks; 'tiktoken' only where it is exact; else a usage error."""
+    if engine == "auto":
+        return choose_engine(tok_file)
+    if engine == "tiktoken" and isinstance(reason := tiktoken_spec(tok_file), NotRepresentable):
+        raise GlmError(f"{tok_file}: tiktoken cannot encode it exactly ({reason})")
+    if engine not in ("tiktoken", "tokenizers"):
+        raise UsageError(f"engine {engine!r}: expected auto, tiktoken or tokenizers")
+    return engine
+
+
 def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: str | Path, *, splitter: Splitter,
                   shard_tokens: int = 1 << 24, workers: int = 1, batch_size: int = 256,
                   shard: tuple[int, int] | None = None, engine: str = "auto") -> ShardIndex:
@@ -224,24 +235,22 @@ def encode_corpus(docs: Iterable[Document], tokenizer: str | Path, directory: st
     prefix = f"{shard[0]:05d}-of-{shard[1]:05d}-" if shard else ""
     writers = {s: _SplitWriter(directory, s, prefix, shard_tokens, dtype, eot) for s in SPLITS}
     side: deque = deque()
-    if engine == "auto":
-        engine = choose_engine(tok_file)
-    elif engine == "tiktoken" and isinstance(reason := tiktoken_spec(tok_file), NotRepresentable):
-        raise GlmError(f"{tok_file}: tiktoken cannot encode it exactly ({reason})")
-    elif engine not in ("tiktoken", "tokenizers"):
-        raise UsageError(f"engine {engine!r}: expected auto, tiktoken or tokenizers")
-    fn = partial(encode_batch, tok_file, dtype.str, engine=engine)
+    # the pool starts before the engine is chosen: checking tiktoken against `tokenizers` starts the
+    # latter's thread pool, and a process with threads must spawn its workers (a fresh interpreter each,
+    # ~0.5 s) where one without forks them (`parallel.start_method`)
+    with WorkerPool(workers) as pool:
+        fn = partial(encode_batch, tok_file, dtype.str, engine=_resolve_engine(engine, tok_file))
 
-    def write(encoded: tuple[np.ndarray, np.ndarray], *_) -> int:
-        flat, lengths = encoded
-        meta = side.popleft()
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        for k, (doc_id, nbytes) in enumerate(meta):
-            writers[splitter.split(doc_id)].add(flat[bounds[k]:bounds[k + 1]], nbytes)
-        return len(meta)
+        def write(encoded: tuple[np.ndarray, np.ndarray], *_) -> int:
+            flat, lengths = encoded
+            meta = side.popleft()
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            for k, (doc_id, nbytes) in enumerate(meta):
+                writers[splitter.split(doc_id)].add(flat[bounds[k]:bounds[k + 1]], nbytes)
+            return len(meta)
 
-    run_stages(map_ordered(fn, _batches(docs, batch_size, side), workers, chunk_size=1), write,
-               writers=list(writers.values()), label="encoding")
+        run_stages(pool.map(fn, _batches(docs, batch_size, side), chunk_size=1), write,
+                   writers=list(writers.values()), label="encoding")
     index = ShardIndex(dtype=dtype.str, vocab_size=vocab, eot_token_id=eot,
                        tokenizer_sha256=tokenizer_sha256(tok_file),
                        shards=[i for s in SPLITS for i in writers[s].infos])

@@ -1,8 +1,10 @@
 """`map_ordered` and `WorkerPool` with workers: input order kept, each chunk computed exactly once by
-whichever process claims it first (the calling process included), errors and early stops handled."""
+whichever process claims it first (the calling process included), errors and early stops handled; and
+the commands with --workers start their pools with one thread, so that the workers are forked."""
 
 import multiprocessing
 import os
+import sys
 from functools import partial
 
 import pytest
@@ -163,59 +165,15 @@ def test_glm_dedup_run_forks_its_pool_after_importing_numpy(tmp_path):
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 50
 
 
-def test_glm_dedup_signatures_forks_its_pool_too(tmp_path):
-    """`glm dedup signatures` (the many-machine recipe's step 1) keeps numpy's BLAS to one thread as `glm
-    dedup run` does, so the pool `--workers 2` starts is forked as well; and the three steps still give
-    `run`'s output."""
-    import json
+def _glm_reporting_pools(*args: str) -> list[str]:
+    """Run `glm ARGS` in a fresh process (this one has threads and numpy already) with every WorkerPool
+    printing "POOL <start method> <workers>" as it starts; returns the printed words. numpy's BLAS thread
+    count is left to the command, as on a user's machine."""
     import subprocess
     import sys
     import textwrap
 
-    corpus = tmp_path / "in.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(k), "text": f"document number {k % 40} " * 20}) + "\n"
-                              for k in range(60)))
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-
-    def glm(*args: str) -> list[str]:
-        code = textwrap.dedent(f"""
-            import sys
-            from glm_cli.core.io import parallel
-            init = parallel.WorkerPool.__init__
-            def reporting(self, workers, preload=()):
-                print("POOL", parallel.start_method(), workers)
-                init(self, workers, preload)
-            parallel.WorkerPool.__init__ = reporting
-            sys.argv = ["glm", "dedup", *{list(args)!r}]
-            from glm_cli.app import main
-            main()
-        """)
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env=env).stdout.split()
-
-    fork = "fork" if sys.platform.startswith("linux") else "spawn"
-    sigs, plan, out = tmp_path / "sigs.npz", tmp_path / "plan.json", tmp_path / "out.jsonl"
-    assert glm("signatures", str(corpus), "-o", str(sigs), "--workers", "2", "-q") == ["POOL", fork, "2"]
-    glm("cluster", str(sigs), "-o", str(plan), "-q")
-    assert glm("filter", str(corpus), "--plan", str(plan), "-o", str(out), "-q") == []
-    glm("run", str(corpus), "-o", str(tmp_path / "run.jsonl"), "-q")
-    assert out.read_bytes() == (tmp_path / "run.jsonl").read_bytes() and len(out.read_text().splitlines()) == 40
-
-
-def test_glm_clean_forks_its_pool(tmp_path):
-    """`glm clean --workers 2` keeps numpy's BLAS to one thread too (cleaning multiplies no matrices), so
-    its pool is forked rather than spawned, with the output of one worker."""
-    import json
-    import subprocess
-    import sys
-    import textwrap
-
-    from corpus_fixtures import prose
-
-    corpus = tmp_path / "in.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(k), "text": prose(12, seed=k)}) + "\n" for k in range(40)))
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import sys
         from glm_cli.core.io import parallel
         init = parallel.WorkerPool.__init__
@@ -223,14 +181,66 @@ def test_glm_clean_forks_its_pool(tmp_path):
             print("POOL", parallel.start_method(), workers)
             init(self, workers, preload)
         parallel.WorkerPool.__init__ = reporting
-        sys.argv = ["glm", "clean", {str(corpus)!r}, "-o", sys.argv[1], "--workers", sys.argv[2], "-q"]
+        sys.argv = ["glm", *sys.argv[1:]]
         from glm_cli.app import main
         main()
     """)
-    fork = "fork" if sys.platform.startswith("linux") else "spawn"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env=env).stdout.split()
+
+
+FORK = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def _prose_corpus(path, n: int = 40):
+    import json
+
+    from corpus_fixtures import prose
+
+    path.write_text("".join(json.dumps({"id": str(k), "text": prose(12, seed=k)}) + "\n" for k in range(n)))
+    return path
+
+
+def test_glm_dedup_signatures_forks_its_pool_too(tmp_path):
+    """`glm dedup signatures` (the many-machine recipe's step 1) keeps numpy's BLAS to one thread as `glm
+    dedup run` does, so the pool `--workers 2` starts is forked as well; and the three steps still give
+    `run`'s output."""
+    import json
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(k), "text": f"document number {k % 40} " * 20}) + "\n"
+                              for k in range(60)))
+    sigs, plan, out = tmp_path / "sigs.npz", tmp_path / "plan.json", tmp_path / "out.jsonl"
+    assert _glm_reporting_pools("dedup", "signatures", str(corpus), "-o", str(sigs), "--workers", "2", "-q") \
+        == ["POOL", FORK, "2"]
+    _glm_reporting_pools("dedup", "cluster", str(sigs), "-o", str(plan), "-q")
+    assert _glm_reporting_pools("dedup", "filter", str(corpus), "--plan", str(plan), "-o", str(out), "-q") == []
+    _glm_reporting_pools("dedup", "run", str(corpus), "-o", str(tmp_path / "run.jsonl"), "-q")
+    assert out.read_bytes() == (tmp_path / "run.jsonl").read_bytes() and len(out.read_text().splitlines()) == 40
+
+
+def test_glm_clean_forks_its_pool(tmp_path):
+    """`glm clean --workers 2` keeps numpy's BLAS to one thread too (cleaning multiplies no matrices), so
+    its pool is forked rather than spawned, with the output of one worker."""
+    corpus = _prose_corpus(tmp_path / "in.jsonl")
     outs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl"]
     for out, workers in zip(outs, ("1", "2"), strict=True):
-        printed = subprocess.run([sys.executable, "-c", code, str(out), workers], capture_output=True, text=True,
-                                 check=True, env=env).stdout.split()
-        assert printed == ["POOL", fork, workers]
+        assert _glm_reporting_pools("clean", str(corpus), "-o", str(out), "--workers", workers, "-q") \
+            == ["POOL", FORK, workers]
     assert outs[0].read_bytes() == outs[1].read_bytes() and len(outs[0].read_text().splitlines()) == 40
+
+
+def test_glm_tokenize_encode_forks_its_pool(tmp_path):
+    """`glm tokenize encode --workers 2` starts its pool before checking tiktoken against `tokenizers`
+    (which starts the latter's threads) and keeps numpy's BLAS to one thread, so the pool is forked; the
+    shards are those of one worker."""
+    corpus = _prose_corpus(tmp_path / "in.jsonl")
+    _glm_reporting_pools("tokenize", "train", str(corpus), "-o", str(tmp_path / "tok"), "--vocab-size", "400", "-q")
+    for workers in ("1", "2"):
+        assert _glm_reporting_pools("tokenize", "encode", str(corpus), "-t", str(tmp_path / "tok"), "-o",
+                                    str(tmp_path / f"shards{workers}"), "--workers", workers, "-q") \
+            == ["POOL", FORK, workers]
+    one, two = sorted((tmp_path / "shards1").iterdir()), sorted((tmp_path / "shards2").iterdir())
+    assert [f.name for f in one] == [f.name for f in two] and len(one) >= 2
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two, strict=True))
