@@ -177,7 +177,8 @@ class _Pool(multiprocessing.pool.Pool):
     handler waits on the change notifier and the workers alone."""
 
     def _get_sentinels(self):
-        return [self._change_notifier._reader]
+        notifier = getattr(self, "_change_notifier", None)  # CPython 3.8+; elsewhere the stock behaviour
+        return [notifier._reader] if notifier is not None else super()._get_sentinels()
 
 
 class WorkerPool:
