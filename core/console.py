@@ -9,11 +9,26 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-console = Console(stderr=True, highlight=False)
 _quiet = False
+_console = None
+
+
+def _stderr_console():
+    """The rich Console on stderr, made on first use: importing rich costs ~30 ms of a command's start-up,
+    which a quiet command need not pay."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True, highlight=False)
+    return _console
+
+
+def __getattr__(name: str):
+    """`from glm_cli.core.console import console` gets the same Console, made then."""
+    if name == "console":
+        return _stderr_console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def set_quiet(quiet: bool) -> None:
@@ -24,11 +39,11 @@ def set_quiet(quiet: bool) -> None:
 def log(message: str) -> None:
     """An informational line on stderr (rich markup allowed)."""
     if not _quiet:
-        console.print(message, soft_wrap=True)  # one log line stays one line in a log file
+        _stderr_console().print(message, soft_wrap=True)  # one log line stays one line in a log file
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    _stderr_console().print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def interactive() -> bool:
@@ -41,9 +56,11 @@ def progress(description: str, total: float | None = None):
     if not interactive():
         yield lambda n=1: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        console=_stderr_console(), transient=True,
     )
     with bar:
         task = bar.add_task(description, total=total)
