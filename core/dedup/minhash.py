@@ -406,6 +406,13 @@ def estimated_jaccard(sig16: np.ndarray, left: np.ndarray, right: np.ndarray, ba
     return out
 
 
+def distinct_small(values: np.ndarray) -> list[int]:
+    """The distinct values of an array of small non-negative integers, ascending. Not `np.unique`, whose
+    first call in a process imports `numpy.ma` (numpy >= 2.3 checks for masked arrays): 20 ms, a sixth
+    of the clustering at 100 MB of input, in the one step no worker can share."""
+    return np.flatnonzero(np.bincount(values)).tolist()
+
+
 def bucket_pairs(keys: np.ndarray, index: np.ndarray, small_bucket: int = 8) -> np.ndarray:
     """Candidate pairs from records sorted by (key, index): (k, 2) int64 of `index` values, left < right.
 
@@ -429,8 +436,7 @@ def bucket_pairs(keys: np.ndarray, index: np.ndarray, small_bucket: int = 8) -> 
     members = members[members - 1 != head[members]]
     found.append(np.stack([members - 1, members], axis=1))
     pick = (sizes >= 2) & (sizes <= small_bucket)
-    # all pairs of small buckets, one size at a time (the sizes by bincount: `np.unique` imports numpy.ma)
-    for size in np.flatnonzero(np.bincount(sizes[pick])).tolist():
+    for size in distinct_small(sizes[pick]):  # all pairs of small buckets, one size at a time
         ii, jj = np.triu_indices(size, 1)
         s = starts[pick & (sizes == size)][:, None]
         found.append(np.stack([(s + ii).ravel(), (s + jj).ravel()], axis=1))

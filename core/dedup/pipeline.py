@@ -89,13 +89,6 @@ def _order_shards(sigs: list[SignatureFile]) -> list[SignatureFile]:
     return sorted(sigs, key=lambda s: s.shard[0])
 
 
-def _distinct(small: np.ndarray) -> list[int]:
-    """The distinct values of an array of small non-negative integers, ascending. Not `np.unique`, whose
-    first call in a process imports `numpy.ma` (numpy >= 2.3 checks for masked arrays): 20 ms, a sixth
-    of the clustering at 100 MB of input, in the one step no worker can share."""
-    return np.flatnonzero(np.bincount(small)).tolist()
-
-
 class _Corpus:
     """The signature files of all shards as one index space (global index = shard start + position)."""
 
@@ -118,7 +111,7 @@ class _Corpus:
         shard = np.searchsorted(self.starts, index, side="right") - 1
         first = self.files[0]
         out = np.zeros((index.size, *first.shape(name)[1:]), dtype=first._arrays[name][2])
-        for k in _distinct(shard):
+        for k in minhash.distinct_small(shard):
             sel = shard == k
             out[sel] = self.files[k].rows(name, index[sel] - self.starts[k])
         return out
@@ -126,7 +119,7 @@ class _Corpus:
     def ids(self, index: np.ndarray) -> list[str]:
         shard = np.searchsorted(self.starts, index, side="right") - 1
         out: list[str] = [""] * index.size
-        for k in _distinct(shard):
+        for k in minhash.distinct_small(shard):
             sel = np.flatnonzero(shard == k)
             for i, doc_id in zip(sel.tolist(), self.files[k].ids_at(index[sel] - self.starts[k]), strict=True):
                 out[i] = doc_id

@@ -119,8 +119,8 @@ def _start_worker(preload: tuple[str, ...], claims) -> None:
 
 def start_method() -> str:
     """"fork" on Linux in a process with one thread (no other thread can hold a lock the child would
-    inherit locked), else "spawn". `glm` commands create their pool before importing numpy, whose BLAS
-    starts threads, so that they fork."""
+    inherit locked), else "spawn". The commands with --workers keep numpy's BLAS from starting threads
+    (`single_threaded_blas`) and start their pool before anything else does, so that they fork."""
     if not sys.platform.startswith("linux"):
         return "spawn"
     try:

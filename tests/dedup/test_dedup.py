@@ -545,8 +545,7 @@ def test_the_clustering_does_not_import_numpy_ma(tmp_path):
     """`np.unique`'s first call imports numpy.ma (numpy >= 2.3), 20 ms of the clustering step that no
     worker shares: the distinct shard numbers and bucket sizes are found by bincount instead, the same
     values (run apart: this test process may hold numpy.ma already)."""
-    from glm_cli.core.dedup.pipeline import _distinct
-
+    _distinct = minhash.distinct_small
     values = np.random.default_rng(0).integers(0, 40, 500)
     assert _distinct(values) == np.unique(values).tolist() and _distinct(np.zeros(0, np.int64)) == []
     code = textwrap.dedent(f"""

@@ -76,12 +76,10 @@ def test_a_consumer_that_stops_early_shuts_the_pool_down():
             list(pool.map(abs, [1]))
 
 
-
 def test_the_pool_forks_only_a_process_with_one_thread():
     """A fresh process (as `glm` is when its command creates the pool) forks; one with a second thread,
     which could hold a lock at the fork, spawns. Run apart: this test process has threads of its own."""
     import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -93,6 +91,7 @@ def test_the_pool_forks_only_a_process_with_one_thread():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == (["fork", "spawn"] if sys.platform.startswith("linux") else ["spawn", "spawn"])
+
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_forked_and_spawned_pools_give_the_same_results(monkeypatch, method):
@@ -136,58 +135,40 @@ def test_glm_dedup_run_forks_its_pool_after_importing_numpy(tmp_path):
     ready at once, instead of spawned. Run apart (this test process has threads and numpy already), with
     the pool's constructor reporting what it found. A value the user set is kept."""
     import json
-    import subprocess
-    import sys
-    import textwrap
 
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(k), "text": f"document number {k} " * 20}) + "\n"
                               for k in range(50)))
+    args = ("dedup", "run", str(corpus), "-o", str(tmp_path / "out.jsonl"), "--workers", "2", "-q")
+    report = 'parallel.start_method(), "numpy" in sys.modules, os.environ.get("OPENBLAS_NUM_THREADS")'
+    assert _glm_reporting_pools(*args, report=report) == ["POOL", FORK, "True", "1"]
+    assert _glm_reporting_pools(*args, report=report, env={"OPENBLAS_NUM_THREADS": "2"})[-1] == "2"
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 50
+
+
+def _glm_reporting_pools(*args: str, report: str = "parallel.start_method(), workers",
+                         env: dict[str, str] | None = None) -> list[str]:
+    """Run `glm ARGS` in a fresh process (this one has threads and numpy already) with every WorkerPool
+    printing "POOL" and the values of `report` as it starts; returns the printed words. numpy's BLAS
+    thread count is left to the command, as on a user's machine, unless `env` sets it."""
+    import subprocess
+    import textwrap
+
     code = textwrap.dedent(f"""
         import os, sys
         from glm_cli.core.io import parallel
         init = parallel.WorkerPool.__init__
         def reporting(self, workers, preload=()):
-            print("POOL", parallel.start_method(), "numpy" in sys.modules, os.environ.get("OPENBLAS_NUM_THREADS"))
-            init(self, workers, preload)
-        parallel.WorkerPool.__init__ = reporting
-        sys.argv = ["glm", "dedup", "run", {str(corpus)!r}, "-o", {str(tmp_path / "out.jsonl")!r}, "--workers", "2", "-q"]
-        from glm_cli.app import main
-        main()
-    """)
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    fork = "fork" if sys.platform.startswith("linux") else "spawn"
-    assert out.split() == ["POOL", fork, "True", "1"]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**env, "OPENBLAS_NUM_THREADS": "2"}).stdout
-    assert out.split()[-1] == "2"
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 50
-
-
-def _glm_reporting_pools(*args: str) -> list[str]:
-    """Run `glm ARGS` in a fresh process (this one has threads and numpy already) with every WorkerPool
-    printing "POOL <start method> <workers>" as it starts; returns the printed words. numpy's BLAS thread
-    count is left to the command, as on a user's machine."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent("""
-        import sys
-        from glm_cli.core.io import parallel
-        init = parallel.WorkerPool.__init__
-        def reporting(self, workers, preload=()):
-            print("POOL", parallel.start_method(), workers)
+            print("POOL", {report})
             init(self, workers, preload)
         parallel.WorkerPool.__init__ = reporting
         sys.argv = ["glm", *sys.argv[1:]]
         from glm_cli.app import main
         main()
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
-                          env=env).stdout.split()
+                          env={**base, **(env or {})}).stdout.split()
 
 
 FORK = "fork" if sys.platform.startswith("linux") else "spawn"
