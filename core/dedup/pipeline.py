@@ -33,6 +33,7 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ from glm_cli.core.dedup.config import (  # noqa: F401 - re-exported
 from glm_cli.core.dedup.filter_steps import DropByPlan, Placed, RemoveBoilerplate
 from glm_cli.core.dedup.plan import DropPlan
 from glm_cli.core.dedup.signatures import (  # noqa: F401 - re-exported
+    HeldSignatures,
     SignatureFile,
     Signatures,
     SignatureWriter,
@@ -110,7 +112,7 @@ class _Corpus:
         """Rows of a per-document array at global indices (any order)."""
         shard = np.searchsorted(self.starts, index, side="right") - 1
         first = self.files[0]
-        out = np.zeros((index.size, *first.shape(name)[1:]), dtype=first._arrays[name][2])
+        out = np.zeros((index.size, *first.shape(name)[1:]), dtype=first.dtype(name))
         for k in minhash.distinct_small(shard):
             sel = shard == k
             out[sel] = self.files[k].rows(name, index[sel] - self.starts[k])
@@ -134,9 +136,12 @@ def _similarity(corpus: _Corpus, left: np.ndarray, right: np.ndarray, batch: int
     return out
 
 
-def _as_files(sources: list, tmp: str) -> list[SignatureFile]:
+def _as_files(sources: list, tmp: str) -> list[SignatureFile | HeldSignatures]:
     files = []
     for k, src in enumerate(sources):
+        if isinstance(src, SignatureFile | HeldSignatures):
+            files.append(src)
+            continue
         if isinstance(src, Signatures):
             if src.source is not None and src.line_hashes is None:
                 files.append(SignatureFile(src.source))
@@ -172,14 +177,39 @@ def frequent_keys(keys: np.ndarray, times: int, block: int = 1 << 20) -> np.ndar
     return found[np.concatenate([[True], found[1:] != found[:-1]])] if found.size else found
 
 
-def cluster(sources: list, memory_mb: int = 1024,
-            workdir: str | Path | None = None) -> tuple[DropPlan, Iterator[dict], list[dict]]:
-    """Step 2: the global decision, over signature files (paths) or `Signatures` (saved to a temp file).
+def _sorted_line_keys(corpus: _Corpus) -> np.ndarray:
+    """Every document's line keys, sorted (numpy sorts without the GIL: this runs on a second thread)."""
+    keys = np.concatenate([np.zeros(0, np.uint64), *(f.read("line_hashes") for f in corpus.files)])
+    keys.sort()
+    return keys
+
+
+def frequent_among_kept(all_keys: np.ndarray, dropped_keys: np.ndarray, times: int) -> np.ndarray:
+    """`frequent_keys` of the kept documents' line keys, from the sorted keys of every document and those
+    of the dropped ones: a key's count among the kept is its count among all less its count among the
+    dropped (each document's keys are distinct), so only the keys frequent among all can qualify."""
+    found = frequent_keys(all_keys, times)
+    if dropped_keys.size == 0 or found.size == 0:
+        return found
+    dropped_keys = np.sort(dropped_keys)
+    kept = ((np.searchsorted(all_keys, found, side="right") - np.searchsorted(all_keys, found, side="left"))
+            - (np.searchsorted(dropped_keys, found, side="right") - np.searchsorted(dropped_keys, found, side="left")))
+    return found[kept >= times]
+
+
+def cluster(sources: list, memory_mb: int = 1024, workdir: str | Path | None = None,
+            threads: int = 1) -> tuple[DropPlan, Iterator[dict], list[dict]]:
+    """Step 2: the global decision, over signature files (paths, or `SignatureFile`), `HeldSignatures`, or
+    `Signatures` (saved to a temp file).
 
     Returns the plan, an iterator of cluster records (one per dropped duplicate; reads the signature
     files when consumed) and the contamination records. Memory: a reason code and a union-find parent
     per document (1 + 4 bytes, 1 + 8 past 2**31 documents), plus about `memory_mb` for the column being
     grouped (spilled to hash partitions under `workdir` when larger) and the pairs being verified.
+
+    `threads` > 1 (a run whose other cores are idle meanwhile): the line keys, when they fit the budget
+    unspilled, are sorted on a second thread while the duplicates are found, and the boilerplate is then
+    counted among the kept documents by subtracting the dropped ones' keys; the same keys as in one thread.
     """
     if not sources:
         raise UsageError("no signature files given")
@@ -196,6 +226,13 @@ def cluster(sources: list, memory_mb: int = 1024,
     reason = np.zeros(n, dtype=np.int8)
     parent = union_find.make_parent(n)
     work = {"memory_mb": memory_mb, "partitions": {}, "near_pairs_compared": 0}
+    line_keys = line_sorter = None  # every line key sorted, on a second thread
+    if config.lines:
+        line_keys = sum(f.shape("line_hashes")[0] for f in corpus.files)
+        work["partitions"]["lines"] = spill_groups.partitions_for(line_keys, group_budget, keys_only=True)
+        if threads > 1 and work["partitions"]["lines"] == 1:
+            line_sorter = ThreadPoolExecutor(1, thread_name_prefix="glm-dedup-lines")
+            line_keys = line_sorter.submit(_sorted_line_keys, corpus)
 
     contamination_records = []
     contaminated = 0
@@ -262,8 +299,15 @@ def cluster(sources: list, memory_mb: int = 1024,
         dropped.append((positions, local[positions].copy()))
 
     boilerplate = np.zeros(0, np.uint64)
-    if config.lines:
-        total = sum(f.shape("line_hashes")[0] for f in corpus.files)
+    if line_sorter is not None:
+        with line_sorter:
+            all_keys = line_keys.result()
+        dropped_keys = [f.read("line_hashes")[np.repeat(reason[starts[k]:starts[k + 1]] != KEPT, f.read("line_counts"))]
+                        for k, f in enumerate(corpus.files)]
+        boilerplate = frequent_among_kept(all_keys, np.concatenate(dropped_keys), config.line_min_docs)
+        del all_keys, dropped_keys
+    elif config.lines:
+        total = line_keys
         line_chunk = min(chunk, LINE_KEYS_READ)
 
         def line_chunks():
@@ -281,7 +325,6 @@ def cluster(sources: list, memory_mb: int = 1024,
                     yield keys, None  # grouped keys only: no index
                     lo = hi
 
-        work["partitions"]["lines"] = spill_groups.partitions_for(total, group_budget, keys_only=True)
         found = []
         for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines", keys_only=True):
             found.append(frequent_keys(keys, config.line_min_docs))  # the keys come sorted

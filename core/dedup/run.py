@@ -29,7 +29,13 @@ from glm_cli.core.dedup.config import REASONS, DedupConfig
 from glm_cli.core.dedup.filter_steps import DropByPlan, Placed, RemoveBoilerplate
 from glm_cli.core.dedup.pipeline import cluster
 from glm_cli.core.dedup.plan import DropPlan
-from glm_cli.core.dedup.signatures import SignatureFile, SignatureWriter, _eval_ids_of, batch_features
+from glm_cli.core.dedup.signatures import (
+    HeldSignatures,
+    SignatureFile,
+    SignatureWriter,
+    _eval_ids_of,
+    batch_features,
+)
 from glm_cli.core.errors import GlmError
 from glm_cli.core.io.corpus import STDIN, ErrorPolicy, RecordWriter, write_records
 from glm_cli.core.io.parallel import WorkerPool
@@ -93,7 +99,6 @@ class _FilterSetup:
     columns: Columns
     encode: bool  # output lines as bytes (JSONL sinks); else records (parquet)
     boilerplate_path: str | None
-    signatures_path: str  # each unit's line keys, for which of its documents hold a boilerplate key
     line_unit: str
     min_chars: int
     saved_keys_path: str | None
@@ -105,8 +110,8 @@ class _FilterTask:
     count: int  # good documents in the unit, from the first pass
     positions: np.ndarray  # dropped positions within the unit
     reasons: tuple[str, ...]
-    line_counts: np.ndarray | None  # the documents' counts of line keys in the signature file (if boilerplate)
-    first_line_key: int  # where the unit's line keys start in it
+    line_counts: np.ndarray | None  # the documents' counts of line keys in their signatures (if boilerplate)
+    line_keys: np.ndarray | None  # those keys, for which of the documents hold a boilerplate key
     offsets: np.ndarray | None  # the unit's slice of the saved unit keys' offsets (count + 1)
 
 
@@ -115,19 +120,12 @@ def _boilerplate(path: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-@functools.lru_cache(maxsize=2)
-def _signature_file(path: str) -> SignatureFile:
-    return SignatureFile(path)
-
-
 def _holders(setup: _FilterSetup, task: _FilterTask) -> np.ndarray:
     """Which documents of the unit hold a boilerplate key (a bool each), from their line keys in the
-    signature file: only those have their lines split again. Found here, in the worker, one unit at a
-    time, not for the whole input in the calling process before the filter starts (at 1 GB that took
-    2 s, when no worker had anything to do)."""
-    keys = _signature_file(setup.signatures_path).read(
-        "line_hashes", task.first_line_key, task.first_line_key + int(task.line_counts.sum()))
-    found = np.flatnonzero(line_dedup.is_member(keys, _boilerplate(setup.boilerplate_path)))
+    signatures: only those have their lines split again. Found here, in the worker, one unit at a time,
+    not for the whole input in the calling process before the filter starts (at 1 GB that took 2 s,
+    when no worker had anything to do)."""
+    found = np.flatnonzero(line_dedup.is_member(task.line_keys, _boilerplate(setup.boilerplate_path)))
     held = np.zeros(task.count, dtype=bool)
     held[np.searchsorted(np.cumsum(task.line_counts), found, side="right")] = True
     return held
@@ -161,7 +159,8 @@ def _filter_unit(setup: _FilterSetup, task: _FilterTask) -> tuple:
     return ids, counts, "".join(kept).encode("utf-8") if setup.encode else kept
 
 
-def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, signatures: SignatureFile | None,
+def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan,
+                  signatures: SignatureFile | HeldSignatures | None,
                   saved_keys: line_dedup.SavedUnitKeys | None) -> Iterator[_FilterTask]:
     positions, reasons = plan.dropped[0]
     start = first_line_key = 0
@@ -172,18 +171,21 @@ def _filter_tasks(units: Iterator, unit_counts: list[int], plan: DropPlan, signa
         lo, hi = np.searchsorted(positions, [start, start + n])
         names = tuple(REASONS[r] for r in reasons[lo:hi].tolist())
         offsets = saved_keys.offsets_range(start, start + n + 1) if saved_keys is not None else None
-        line_counts = signatures.read("line_counts", start, start + n) if signatures is not None else None
-        yield _FilterTask(unit, n, positions[lo:hi] - start, names, line_counts, first_line_key, offsets)
+        line_counts = line_keys = None
+        if signatures is not None:
+            line_counts = signatures.read("line_counts", start, start + n)
+            line_keys = signatures.read("line_hashes", first_line_key, first_line_key + int(line_counts.sum()))
+            first_line_key += line_keys.size
+        yield _FilterTask(unit, n, positions[lo:hi] - start, names, line_counts, line_keys, offsets)
         start += n
-        first_line_key += int(line_counts.sum()) if line_counts is not None else 0
 
 
 def _filter(units: Iterator, unit_counts: list[int], plan: DropPlan, setup: _FilterSetup, saved_keys,
-            writer: RecordWriter, pool: WorkerPool) -> dict:
+            signatures: SignatureFile | HeldSignatures, writer: RecordWriter, pool: WorkerPool) -> dict:
     """Step 3 over the units: write what the plan keeps; returns the counts `apply_plan` returns."""
     digest = hashlib.sha256()
     totals = Counter()
-    signatures = SignatureFile(setup.signatures_path) if setup.boilerplate_path is not None else None
+    signatures = signatures if setup.boilerplate_path is not None else None
     tasks = _filter_tasks(units, unit_counts, plan, signatures, saved_keys)
 
     def write(result: tuple) -> int:
@@ -229,32 +231,48 @@ def _dedup_run(inputs, output, config, columns, policy, shard, pool, memory_mb, 
     with tempfile.TemporaryDirectory(prefix="glm-dedup-") as tmp:
         stdin = STDIN in inputs
         saved_keys = line_dedup.SavedUnitKeys(os.path.join(tmp, "unit_keys.u64")) if config.lines else None
-        signatures = os.path.join(tmp, "signatures.npz")
-        writer = SignatureWriter(signatures, config, None, memory_bytes=memory_mb << 20, workdir=tmp, durable=False)
+        path = os.path.join(tmp, "signatures.npz")
+        writer = SignatureWriter(path, config, None, memory_bytes=memory_mb << 20, workdir=tmp, durable=False)
         spool_path = os.path.join(tmp, "spool.jsonl") if stdin else None
         spool = open(spool_path, "wb") if stdin else None  # noqa: SIM115 - closed below
         cuts = Cuts()  # the plain files' ranges, found in the first pass, handed out again in the second
         try:
             first = _spooled(read_units(inputs, shard, columns, cuts=cuts), spool)
             unit_counts, eval_ids = _signatures(first, config, columns, policy, pool, writer, saved_keys)
-            writer.close(policy.count, eval_ids)
+            signatures = _kept_or_written(writer, policy.count, eval_ids, memory_mb)
         finally:
             writer.discard()
             if saved_keys is not None:
                 saved_keys.close()
             if spool is not None:
                 spool.close()
-        # the same file and clustering as `glm dedup signatures` + `glm dedup cluster`
-        plan, cluster_records, contamination_records = cluster([signatures], memory_mb, tmp)
+        # the same clustering as `glm dedup cluster`, within what the held signatures leave of the budget
+        held_mb = -(-signatures.memory_bytes >> 20) if isinstance(signatures, HeldSignatures) else 0
+        plan, cluster_records, contamination_records = cluster([signatures], max(1, memory_mb - held_mb), tmp,
+                                                               threads=min(pool.workers, 2))
         boilerplate_path = None
         if config.lines and plan.boilerplate.size:
             boilerplate_path = os.path.join(tmp, "boilerplate.npy")
             np.save(boilerplate_path, plan.boilerplate)
         second = read_units(inputs, shard, columns, stdin_copy=spool_path, cuts=cuts)
         with RecordWriter(output, columns, row_group_size) as out:
-            setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, signatures, config.line_unit,
+            setup = _FilterSetup(columns, out.takes_encoded, boilerplate_path, config.line_unit,
                                  config.line_min_chars, saved_keys.path if saved_keys is not None else None)
-            counts = _filter(second, unit_counts, plan, setup, saved_keys, out, pool)
+            counts = _filter(second, unit_counts, plan, setup, saved_keys, signatures, out, pool)
         if clusters:
             write_records(clusters, cluster_records)
     return plan, counts, contamination_records
+
+
+# Signatures taking at most this share of --memory-mb stay in memory for the clustering and the filter
+# (which then get the rest of the budget); larger ones are written to the run's signature file.
+HELD_SHARE = 1 / 4
+
+
+def _kept_or_written(writer: SignatureWriter, bad_records: int, eval_ids: dict,
+                     memory_mb: int) -> HeldSignatures | SignatureFile:
+    """The first pass's signatures, held (`HeldSignatures`) where they are small, else in their file."""
+    if not writer.spilled and writer.held_bytes <= HELD_SHARE * (memory_mb << 20):
+        return writer.keep(bad_records, eval_ids)
+    writer.close(bad_records, eval_ids)
+    return SignatureFile(writer.path)

@@ -6,12 +6,20 @@ import json
 import random
 import tempfile
 
+import numpy as np
 import pytest
 from conftest import invoke_glm, read_jsonl, write_jsonl
 from corpus_fixtures import edit, words
 
 from glm_cli.core.dedup import disk
-from glm_cli.core.dedup.pipeline import DedupConfig, SignatureFile, compute_signatures, write_signatures
+from glm_cli.core.dedup import lines as line_dedup
+from glm_cli.core.dedup.pipeline import (
+    DedupConfig,
+    SignatureFile,
+    cluster,
+    compute_signatures,
+    write_signatures,
+)
 from glm_cli.core.io.corpus import Document
 
 FOOTER = "\nPrinted and sold by the publisher at the sign of the swan, London.\n"
@@ -230,3 +238,108 @@ def test_line_keys_are_clustered_a_bounded_number_at_a_time(tmp_path, monkeypatc
     whole, _, _ = cluster([tmp_path / "s.npz"], memory_mb=1024, workdir=tmp_path)
     assert max(sizes) > 20_000 and small.boilerplate.size >= 25
     assert (small.boilerplate == whole.boilerplate).all()
+
+
+# ------------------------------------------------- signatures held in memory, clustering on two threads
+
+
+def _written_and_held(tmp_path, docs, config):
+    """The same batches into two writers: one closed to a file, one kept in memory."""
+    from glm_cli.core.dedup.signatures import SignatureWriter, batch_features
+
+    writers = [SignatureWriter(tmp_path / "s.npz", config, None), SignatureWriter(tmp_path / "unused.npz", config, None)]
+    for lo in range(0, len(docs), 50):
+        batch = docs[lo:lo + 50]
+        features = batch_features(config, [d.text for d in batch])
+        features.pop("contam_eval")
+        for w in writers:
+            w.add([d.id for d in batch], [len(d.text.encode()) for d in batch], dict(features))
+    writers[0].close(3, {7: "eval-7"})
+    held = writers[1].keep(3, {7: "eval-7"})
+    assert not (tmp_path / "unused.npz").exists() and writers[1].held_bytes == 0
+    return SignatureFile(tmp_path / "s.npz"), held
+
+
+@pytest.mark.parametrize("n", [0, 1, 230])
+def test_held_signatures_read_as_their_file_does(tmp_path, n):
+    """Every read the clustering and the filter make (columns, bands, scattered rows, ids, metadata) gives
+    the same values from the held pieces as from the file, across piece boundaries."""
+    docs = [Document(f"doc-{k}-é{'x' * (k % 5)}", r["text"]) for k, r in enumerate(_records(n, seed=3))]
+    config = DedupConfig().resolved()
+    f, held = _written_and_held(tmp_path, docs, config)
+    assert (held.documents, held.bad_records, held.ids_sha256, held.contam_eval_ids) == (
+        f.documents, f.bad_records, f.ids_sha256, f.contam_eval_ids)
+    for name in ("ids", "id_lengths", "nbytes", "exact", "sketch", "shingled", "contam", "line_hashes", "line_counts"):
+        assert held.shape(name) == f.shape(name) and held.dtype(name) == f.dtype(name)
+        rows = f.shape(name)[0]
+        for lo, hi in ((0, rows), (min(49, rows), min(51, rows)), (min(3, rows), min(170, rows)), (rows, rows + 5)):
+            assert np.array_equal(held.read(name, lo, hi), f.read(name, lo, hi)), (name, lo, hi)
+    assert held.shape("bands") == f.shape("bands")
+    for band in range(config.bands):
+        assert np.array_equal(held.read_band(band, 0, n), f.read_band(band, 0, n))
+        assert np.array_equal(held.read_band(band, min(40, n), min(120, n)), f.read_band(band, min(40, n), min(120, n)))
+    positions = np.array([n - 1, 0, 51, 50, 49, 0, 199] if n > 200 else ([0, 0] if n else []), np.int64)
+    for name in ("sketch", "exact"):
+        assert np.array_equal(held.rows(name, positions), f.rows(name, positions))
+    assert held.ids_at(positions) == f.ids_at(positions)
+
+
+def test_clustering_on_two_threads_counts_boilerplate_among_the_kept_only(tmp_path, monkeypatch):
+    """With a second thread the line keys of every document are sorted while the duplicates are found, and
+    the dropped documents' keys are taken away after: a line in 10 documents of which one is a dropped
+    copy is not boilerplate (9 kept), one in 10 kept documents is; the plan equals the one-thread plan."""
+    import glm_cli.core.dedup.pipeline as pipeline
+
+    rng = random.Random(2)
+    almost, shared = "a line found in exactly ten documents here", "another line that ten kept documents hold"
+    texts = [" ".join(words(rng, 40)) for _ in range(40)]
+    for k in range(9):
+        texts[k] += "\n" + almost
+    for k in range(20, 30):
+        texts[k] += "\n" + shared
+    texts.append(texts[3])  # the tenth holder of `almost`: an exact copy, dropped
+    docs = [Document(f"d{k}", t) for k, t in enumerate(texts)]
+    config = DedupConfig().resolved()
+    f, held = _written_and_held(tmp_path, docs, config)
+    sorted_on_thread = []
+    real = pipeline._sorted_line_keys
+    monkeypatch.setattr(pipeline, "_sorted_line_keys", lambda corpus: sorted_on_thread.append(1) or real(corpus))
+    plans = {(src, threads): cluster([source], 64, tmp_path, threads=threads)[0]
+             for src, source in (("file", f), ("held", held)) for threads in (1, 2)}
+    assert len(sorted_on_thread) == 2  # the two-thread runs only
+    one = plans[("file", 1)]
+    assert one.stats["exact_duplicates"] == 1
+    assert set(one.boilerplate.tolist()) == set(line_dedup.unit_keys([shared], "line", 20)[0].tolist())
+    for plan in plans.values():
+        assert np.array_equal(plan.boilerplate, one.boilerplate) and plan.stats == one.stats
+        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                   for a, b in zip(plan.dropped, one.dropped, strict=True))
+    # line keys that do not fit the budget unspilled (two partitions): one thread, the partitioned count
+    sorted_on_thread.clear()
+    monkeypatch.setattr(pipeline.spill_groups, "partitions_for", lambda *args, **kw: 2)
+    spilled = cluster([f], 64, tmp_path, threads=2)[0]
+    assert not sorted_on_thread and np.array_equal(spilled.boilerplate, one.boilerplate)
+
+
+def test_run_holds_small_signatures_and_writes_large_ones(big, tmp_path, monkeypatch):
+    """The run keeps its signatures in memory when they take at most a quarter of --memory-mb (no
+    signature file written) and writes them to its file otherwise; the same output bytes either way."""
+    from glm_cli.core.dedup import run
+    from glm_cli.core.dedup.signatures import HeldSignatures
+
+    kinds = []
+    real = run._kept_or_written
+
+    def spy(*args):
+        signatures = real(*args)
+        kinds.append(type(signatures))
+        return signatures
+
+    monkeypatch.setattr(run, "_kept_or_written", spy)
+    outputs = []
+    for memory in ("1024", "4"):  # ~3 MB of signatures: held under 1024, written under 4 (a quarter is 1)
+        out = tmp_path / f"out-{memory}.jsonl"
+        code, _, error = invoke_glm("dedup", "run", big, "-o", out, "--memory-mb", memory, "--workers", "2")
+        assert code == 0 and error is None, error
+        outputs.append(out.read_bytes())
+    assert kinds == [HeldSignatures, SignatureFile] and outputs[0] == outputs[1]
