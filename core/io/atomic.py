@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,59 @@ def atomic_open(final: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+# Bytes written between two requests that the disk take what is written (`WriteBehind`).
+WRITE_BEHIND_BYTES = 16 << 20
+SYNC_FILE_RANGE_WRITE = 2  # Linux: start writing the range's dirty pages, do not wait
+
+
+def _load_sync_file_range():
+    """libc's `sync_file_range` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+class WriteBehind:
+    """A new file being written (as `atomic_open` gives it) that asks the disk to take its bytes every
+    `WRITE_BEHIND_BYTES`, without waiting for them.
+
+    An atomic write ends in an fsync, and the kernel writes nothing of a file before it has to: the fsync
+    then waited for the whole file, 40 ms for the 90 MB output of `glm dedup run` on 100 MB, with every
+    core idle. Started as the file grows (Linux's `sync_file_range`, which returns at once; the pages
+    stay cached for the next command to read), the writes run beside the work, and the fsync waits for
+    the last few MB. Elsewhere, or where the call fails, it writes as a plain file does."""
+
+    _sync = None
+    _loaded = False
+
+    def __init__(self, f):
+        self._f = f
+        self._written = self._handed = 0
+        if not WriteBehind._loaded:
+            WriteBehind._sync, WriteBehind._loaded = _load_sync_file_range(), True
+        self._enabled = WriteBehind._sync is not None
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._written += len(data) if isinstance(data, bytes | bytearray) else memoryview(data).nbytes
+        if self._enabled and self._written - self._handed >= WRITE_BEHIND_BYTES:
+            self._f.flush()
+            if WriteBehind._sync(self._f.fileno(), self._handed, self._written - self._handed, SYNC_FILE_RANGE_WRITE):
+                self._enabled = False  # not a file that takes it (a pipe, some filesystems)
+            self._handed = self._written
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import zstandard
 
 from glm_cli.core.errors import DataError, UsageError
-from glm_cli.core.io.atomic import atomic_open
+from glm_cli.core.io.atomic import WriteBehind, atomic_open
 from glm_cli.core.io.records import (
     DEFAULT_COLUMNS,
     BadRecord,
@@ -504,7 +504,7 @@ class RecordWriter:
             binary = sys.stdout.buffer
         else:
             self._ctx = atomic_open(path, "wb")
-            binary = self._ctx.__enter__()
+            binary = WriteBehind(self._ctx.__enter__())
         if path != STDIN and path.lower().endswith(PARQUET_SUFFIX):
             from glm_cli.core.io.parquet import ParquetSink
 

@@ -220,7 +220,6 @@ def test_line_keys_are_clustered_a_bounded_number_at_a_time(tmp_path, monkeypatc
                                          for _ in range(40))) for k in range(600)]
     config = DedupConfig().resolved()
     write_signatures(iter(docs), config, tmp_path / "s.npz")
-    from glm_cli.core.dedup.pipeline import cluster
 
     sizes = []
     read = SignatureFile.read

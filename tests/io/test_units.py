@@ -116,3 +116,21 @@ def test_a_second_pass_hands_out_the_first_passes_cuts_and_refuses_a_changed_fil
     plain.write_bytes(NASTY + b'{"text": "one more"}\n')
     with pytest.raises(Exception, match="changed while it was read"):
         list(units.read_units([str(plain)], cuts=cuts))
+
+
+def test_a_files_last_ranges_are_a_quarter_as_long(tmp_path, monkeypatch):
+    """A pass ends with one process on the last range while the others wait: the ranges within the last
+    TAIL_RANGES * RANGE_BYTES of a file are a quarter as long; all hold whole lines and cover the file."""
+    monkeypatch.setattr(units, "RANGE_BYTES", 400)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(f'{{"id": "{k}", "text": "{"w" * (k % 37)}"}}\n' for k in range(400)))
+    ranges = list(units._file_ranges(str(path)))
+    size = path.stat().st_size
+    assert [r.offset for r in ranges] == [0] + [r.offset + r.length for r in ranges[:-1]]
+    assert ranges[-1].offset + ranges[-1].length == size
+    head = [r for r in ranges if size - r.offset > units.TAIL_RANGES * 400]
+    tail = ranges[len(head):]
+    assert len(head) >= 5 and all(400 <= r.length < 470 for r in head)
+    assert len(tail) >= 2 * units.TAIL_RANGES and all(100 <= r.length < 170 for r in tail[:-1])
+    data = path.read_bytes()
+    assert all(data[r.offset + r.length - 1:r.offset + r.length] == b"\n" for r in ranges)
