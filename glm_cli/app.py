@@ -91,10 +91,11 @@ def _named_command(argv: list[str]) -> str | None:
 
 
 def main() -> None:
-    from glm_cli.core.allocator import retain_freed_memory
+    from glm_cli.core.allocator import freeze_heap_at_fork, retain_freed_memory
     from glm_cli.core.errors import GlmError
 
     retain_freed_memory()
+    freeze_heap_at_fork()  # the process is this command's: its objects at a pool's fork live to its end
 
     if hasattr(signal, "SIGPIPE"):
         # A reader that goes away (`glm clean ... | head`) ends us quietly, as it ends coreutils (status 141),

@@ -49,7 +49,7 @@ from itertools import islice
 from multiprocessing.pool import AsyncResult
 from typing import Any, TypeVar
 
-from glm_cli.core.allocator import retain_freed_memory
+from glm_cli.core.allocator import before_fork, retain_freed_memory
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -200,6 +200,8 @@ class WorkerPool:
         self._seq = 0  # the next chunk's sequence number, unique over all maps of this pool
         if workers > 1:
             context = multiprocessing.get_context(start_method())
+            if context.get_start_method() == "fork":
+                before_fork()
             self._claims = context.Array("q", CLAIM_SLOTS)
             self._pool = _Pool(workers - 1, initializer=_start_worker, initargs=(tuple(preload), self._claims),
                                context=context)

@@ -225,3 +225,28 @@ def test_glm_tokenize_encode_forks_its_pool(tmp_path):
     one, two = sorted((tmp_path / "shards1").iterdir()), sorted((tmp_path / "shards2").iterdir())
     assert [f.name for f in one] == [f.name for f in two] and len(one) >= 2
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two, strict=True))
+
+
+def test_a_command_freezes_its_heap_before_forking_a_pool(tmp_path):
+    """The command-line process freezes the garbage collector's objects right before it forks a pool (their
+    pages then stay shared with the workers); a library caller's objects are left collectable."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import gc, sys
+        from glm_cli.core import allocator
+        from glm_cli.core.io.parallel import WorkerPool
+        if sys.argv[1] == "command":
+            allocator.freeze_heap_at_fork()
+        before = gc.get_freeze_count()
+        with WorkerPool(2) as pool:
+            print(before, gc.get_freeze_count() > before, sum(pool.map(abs, range(-50, 0), chunk_size=5)))
+    """)
+    for who, frozen in (("command", "True"), ("library", "False")):
+        out = subprocess.run([sys.executable, "-c", code, who], capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["0", frozen if FORK == "fork" else "False", "1275"]
+    corpus = _prose_corpus(tmp_path / "in.jsonl")
+    assert _glm_reporting_pools("dedup", "run", str(corpus), "-o", str(tmp_path / "out.jsonl"), "--workers", "2", "-q",
+                                report="__import__('glm_cli.core.allocator').core.allocator._freeze_at_fork") \
+        == ["POOL", "True"]
