@@ -218,9 +218,9 @@ def dedup_run(inputs: list[str], output: str, config: DedupConfig, *, columns: C
     number, or a `WorkerPool` already started (that the caller closes).
 
     Memory: at most about `memory_mb` of signatures (spilled to the temporary directory past it), the
-    clustering's 5 bytes a document plus `memory_mb`, 9 bytes a dropped document for the plan, 24 bytes a
-    MB of input for the range cuts, and the units in flight; the saved line keys and their offsets stay
-    on disk."""
+    clustering's 5 bytes a document plus `memory_mb` (less the signatures, when they are small enough to
+    stay in memory: `HELD_SHARE`), 9 bytes a dropped document for the plan, 24 bytes a MB of input for the
+    range cuts, and the units in flight; the saved line keys and their offsets stay on disk."""
     if isinstance(workers, WorkerPool):
         return _dedup_run(inputs, output, config, columns, policy, shard, workers, memory_mb, row_group_size, clusters)
     with WorkerPool(workers, (__name__,)) as pool:  # one pool for both passes
