@@ -177,11 +177,9 @@ def frequent_keys(keys: np.ndarray, times: int, block: int = 1 << 20) -> np.ndar
     return found[np.concatenate([[True], found[1:] != found[:-1]])] if found.size else found
 
 
-def _sorted_line_keys(corpus: _Corpus) -> np.ndarray:
-    """Every document's line keys, sorted (numpy sorts without the GIL: this runs on a second thread)."""
-    keys = np.concatenate([np.zeros(0, np.uint64), *(f.read("line_hashes") for f in corpus.files)])
-    keys.sort()
-    return keys
+def _sorted_line_keys(keys: np.ndarray) -> np.ndarray:
+    """A sorted copy of the line keys (numpy sorts without the GIL: this runs on a second thread)."""
+    return np.sort(keys)
 
 
 def frequent_among_kept(all_keys: np.ndarray, dropped_keys: np.ndarray, times: int) -> np.ndarray:
@@ -226,13 +224,14 @@ def cluster(sources: list, memory_mb: int = 1024, workdir: str | Path | None = N
     reason = np.zeros(n, dtype=np.int8)
     parent = union_find.make_parent(n)
     work = {"memory_mb": memory_mb, "partitions": {}, "near_pairs_compared": 0}
-    line_keys = line_sorter = None  # every line key sorted, on a second thread
+    line_sorter = None  # with a second thread: every line key, read once, sorted there meanwhile
     if config.lines:
-        line_keys = sum(f.shape("line_hashes")[0] for f in corpus.files)
-        work["partitions"]["lines"] = spill_groups.partitions_for(line_keys, group_budget, keys_only=True)
+        total_line_keys = sum(f.shape("line_hashes")[0] for f in corpus.files)
+        work["partitions"]["lines"] = spill_groups.partitions_for(total_line_keys, group_budget, keys_only=True)
         if threads > 1 and work["partitions"]["lines"] == 1:
+            every_key = np.concatenate([np.zeros(0, np.uint64), *(f.read("line_hashes") for f in corpus.files)])
             line_sorter = ThreadPoolExecutor(1, thread_name_prefix="glm-dedup-lines")
-            line_keys = line_sorter.submit(_sorted_line_keys, corpus)
+            sorted_keys = line_sorter.submit(_sorted_line_keys, every_key)
 
     contamination_records = []
     contaminated = 0
@@ -301,13 +300,12 @@ def cluster(sources: list, memory_mb: int = 1024, workdir: str | Path | None = N
     boilerplate = np.zeros(0, np.uint64)
     if line_sorter is not None:
         with line_sorter:
-            all_keys = line_keys.result()
-        dropped_keys = [f.read("line_hashes")[np.repeat(reason[starts[k]:starts[k + 1]] != KEPT, f.read("line_counts"))]
-                        for k, f in enumerate(corpus.files)]
-        boilerplate = frequent_among_kept(all_keys, np.concatenate(dropped_keys), config.line_min_docs)
-        del all_keys, dropped_keys
+            all_keys = sorted_keys.result()
+        counts = np.concatenate([np.zeros(0, np.int64), *(f.read("line_counts") for f in corpus.files)])
+        dropped_keys = every_key[np.repeat(reason != KEPT, counts)]
+        boilerplate = frequent_among_kept(all_keys, dropped_keys, config.line_min_docs)
+        del all_keys, every_key, dropped_keys
     elif config.lines:
-        total = line_keys
         line_chunk = min(chunk, LINE_KEYS_READ)
 
         def line_chunks():
@@ -326,7 +324,8 @@ def cluster(sources: list, memory_mb: int = 1024, workdir: str | Path | None = N
                     lo = hi
 
         found = []
-        for keys, _ in spill_groups.grouped(line_chunks(), total, group_budget, tmp.name, "lines", keys_only=True):
+        for keys, _ in spill_groups.grouped(line_chunks(), total_line_keys, group_budget, tmp.name, "lines",
+                                            keys_only=True):
             found.append(frequent_keys(keys, config.line_min_docs))  # the keys come sorted
         boilerplate = np.sort(np.concatenate(found)) if found else boilerplate
 

@@ -107,7 +107,7 @@ class WriteBehind:
 
     def write(self, data) -> int:
         n = self._f.write(data)
-        self._written += len(data) if isinstance(data, bytes | bytearray) else memoryview(data).nbytes
+        self._written += n
         if self._enabled and self._written - self._handed >= WRITE_BEHIND_BYTES:
             self._f.flush()
             if WriteBehind._sync(self._f.fileno(), self._handed, self._written - self._handed, SYNC_FILE_RANGE_WRITE):

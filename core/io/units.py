@@ -53,7 +53,7 @@ UNIT_BYTES = 4 << 20
 RANGE_BYTES = 1 << 20  # a FileRange: ~200 documents of 5 kB; a line longer than this is one range
 # The last TAIL_RANGES * RANGE_BYTES of a file go in ranges a quarter as long: the last range of a pass
 # is worked on by one process while the others wait, so it is made short (at 100 MB, 1 MB ranges kept
-# the other worker waiting ~15 ms at the end of each pass of `glm dedup run`).
+# the other worker waiting up to 16 ms at the end of a pass of `glm dedup run`).
 TAIL_RANGES = 4
 BOM = b"\xef\xbb\xbf"
 
